@@ -1,0 +1,37 @@
+"""rnnserve.client: the Python client library (and the `rnnserve` CLI front end).
+
+from rnnserve.client import Client
+
+with Client("localhost:50051") as client, client.session("shakespeare") as session:
+    print(session.feed("To be, or not").top[0])
+    for token in session.generate(max_tokens=50, temperature=0.8, seed=1):
+        print(token.text, end="", flush=True)
+"""
+
+from rnnserve.client.client import Client, GenerateStream, Session
+from rnnserve.client.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    RnnserveError,
+    UnavailableError,
+)
+from rnnserve.client.types import Candidate, FeedOutput, GeneratedToken, ModelInfo, SessionInfo
+
+__all__ = [
+    "Candidate",
+    "Client",
+    "FailedPreconditionError",
+    "FeedOutput",
+    "GenerateStream",
+    "GeneratedToken",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "RnnserveError",
+    "Session",
+    "SessionInfo",
+    "UnavailableError",
+]

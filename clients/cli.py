@@ -1,0 +1,116 @@
+"""The `rnnserve` command: one CLI for every role.
+
+    rnnserve train lm --out runs/demo            # needs the `train` extra
+    rnnserve export runs/demo/checkpoint.pt --repo model_repo --name demo
+    rnnserve serve --repo model_repo             # needs the `serve` extra
+    rnnserve generate --model demo --prompt "def main("
+    rnnserve models
+    rnnserve demo                                # all of the above, end to end
+
+Subcommands register their flags without importing torch or ONNX Runtime; those load only when the
+subcommand runs, so a client-only install can still use `generate` and `models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rnnserve.client.errors import RnnserveError
+
+
+def _register_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("generate", help="stream a sampled continuation of a prompt to the terminal")
+    p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
+    p.add_argument("--model", required=True, help="model name (see `rnnserve models`)")
+    p.add_argument("--version", default="", help="model version (default: latest)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start a new document)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same prompt => same text")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from rnnserve.client.client import Client
+
+    with Client(args.url) as client, client.session(args.model, version=args.version) as session:
+        if args.prompt:
+            print(args.prompt, end="", flush=True)
+        stream = session.generate(
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+        )
+        for token in stream:
+            print(token.text, end="", flush=True)
+        print(f"\n[finish: {stream.finish_reason}, {len(stream.tokens)} tokens]", file=sys.stderr)
+    return 0
+
+
+def _register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("models", help="list the models a server has loaded")
+    p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
+    p.set_defaults(func=run_models)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from rnnserve.client.client import Client
+
+    with Client(args.url) as client:
+        for m in client.models():
+            latest = " (latest)" if m.latest else ""
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+            print(
+                f"{m.name}@{m.version}{latest}: {m.task} {m.cell} {m.num_layers}x{m.hidden_size}, "
+                f"vocab {m.vocab_size} ({m.tokenizer}), {m.provider}; {metrics}"
+            )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnserve", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from rnnserve.client import demo
+    from rnnserve.export import cli as export_cli
+    from rnnserve.server import cli as server_cli
+    from rnnserve.training import cli as training_cli
+
+    training_cli.register(subparsers)
+    export_cli.register(subparsers)
+    server_cli.register(subparsers)
+    _register_generate(subparsers)
+    _register_models(subparsers)
+    demo.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RnnserveError as error:
+        print(f"rnnserve: {error}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as error:
+        extra = {"torch": "train", "onnx": "train", "onnxruntime": "serve", "tokenizers": "serve"}.get(
+            (error.name or "").split(".")[0]
+        )
+        if extra is None:
+            raise
+        print(f"rnnserve {args.command} needs {error.name}: pip install 'rnnserve[{extra}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""One error hierarchy for the client, and the single place gRPC statuses are mapped onto it."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RnnserveError(Exception):
+    """A call failed; `code` is the gRPC status code, `message` the server's explanation."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class InvalidArgumentError(RnnserveError):
+    """The request was wrong (bad token id, empty input, bad sampling parameter)."""
+
+
+class NotFoundError(RnnserveError):
+    """No such model, version or session."""
+
+
+class FailedPreconditionError(RnnserveError):
+    """The session is not where the request expected it to be, or the model cannot do this."""
+
+
+class ResourceExhaustedError(RnnserveError):
+    """A server limit was hit (sessions, message size)."""
+
+
+class UnavailableError(RnnserveError):
+    """The server cannot be reached or is shutting down; safe to retry idempotent calls."""
+
+
+class DeadlineExceededError(RnnserveError):
+    """The call took longer than its timeout."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RnnserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> RnnserveError:
+    """The client exception for a failed gRPC call."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    return _BY_CODE.get(code, RnnserveError)(details or code.name, code)

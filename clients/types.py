@@ -1,0 +1,118 @@
+"""Plain result types of the client, and their conversion from protobuf (shared by all clients)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_UNSPECIFIED: None,
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_STOP: "stop",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    task: str
+    cell: str
+    num_layers: int
+    hidden_size: int
+    num_directions: int
+    vocab_size: int
+    tokenizer: str
+    special_tokens: dict[str, int]
+    metrics: dict[str, float]
+    latest: bool
+    provider: str
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        return cls(
+            name=m.name,
+            version=m.version,
+            task=m.task,
+            cell=m.cell,
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_directions=m.num_directions,
+            vocab_size=m.vocab_size,
+            tokenizer=m.tokenizer,
+            special_tokens=dict(m.special_tokens),
+            metrics=dict(m.metrics),
+            latest=m.latest,
+            provider=m.provider,
+        )
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    version: str
+    position: int
+    created_at: float
+    expires_at: float
+    ttl_seconds: int
+
+    @classmethod
+    def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
+        return cls(s.session_id, s.model, s.version, s.position, s.created_at, s.expires_at, s.ttl_seconds)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible next token."""
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class FeedOutput:
+    """What the model says after the tokens one `feed` appended."""
+
+    position: int  # the session's position afterwards
+    token_ids: list[int]  # the tokens appended
+    top: list[Candidate]  # next-token candidates, most likely first
+    token_logprobs: list[float] = field(default_factory=list)  # per appended token, if asked
+    replayed: bool = False
+
+    @classmethod
+    def from_pb(cls, r: pb.StreamResponse) -> FeedOutput:
+        return cls(
+            position=r.position,
+            token_ids=list(r.token_ids),
+            top=[Candidate(c.id, c.text, c.logprob) for c in r.top],
+            token_logprobs=list(r.token_logprobs),
+            replayed=r.replayed,
+        )
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One sampled token as it arrives; `finish_reason` is set on the last one."""
+
+    id: int
+    text: str
+    logprob: float
+    position: int
+    finish_reason: str | None
+
+    @classmethod
+    def from_pb(cls, r: pb.GenerateResponse) -> GeneratedToken:
+        return cls(r.token_id, r.text, r.logprob, r.position, FINISH_REASONS[r.finish_reason])
+
+
+def input_fields(data: str | Sequence[int], text_field: str, tokens_field: str) -> dict[str, Any]:
+    """Keyword arguments that put text or token ids into a request's oneof."""
+    if isinstance(data, str):
+        return {text_field: data}
+    return {tokens_field: pb.TokenIds(ids=list(data))}

@@ -1,0 +1,183 @@
+"""The bundle manifest: everything the server needs to know about an exported model.
+
+The server trusts only this file and the ONNX graph, never Python objects from training. This module is
+torch-free so the server can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+Task = Literal["lm", "classifier"]
+TASKS: tuple[str, ...] = ("lm", "classifier")
+CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed, or does not describe its bundle."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. `shape` uses names for dynamic axes, e.g. ["batch", "seq"]."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor carried between calls (h, or c for LSTM).
+
+    `shape` is the full shape with -1 on the batch axis, e.g. [layers * directions, -1, hidden].
+    """
+
+    name: str
+    input_name: str
+    output_name: str
+    shape: list[int]
+    batch_axis: int
+    dtype: str = "float32"
+    initial: str = "zeros"
+
+    def shape_for_batch(self, batch: int) -> tuple[int, ...]:
+        """The concrete shape of this state for `batch` sessions."""
+        return tuple(batch if i == self.batch_axis else d for i, d in enumerate(self.shape))
+
+
+@dataclass
+class Manifest:
+    """Describes one exported model version (written as manifest.json in its bundle)."""
+
+    name: str
+    version: str
+    task: Task
+    cell: str
+    num_layers: int
+    hidden_size: int
+    embedding_size: int
+    num_directions: int
+    vocab_size: int
+    tokenizer_kind: str  # "char" | "word" | "bpe"
+    special_tokens: dict[str, int]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    state: list[StateSpec]
+    model_args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)  # exporter, opset, validation figures
+    model_file: str = MODEL_FILE
+    tokenizer_file: str = TOKENIZER_FILE
+    model_sha256: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Build and validate a manifest from parsed JSON; raises ManifestError saying what is wrong."""
+        if not isinstance(data, dict):
+            raise ManifestError("manifest must be a JSON object")
+        schema = data.get("schema_version")
+        if schema != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema_version {schema!r} is not supported (this rnnserve reads {SCHEMA_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ManifestError(f"manifest has unknown fields {unknown}")
+        try:
+            kwargs = dict(data)
+            kwargs["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+            kwargs["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+            kwargs["state"] = [StateSpec(**s) for s in data["state"]]
+            manifest = cls(**kwargs)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest is malformed: {exc}") from exc
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Check internal consistency; raises ManifestError."""
+        if self.task not in TASKS:
+            raise ManifestError(f"task {self.task!r} is not one of {TASKS}")
+        if self.cell not in CELLS:
+            raise ManifestError(f"cell {self.cell!r} is not one of {CELLS}")
+        if self.vocab_size < 1 or self.num_layers < 1 or self.hidden_size < 1:
+            raise ManifestError("vocab_size, num_layers and hidden_size must be positive")
+        for token, idx in self.special_tokens.items():
+            if not 0 <= idx < self.vocab_size:
+                raise ManifestError(f"special token {token!r} id {idx} is outside the vocabulary")
+        expected_state = ["h", "c"] if self.cell == "lstm" else ["h"]
+        if self.task == "lm" and [s.name for s in self.state] != expected_state:
+            raise ManifestError(f"a {self.cell} language model must carry state {expected_state}")
+
+    def state_spec(self, name: str) -> StateSpec:
+        for spec in self.state:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(manifest: Manifest, bundle_dir: Path) -> Path:
+    """Validate and write `manifest.json` into bundle_dir (atomically)."""
+    manifest.validate()
+    path = bundle_dir / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json())
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(bundle_dir: Path, *, verify_sha256: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest; optionally check the model file's sha256."""
+    path = bundle_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    manifest = Manifest.from_dict(data)
+    model_path = bundle_dir / manifest.model_file
+    if not model_path.is_file():
+        raise ManifestError(f"{model_path} named by the manifest does not exist")
+    if verify_sha256 and manifest.model_sha256 and sha256_file(model_path) != manifest.model_sha256:
+        raise ManifestError(f"{model_path} does not match the sha256 in its manifest (file changed?)")
+    return manifest
+
+
+def lm_state_specs(cell: str, num_layers: int, hidden_size: int, num_directions: int = 1) -> list[StateSpec]:
+    """The state tensors of a recurrent stack: h (and c for LSTM), each [layers*dirs, batch, hidden]."""
+    names = ["h", "c"] if cell == "lstm" else ["h"]
+    return [
+        StateSpec(
+            name=n,
+            input_name=f"state_in.{n}",
+            output_name=f"state_out.{n}",
+            shape=[num_layers * num_directions, -1, hidden_size],
+            batch_axis=1,
+        )
+        for n in names
+    ]

@@ -1,0 +1,121 @@
+"""Numeric validation of an exported language model: ONNX Runtime (CPU) against PyTorch (eval mode).
+
+Checks every (batch, seq) pair on random tokens and random non-zero states, then checks that feeding T
+tokens one at a time through ONNX Runtime, carrying the state, equals feeding the T-token chunk at once.
+Any max abs difference over `atol` raises ExportValidationError naming each output and its difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from rnnserve.training.model import RNNLanguageModel
+
+Arrays = dict[str, np.ndarray]
+STEP_PREFIX = "step_vs_chunk."
+
+
+class ExportValidationError(RuntimeError):
+    """The exported graph's outputs differ from PyTorch's (or from themselves chunked) beyond tolerance."""
+
+
+def output_names(model: RNNLanguageModel) -> list[str]:
+    """Graph outputs in order: logits, then state_out.h (and state_out.c for LSTM)."""
+    return ["logits", *(f"state_out.{n}" for n in model.args.state_names)]
+
+
+def input_names(model: RNNLanguageModel) -> list[str]:
+    """Graph inputs in order: tokens, then state_in.h (and state_in.c for LSTM)."""
+    return ["tokens", *(f"state_in.{n}" for n in model.args.state_names)]
+
+
+def _random_inputs(model: RNNLanguageModel, batch: int, seq: int, rng: np.random.Generator) -> Arrays:
+    a = model.args
+    feeds: Arrays = {"tokens": rng.integers(0, a.vocab_size, size=(batch, seq), dtype=np.int64)}
+    for name in input_names(model)[1:]:
+        # (layers, batch, hidden), non-zero so the graph's use of the incoming state is exercised
+        feeds[name] = rng.uniform(-1.0, 1.0, size=(a.num_layers, batch, a.hidden_size)).astype(np.float32)
+    return feeds
+
+
+@torch.no_grad()
+def _run_torch(model: RNNLanguageModel, feeds: Arrays) -> Arrays:
+    names = input_names(model)
+    state = tuple(torch.from_numpy(feeds[n]) for n in names[1:])
+    logits, new = model(torch.from_numpy(feeds["tokens"]), state)
+    return dict(zip(output_names(model), [logits.numpy(), *(s.numpy() for s in new)], strict=True))
+
+
+def _run_ort(sess: ort.InferenceSession, names: list[str], feeds: Arrays) -> Arrays:
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray, what: str) -> float:
+    if a.shape != b.shape:
+        raise ExportValidationError(f"{what}: shape {a.shape} differs from the expected {b.shape}")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+
+
+def _step_vs_chunk(sess: ort.InferenceSession, model: RNNLanguageModel, feeds: Arrays) -> Arrays:
+    """Feed the tokens one at a time with carried state; returns outputs shaped like one chunk call."""
+    outs = output_names(model)
+    state_in = input_names(model)[1:]
+    carried = {n: feeds[n] for n in state_in}
+    logits: list[np.ndarray] = []
+    result: Arrays = {}
+    for t in range(feeds["tokens"].shape[1]):
+        result = _run_ort(sess, outs, {"tokens": feeds["tokens"][:, t : t + 1], **carried})
+        logits.append(result["logits"])  # (batch, 1, vocab)
+        carried = {i: result[o] for i, o in zip(state_in, outs[1:], strict=True)}
+    return {"logits": np.concatenate(logits, axis=1), **{o: result[o] for o in outs[1:]}}
+
+
+def validate_lm_export(
+    model: RNNLanguageModel,
+    onnx_path: Path,
+    batch_sizes: Sequence[int] = (1, 3, 8),
+    seq_lens: Sequence[int] = (1, 5, 17),
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Max abs differences per output (and `step_vs_chunk.<output>`); raises ExportValidationError."""
+    model.eval()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    outs = output_names(model)
+    diffs = dict.fromkeys(outs, 0.0)
+    where: dict[str, str] = {}
+    for batch in batch_sizes:
+        for seq in seq_lens:
+            feeds = _random_inputs(model, batch, seq, rng)
+            got, want = _run_ort(sess, outs, feeds), _run_torch(model, feeds)
+            for name in outs:
+                d = _max_diff(got[name], want[name], f"{name} at batch {batch}, seq {seq}")
+                if d >= diffs[name]:
+                    diffs[name], where[name] = d, f"batch {batch}, seq {seq}"
+    feeds = _random_inputs(model, max(batch_sizes), max(seq_lens), rng)
+    stepped, chunk = _step_vs_chunk(sess, model, feeds), _run_ort(sess, outs, feeds)
+    for name in outs:
+        key = STEP_PREFIX + name
+        diffs[key] = _max_diff(stepped[name], chunk[name], key)
+        where[key] = f"batch {max(batch_sizes)}, {max(seq_lens)} steps"
+    _raise_if_over(diffs, where, atol)
+    return diffs
+
+
+def _raise_if_over(diffs: dict[str, float], where: dict[str, str], atol: float) -> None:
+    bad = [k for k, d in diffs.items() if not d <= atol]  # `not <=` also catches NaN
+    if bad:
+        lines = [
+            f"  {k}: max abs diff {d:.3e} ({where[k]}){'  <-- over tolerance' if k in bad else ''}"
+            for k, d in diffs.items()
+        ]
+        raise ExportValidationError(
+            f"ONNX export does not match PyTorch within atol {atol:g} for {', '.join(bad)}:\n"
+            + "\n".join(lines)
+        )

@@ -1,0 +1,155 @@
+"""Assemble and run the gRPC server: model repository → engine → handlers, plus health and reflection.
+
+rnnserve serve --repo model_repo --port 50051
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rnnserve.server.config import ServerConfig
+from rnnserve.server.engine import Engine, EngineLimits
+from rnnserve.server.errors import ErrorInterceptor
+from rnnserve.server.repository import ModelRepository
+from rnnserve.server.runtime import RuntimeOptions, default_intra_op_threads
+from rnnserve.server.scheduler import SchedulerOptions
+from rnnserve.server.service import RnnServeServicer
+from rnnserve.server.sessions import SessionLimits
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
+SWEEP_INTERVAL_S = 5.0
+
+
+class RnnServeServer:
+    """The running server. `await start()` returns the bound port; `await stop()` drains and stops."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        runtime = RuntimeOptions(
+            device=config.device, intra_op_threads=config.intra_op_threads or default_intra_op_threads()
+        )
+        self.engine = Engine(
+            ModelRepository.load(config.repo, runtime),
+            SessionLimits(max_sessions=config.max_sessions, default_ttl_seconds=config.session_ttl_s),
+            SchedulerOptions(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000),
+            EngineLimits(),
+        )
+        self.health = health.aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+        ]
+        server = aio.server(interceptors=[ErrorInterceptor()], options=options)
+        pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port} (in use?)")
+        self.engine.start()
+        await server.start()
+        self._server = server
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "rnnserve listening on %s:%d with %d model version(s)",
+            self.config.host,
+            self.port,
+            len(self.engine.repository),
+        )
+        return self.port
+
+    async def _sweep_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            dropped = self.engine.sessions.evict_expired()
+            if dropped:
+                log.info("dropped %d idle session(s) past their TTL", dropped)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let calls in flight finish within the grace period, then stop."""
+        await self.health.enter_graceful_shutdown()
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self._server:
+            await self._server.stop(self.config.grace_s if grace is None else grace)
+        await self.engine.stop()
+
+    async def wait(self) -> None:
+        if self._server:
+            await self._server.wait_for_termination()
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    server = RnnServeServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.0fs)", config.grace_s)
+    await server.stop()
+
+
+@contextlib.contextmanager
+def background_server(config: ServerConfig) -> Iterator[RnnServeServer]:
+    """Run a server on its own event loop in a daemon thread (for tests, the demo and notebooks).
+
+    Yields the started server (its `.port` is bound); stops it on exit.
+    """
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="rnnserve-server", daemon=True)
+    thread.start()
+
+    async def create() -> RnnServeServer:
+        server = RnnServeServer(config)  # created on the loop: sessions' locks belong to it
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(create(), loop).result(timeout=120)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def channel_ready(target: str, timeout: float = 10.0) -> bool:
+    """True once a server answers on target (used by scripts that start one in a subprocess)."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False

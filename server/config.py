@@ -1,0 +1,23 @@
+"""Server configuration (light: importable without ONNX Runtime, for the CLI and tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `rnnserve serve` can be told (each field has a matching CLI flag)."""
+
+    repo: Path
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port
+    device: str = "auto"  # auto | cuda | cpu
+    intra_op_threads: int = 0  # 0 = leave a core to the event loop
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 64
+    max_wait_ms: float = 0.0
+    max_sessions: int = 10_000
+    session_ttl_s: float = 600.0
+    grace_s: float = 10.0

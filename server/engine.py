@@ -1,0 +1,304 @@
+"""The engine: what the RPC handlers call. Validates input, applies tokens to sessions through the
+scheduler, and runs generation. Knows nothing about protobuf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnserve.server.errors import FailedPrecondition, InvalidArgument
+from rnnserve.server.repository import LoadedModel, ModelRepository
+from rnnserve.server.sampling import Sampler, SamplingParams, log_softmax, top_candidates
+from rnnserve.server.scheduler import Scheduler, SchedulerOptions
+from rnnserve.server.sessions import AppliedInput, Session, SessionLimits, SessionStore
+from rnnserve.server.text import IncrementalDecoder
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_tokens_per_input: int = 65_536  # one Stream message / prompt
+    max_generate_tokens: int = 4096  # one Generate call
+    max_top_k: int = 100  # candidates returned per Stream reply
+    default_top_k: int = 5
+    chunk_tokens: int = 256  # a long input runs as steps of at most this many tokens
+    max_stop_strings: int = 16
+
+
+@dataclass
+class FeedResult:
+    session_id: str
+    position: int  # after the input
+    token_ids: list[int]
+    token_logprobs: list[float]  # empty unless asked for; NaN where nothing predicted the token
+    top: list[tuple[int, str, float]]  # (id, text, logprob) of the next token, most likely first
+    replayed: bool = False
+
+
+class FinishReason:
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+
+
+@dataclass
+class GeneratedToken:
+    token_id: int
+    text: str  # text made visible by this token (stop strings held back / never sent)
+    logprob: float
+    position: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    sampling: SamplingParams
+    max_tokens: int
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    prompt: str | list[int] | None = None
+    expected_position: int | None = None
+
+
+@dataclass
+class _StopMatcher:
+    """Finds stop strings in generated text and holds back text that may be the start of one."""
+
+    stops: Sequence[str]
+    text: str = ""
+    sent: int = field(default=0)
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Add delta; returns (text safe to send now, whether a stop string was found)."""
+        self.text += delta
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.sent = self.text[self.sent : min(hits)], len(self.text)
+            return out, True
+        held = max((self._partial_len(s) for s in self.stops), default=0)
+        safe_end = max(self.sent, len(self.text) - held)
+        out, self.sent = self.text[self.sent : safe_end], safe_end
+        return out, False
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent :], len(self.text)
+        return out
+
+    def _partial_len(self, stop: str) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of `stop`."""
+        for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(stop[:n]):
+                return n
+        return 0
+
+
+class Engine:
+    """Sessions, schedulers and models behind the RPC handlers."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        session_limits: SessionLimits | None = None,
+        scheduler_options: SchedulerOptions | None = None,
+        limits: EngineLimits | None = None,
+    ) -> None:
+        self.repository = repository
+        self.sessions = SessionStore(session_limits)
+        self.limits = limits or EngineLimits()
+        # One worker thread runs ORT (which is multi-threaded itself); the event loop stays free for I/O.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self.schedulers = {
+            model.key: Scheduler(model.runtime, self._executor, scheduler_options)
+            for model, _ in repository.all()
+        }
+
+    def start(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    async def stop(self) -> None:
+        for scheduler in self.schedulers.values():
+            await scheduler.stop()
+        self._executor.shutdown(wait=True)
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def create_session(self, model: str, version: str = "", ttl_seconds: float = 0) -> Session:
+        if not model:
+            raise InvalidArgument("model is required (see ListModels for what is loaded)")
+        return self.sessions.create(self.repository.get(model, version), ttl_seconds)
+
+    # -- feeding tokens ---------------------------------------------------------------------------
+
+    def resolve_input(self, model: LoadedModel, data: str | Sequence[int], what: str = "input") -> list[int]:
+        """Token ids for text or ids, checked against the model's vocabulary and the size limit."""
+        if isinstance(data, str):
+            if not data:
+                raise InvalidArgument(f"{what} text is empty")
+            ids = model.codec.encode(data)
+            if not ids:
+                raise InvalidArgument(f"{what} text {data[:40]!r} encodes to no tokens")
+        else:
+            ids = [int(i) for i in data]
+            if not ids:
+                raise InvalidArgument(f"{what} has no tokens: send text or at least one token id")
+            vocab = model.manifest.vocab_size
+            for index, token in enumerate(ids):
+                if not 0 <= token < vocab:
+                    raise InvalidArgument(
+                        f"token id {token} at index {index} is out of range for model {model.key} "
+                        f"(vocabulary size {vocab}: ids 0..{vocab - 1})"
+                    )
+        if len(ids) > self.limits.max_tokens_per_input:
+            raise InvalidArgument(
+                f"{what} has {len(ids)} tokens, more than the limit of {self.limits.max_tokens_per_input}; "
+                "split it into several messages (the session keeps state between them)"
+            )
+        return ids
+
+    async def feed(
+        self,
+        session_id: str,
+        data: str | Sequence[int],
+        *,
+        expected_position: int | None = None,
+        top_k: int = 0,
+        token_logprobs: bool = False,
+    ) -> FeedResult:
+        """Append text or token ids to a session; returns the model's output after them."""
+        session = self.sessions.get(session_id)
+        top_k = top_k or self.limits.default_top_k
+        if not 1 <= top_k <= self.limits.max_top_k:
+            raise InvalidArgument(f"top_k must be in [0, {self.limits.max_top_k}] (0 = default), got {top_k}")
+        ids = self.resolve_input(session.model, data)
+        async with session.lock:
+            replay = self._check_position(session, expected_position, ids)
+            if replay is not None:
+                return replay
+            start = session.position
+            logprobs = await self._apply(session, ids, want_token_logprobs=token_logprobs)
+            assert session.next_logprobs is not None
+            codec = session.model.codec
+            result = FeedResult(
+                session_id=session.id,
+                position=session.position,
+                token_ids=ids,
+                token_logprobs=logprobs,
+                top=[(i, codec.token_text(i), lp) for i, lp in top_candidates(session.next_logprobs, top_k)],
+            )
+            session.last_applied = AppliedInput(start, tuple(ids), result)
+            return result
+
+    def _check_position(
+        self, session: Session, expected: int | None, ids: Sequence[int]
+    ) -> FeedResult | None:
+        """None to go ahead; the earlier result for an exact retry; FailedPrecondition otherwise."""
+        if expected is None or expected == session.position:
+            return None
+        last = session.last_applied
+        if last is not None and last.start_position == expected and last.tokens == tuple(ids):
+            replay: FeedResult = last.result
+            return FeedResult(**{**replay.__dict__, "replayed": True})
+        raise FailedPrecondition(
+            f"session {session.id} is at position {session.position}, but the request expected "
+            f"{expected}; fetch the session (GetSession) and resend from its position"
+        )
+
+    async def _apply(
+        self, session: Session, ids: list[int], *, want_token_logprobs: bool = False
+    ) -> list[float]:
+        """Run ids through the model from the session's state and commit the new state.
+
+        The session changes only once every chunk has run, so a failure leaves it as it was.
+        Returns per-token log-probabilities when asked (else []).
+        """
+        scheduler = self.schedulers[session.model.key]
+        state, next_logprobs = session.state, session.next_logprobs
+        token_logprobs: list[float] = []
+        for start in range(0, len(ids), self.limits.chunk_tokens):
+            chunk = np.asarray(ids[start : start + self.limits.chunk_tokens], dtype=np.int64)  # [seq]
+            logits, state = await scheduler.step(chunk, state)  # logits [seq, vocab]
+            if want_token_logprobs:
+                all_logprobs = log_softmax(logits)  # [seq, vocab]
+                previous = [next_logprobs, *all_logprobs[:-1]]
+                token_logprobs += [
+                    math.nan if p is None else float(p[t]) for p, t in zip(previous, chunk, strict=True)
+                ]
+                next_logprobs = all_logprobs[-1]
+            else:
+                next_logprobs = log_softmax(logits[-1])  # [vocab]
+        session.state, session.next_logprobs = state, next_logprobs
+        session.position += len(ids)
+        session.recent_tokens.extend(ids)
+        session.touch()
+        return token_logprobs
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def _validate_generate(self, session: Session, request: GenerateRequest) -> None:
+        vocab = session.model.manifest.vocab_size
+        request.sampling.validate(vocab)
+        if not 1 <= request.max_tokens <= self.limits.max_generate_tokens:
+            raise InvalidArgument(
+                f"max_tokens must be in [1, {self.limits.max_generate_tokens}], got {request.max_tokens}"
+            )
+        if len(request.stop) > self.limits.max_stop_strings or any(not s for s in request.stop):
+            raise InvalidArgument(f"stop takes at most {self.limits.max_stop_strings} non-empty strings")
+        bad = [t for t in request.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"stop_token_ids {bad} are out of range for vocabulary size {vocab}")
+
+    async def generate(self, session_id: str, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
+        """Sample up to max_tokens tokens continuing the session; each is applied to its state."""
+        session = self.sessions.get(session_id)
+        self._validate_generate(session, request)
+        prompt = (
+            None if request.prompt is None else self.resolve_input(session.model, request.prompt, "prompt")
+        )
+        eos = session.model.manifest.special_tokens.get("eos")
+        async with session.lock:
+            if request.expected_position is not None and request.expected_position != session.position:
+                raise FailedPrecondition(
+                    f"session {session.id} is at position {session.position}, but the request expected "
+                    f"{request.expected_position}"
+                )
+            if prompt:
+                await self._apply(session, prompt)
+            if session.next_logprobs is None:
+                # An empty session starts a new document, as the model saw documents in training.
+                if eos is None:
+                    raise FailedPrecondition("the session is empty and the model has no <eos>: give a prompt")
+                await self._apply(session, [eos])
+            async for token in self._sample_loop(session, request, eos):
+                yield token
+
+    async def _sample_loop(
+        self, session: Session, request: GenerateRequest, eos: int | None
+    ) -> AsyncIterator[GeneratedToken]:
+        sampler = Sampler(request.sampling)
+        decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
+        stops = _StopMatcher(request.stop)
+        stop_ids = set(request.stop_token_ids)
+        for n in range(1, request.max_tokens + 1):
+            assert session.next_logprobs is not None
+            token = sampler.choose(session.next_logprobs)
+            logprob = float(session.next_logprobs[token])
+            await self._apply(session, [token])
+            text, stopped = stops.push(decoder.push(token))
+            finish = None
+            if stopped or token in stop_ids:
+                finish = FinishReason.STOP
+            elif token == eos and not request.ignore_eos:
+                finish = FinishReason.EOS
+            elif n == request.max_tokens:
+                finish = FinishReason.LENGTH
+            if finish and not stopped:
+                text += stops.flush()
+            yield GeneratedToken(token, text, logprob, session.position, finish)
+            if finish:
+                return

@@ -1,0 +1,99 @@
+"""The model repository: `<repo>/<name>/<version>/{model.onnx, manifest.json, tokenizer.json}`.
+
+Every valid bundle is loaded at start; a bundle that fails to load is logged and skipped, so one bad
+upload never takes the whole server down.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rnnserve.export.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest
+from rnnserve.server.errors import NotFound
+from rnnserve.server.runtime import OnnxModel, RuntimeOptions
+from rnnserve.server.text import TextCodec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model version ready to serve: its runtime and its text codec."""
+
+    runtime: OnnxModel
+    codec: TextCodec
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.runtime.manifest
+
+    @property
+    def key(self) -> str:
+        return self.runtime.key
+
+
+def _version_order(version: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and after non-numeric ones."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+class ModelRepository:
+    """All loaded model versions, addressable by name and version (empty version = latest)."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        self._by_name: dict[str, dict[str, LoadedModel]] = {}
+        for model in models:
+            self._by_name.setdefault(model.manifest.name, {})[model.manifest.version] = model
+
+    @classmethod
+    def load(cls, root: Path, options: RuntimeOptions | None = None) -> ModelRepository:
+        """Load every bundle under root; log and skip the ones that are broken."""
+        if not root.is_dir():
+            raise FileNotFoundError(f"model repository {root} does not exist or is not a directory")
+        models = []
+        for manifest_path in sorted(root.glob(f"*/*/{MANIFEST_FILE}")):
+            bundle = manifest_path.parent
+            if bundle.name.startswith(".") or bundle.parent.name.startswith("."):
+                continue  # a bundle being written (exports build in a hidden directory, then rename)
+            try:
+                manifest = read_manifest(bundle)
+                if (bundle.parent.name, bundle.name) != (manifest.name, manifest.version):
+                    raise ManifestError(
+                        f"manifest says {manifest.name}/{manifest.version} but the bundle lives in "
+                        f"{bundle.parent.name}/{bundle.name}"
+                    )
+                runtime = OnnxModel(bundle, manifest, options)
+                codec = TextCodec.from_file(bundle / manifest.tokenizer_file, manifest.special_tokens)
+            except (ManifestError, OSError, RuntimeError, ValueError) as exc:
+                log.error("skipping bundle %s: %s", bundle, exc)
+                continue
+            models.append(LoadedModel(runtime, codec))
+        if not models:
+            log.warning("no loadable model bundles under %s", root)
+        return cls(models)
+
+    def all(self) -> list[tuple[LoadedModel, bool]]:
+        """Every loaded version with a flag marking the latest of its name."""
+        out = []
+        for name in sorted(self._by_name):
+            versions = sorted(self._by_name[name], key=_version_order)
+            out += [(self._by_name[name][v], v == versions[-1]) for v in versions]
+        return out
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The named model at `version` (latest when empty); NotFound says what exists."""
+        versions = self._by_name.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise NotFound(f"model {name!r} is not loaded (models: {known})")
+        if not version:
+            version = max(versions, key=_version_order)
+        if version not in versions:
+            known = ", ".join(sorted(versions, key=_version_order))
+            raise NotFound(f"model {name!r} has no version {version!r} (versions: {known})")
+        return versions[version]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_name.values())

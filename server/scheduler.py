@@ -1,0 +1,107 @@
+"""The scheduler: gathers pending steps of many sessions into one ONNX Runtime run.
+
+Every step is (tokens [seq], state of one session). Steps waiting at the same moment are grouped by
+sequence length (so no padding can leak into any state), stacked along the state's batch axis, run once
+in a worker thread (the event loop keeps serving I/O meanwhile), and scattered back. Steps that arrive
+while a run is in flight form the next batch, so batches grow with load by themselves; `max_wait_s`
+optionally holds the first step a little to let more join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnserve.server.runtime import OnnxModel, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRequest:
+    tokens: np.ndarray  # int64 [seq]
+    state: State  # batch 1
+    future: asyncio.Future[tuple[np.ndarray, State]] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    max_batch: int = 64  # most sessions in one run
+    max_wait_s: float = 0.0  # extra time the first step of a batch waits for company
+
+
+class Scheduler:
+    """Batches steps for one model version. Start it with `start()`, stop with `stop()`."""
+
+    def __init__(self, model: OnnxModel, executor: Executor, options: SchedulerOptions | None = None) -> None:
+        self.model = model
+        self.options = options or SchedulerOptions()
+        self._executor = executor
+        self._queue: asyncio.Queue[StepRequest] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.batches_run = 0
+        self.steps_run = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler {self.model.key}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def step(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Run tokens [seq] from `state` (batch 1); returns (logits [seq, vocab], new state)."""
+        future: asyncio.Future[tuple[np.ndarray, State]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(StepRequest(tokens, state, future))
+        return await future
+
+    async def _next_batch(self) -> list[StepRequest]:
+        batch = [await self._queue.get()]
+        if self.options.max_wait_s > 0 and self._queue.empty():
+            await asyncio.sleep(self.options.max_wait_s)
+        while len(batch) < self.options.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return [r for r in batch if not r.future.done()]  # drop steps whose caller went away
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_groups, batch)
+            except Exception as exc:
+                log.exception("model %s failed on a batch of %d steps", self.model.key, len(batch))
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                continue
+            for request, result in zip(batch, results, strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+
+    def _run_groups(self, batch: list[StepRequest]) -> list[tuple[np.ndarray, State]]:
+        """Worker thread: run each same-length group as one batch; results in request order."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, request in enumerate(batch):
+            groups[len(request.tokens)].append(i)
+        results: list[tuple[np.ndarray, State] | None] = [None] * len(batch)
+        for indices in groups.values():
+            tokens = np.stack([batch[i].tokens for i in indices])  # [group, seq]
+            state = self.model.concat_states([batch[i].state for i in indices])
+            logits, new_state = self.model.run(tokens, state)  # [group, seq, vocab]
+            for j, (i, st) in enumerate(
+                zip(indices, self.model.split_state(new_state, len(indices)), strict=True)
+            ):
+                results[i] = (logits[j], st)
+            self.batches_run += 1
+            self.steps_run += len(indices)
+        return [r for r in results if r is not None]

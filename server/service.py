@@ -1,0 +1,185 @@
+"""gRPC handlers for rnnserve.v1.RnnServe: protobuf in, engine call, protobuf out. Nothing else.
+
+Errors are raised as `rnnserve.server.errors` exceptions and turned into statuses by the interceptor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from rnnserve.server.engine import Engine, FeedResult, FinishReason, GeneratedToken, GenerateRequest
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.repository import LoadedModel
+from rnnserve.server.sampling import SamplingParams
+from rnnserve.server.sessions import Session
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+_FINISH_REASONS = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+}
+
+
+def model_info_pb(model: LoadedModel, latest: bool) -> pb.ModelInfo:
+    m = model.manifest
+    return pb.ModelInfo(
+        name=m.name,
+        version=m.version,
+        task=m.task,
+        cell=m.cell,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_directions=m.num_directions,
+        vocab_size=m.vocab_size,
+        tokenizer=m.tokenizer_kind,
+        special_tokens=m.special_tokens,
+        state=[
+            pb.StateTensorInfo(
+                name=s.name,
+                input_name=s.input_name,
+                output_name=s.output_name,
+                shape=s.shape,
+                batch_axis=s.batch_axis,
+                dtype=s.dtype,
+            )
+            for s in m.state
+        ],
+        metrics={k: float(v) for k, v in m.metrics.items() if isinstance(v, int | float)},
+        latest=latest,
+        provider=model.runtime.provider,
+    )
+
+
+def session_info_pb(session: Session) -> pb.SessionInfo:
+    m = session.model.manifest
+    return pb.SessionInfo(
+        session_id=session.id,
+        model=m.name,
+        version=m.version,
+        position=session.position,
+        created_at=session.created_at,
+        expires_at=session.expires_at,
+        ttl_seconds=int(session.ttl_seconds),
+    )
+
+
+def feed_result_pb(result: FeedResult) -> pb.StreamResponse:
+    return pb.StreamResponse(
+        session_id=result.session_id,
+        position=result.position,
+        token_ids=result.token_ids,
+        token_logprobs=result.token_logprobs,
+        top=[pb.TokenCandidate(id=i, text=t, logprob=lp) for i, t, lp in result.top],
+        replayed=result.replayed,
+    )
+
+
+def generated_token_pb(token: GeneratedToken) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        token_id=token.token_id,
+        text=token.text,
+        logprob=token.logprob,
+        position=token.position,
+        finish_reason=_FINISH_REASONS[token.finish_reason],
+    )
+
+
+def stream_input(request: pb.StreamRequest) -> str | list[int] | None:
+    """The text or token ids a Stream message carries, or None if neither."""
+    which = request.WhichOneof("input")
+    if which == "text":
+        return request.text
+    return list(request.tokens.ids) if which == "tokens" else None
+
+
+def prompt_input(request: pb.GenerateRequest) -> str | list[int] | None:
+    """The prompt text or token ids of a Generate request, or None if neither."""
+    which = request.WhichOneof("prompt")
+    if which == "prompt_text":
+        return request.prompt_text
+    return list(request.prompt_tokens.ids) if which == "prompt_tokens" else None
+
+
+def sampling_params_of(request: pb.GenerateRequest) -> SamplingParams:
+    s = request.sampling
+    return SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p if s.top_p != 0 else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+
+
+class RnnServeServicer(pb_grpc.RnnServeServicer):
+    """Thin handlers over the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[model_info_pb(m, latest) for m, latest in self.engine.repository.all()]
+        )
+
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: aio.ServicerContext
+    ) -> pb.SessionInfo:
+        session = self.engine.create_session(request.model, request.version, request.ttl_seconds)
+        return session_info_pb(session)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.SessionInfo:
+        return session_info_pb(self.engine.sessions.get(request.session_id))
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        session = self.engine.sessions.close(request.session_id)
+        return pb.CloseSessionResponse(position=session.position)
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        bound = ""
+        async for request in request_iterator:
+            if request.session_id and bound and request.session_id != bound:
+                raise InvalidArgument(
+                    f"this stream is bound to session {bound}; open another stream for {request.session_id}"
+                )
+            bound = bound or request.session_id
+            if not bound:
+                raise InvalidArgument("the first message of a stream must carry session_id")
+            data = stream_input(request)
+            if data is None:
+                raise InvalidArgument("the message carries no input: set text or tokens")
+            result = await self.engine.feed(
+                bound,
+                data,
+                expected_position=request.expected_position
+                if request.HasField("expected_position")
+                else None,
+                top_k=request.top_k,
+                token_logprobs=request.return_token_logprobs,
+            )
+            yield feed_result_pb(result)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        params = GenerateRequest(
+            sampling=sampling_params_of(request),
+            max_tokens=request.max_tokens,
+            stop=list(request.stop),
+            stop_token_ids=list(request.stop_token_ids),
+            ignore_eos=request.ignore_eos,
+            prompt=prompt_input(request),
+            expected_position=request.expected_position if request.HasField("expected_position") else None,
+        )
+        async for token in self.engine.generate(request.session_id, params):
+            yield generated_token_pb(token)

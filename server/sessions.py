@@ -1,0 +1,126 @@
+"""Sessions and the in-memory session store.
+
+A session is one conversation with one model version: its recurrent state (fixed size whatever the
+history length), how many tokens it has consumed, and the next-token distribution after the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from rnnserve.server.repository import LoadedModel
+from rnnserve.server.runtime import State
+
+RECENT_TOKENS = 8  # context kept so generated text joins the prompt correctly (e.g. word spacing)
+
+
+@dataclass
+class AppliedInput:
+    """The last input applied to a session, kept so a retry of it is answered without re-applying."""
+
+    start_position: int
+    tokens: tuple[int, ...]
+    result: Any
+
+
+@dataclass
+class Session:
+    """Server-side state of one client conversation with one model version."""
+
+    id: str
+    model: LoadedModel
+    state: State  # name -> [layers * directions, 1, hidden]
+    ttl_seconds: float
+    position: int = 0
+    # Log-probabilities of the next token after the last consumed one: [vocab]; None before any token.
+    next_logprobs: np.ndarray | None = None
+    recent_tokens: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_TOKENS))
+    last_applied: AppliedInput | None = None
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    # One request at a time per session: two streams on one session apply their inputs in turn.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    @property
+    def expires_at(self) -> float:
+        """Unix time after which the session may be dropped if left idle."""
+        return time.time() + self.ttl_seconds - (time.monotonic() - self.last_used)
+
+    def expired(self, now: float) -> bool:
+        return now - self.last_used > self.ttl_seconds and not self.lock.locked()
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_sessions: int = 10_000
+    default_ttl_seconds: float = 600.0
+    max_ttl_seconds: float = 24 * 3600.0
+
+
+class SessionStore:
+    """Sessions by id, with a size limit and idle expiry."""
+
+    def __init__(self, limits: SessionLimits | None = None) -> None:
+        self.limits = limits or SessionLimits()
+        self._sessions: dict[str, Session] = {}
+
+    def create(self, model: LoadedModel, ttl_seconds: float = 0) -> Session:
+        """A new session at the model's initial state."""
+        if ttl_seconds < 0 or ttl_seconds > self.limits.max_ttl_seconds:
+            raise InvalidArgument(
+                f"ttl_seconds must be in [0, {self.limits.max_ttl_seconds:.0f}] (0 = server default), "
+                f"got {ttl_seconds}"
+            )
+        self.evict_expired()
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(
+                f"the server holds its maximum of {self.limits.max_sessions} sessions; "
+                "close sessions you no longer need or retry later"
+            )
+        session = Session(
+            id=uuid.uuid4().hex,
+            model=model,
+            state=model.runtime.initial_state(1),
+            ttl_seconds=ttl_seconds or self.limits.default_ttl_seconds,
+        )
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(
+                f"session {session_id!r} does not exist (closed, expired after its idle TTL, "
+                "or created on another server); create a new one"
+            )
+        session.touch()
+        return session
+
+    def close(self, session_id: str) -> Session:
+        session = self.get(session_id)
+        del self._sessions[session_id]
+        return session
+
+    def evict_expired(self) -> int:
+        """Drop idle sessions past their TTL; returns how many were dropped."""
+        now = time.monotonic()
+        expired = [sid for sid, s in self._sessions.items() if s.expired(now)]
+        for sid in expired:
+            del self._sessions[sid]
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,89 @@
+"""Generate through the real server: reproducible under a seed, greedy = argmax, stops, state kept."""
+
+from __future__ import annotations
+
+from rnnserve.client import Client
+
+PROMPT = "def add(a, b):\n"
+
+
+def generate_tokens(client: Client, **kwargs: object) -> list[int]:
+    with client.session("tiny") as session:
+        return [t.id for t in session.generate(PROMPT, **kwargs)]  # type: ignore[arg-type]
+
+
+def test_same_seed_same_tokens(client: Client) -> None:
+    a = generate_tokens(client, max_tokens=40, temperature=1.0, seed=11, ignore_eos=True)
+    b = generate_tokens(client, max_tokens=40, temperature=1.0, seed=11, ignore_eos=True)
+    c = generate_tokens(client, max_tokens=40, temperature=1.0, seed=12, ignore_eos=True)
+    assert a == b and len(a) == 40
+    assert a != c
+
+
+def test_seeded_sampling_is_independent_of_other_sessions_in_the_batch(client: Client) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = generate_tokens(client, max_tokens=30, temperature=1.0, seed=5, ignore_eos=True)
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(
+            pool.map(
+                lambda s: generate_tokens(client, max_tokens=30, temperature=1.0, seed=s, ignore_eos=True),
+                [5, 6, 5, 7],
+            )
+        )
+    assert runs[0] == runs[2] == alone
+
+
+def test_greedy_generation_follows_the_top_candidate(client: Client) -> None:
+    with client.session("tiny") as gen, client.session("tiny") as check:
+        tokens = list(gen.generate(PROMPT, max_tokens=10, temperature=0.0, ignore_eos=True))
+        out = check.feed(PROMPT)
+        for token in tokens:
+            assert token.id == out.top[0].id
+            out = check.feed([token.id])
+        assert gen.info().position == check.info().position == len(PROMPT) + 10
+
+
+def test_max_tokens_ends_with_length_and_text_is_streamed(client: Client) -> None:
+    with client.session("tiny") as session:
+        stream = session.generate(PROMPT, max_tokens=25, temperature=0.0, ignore_eos=True)
+        tokens = list(stream)
+        assert len(tokens) == 25
+        assert [t.finish_reason for t in tokens] == [None] * 24 + ["length"]
+        assert stream.finish_reason == "length" and len(stream.text) == 25  # char-level: a char per token
+        assert [t.position for t in tokens] == list(range(len(PROMPT) + 1, len(PROMPT) + 26))
+
+
+def test_generation_continues_the_session_state(client: Client) -> None:
+    with client.session("tiny") as a, client.session("tiny") as b:
+        first = list(a.generate(PROMPT, max_tokens=5, ignore_eos=True))
+        second = list(a.generate(max_tokens=5, ignore_eos=True))
+        both = list(b.generate(PROMPT, max_tokens=10, ignore_eos=True))
+        assert [t.id for t in first + second] == [t.id for t in both]
+
+
+def test_stop_string_ends_generation_and_is_not_sent(client: Client) -> None:
+    with client.session("tiny") as free:
+        free_text = "".join(t.text for t in free.generate(PROMPT, max_tokens=60, ignore_eos=True))
+    stop = free_text[10:12]  # two chars the greedy model will produce
+    with client.session("tiny") as session:
+        stream = session.generate(PROMPT, max_tokens=60, stop=[stop], ignore_eos=True)
+        list(stream)
+    assert stream.finish_reason == "stop"
+    assert stream.text == free_text[: free_text.index(stop)]
+
+
+def test_stop_token_id(client: Client) -> None:
+    with client.session("tiny") as free:
+        ids = [t.id for t in free.generate(PROMPT, max_tokens=20, ignore_eos=True)]
+    with client.session("tiny") as session:
+        stream = session.generate(PROMPT, max_tokens=20, stop_token_ids=[ids[5]], ignore_eos=True)
+        got = [t.id for t in stream]
+    assert stream.finish_reason == "stop"
+    assert got == ids[: ids.index(ids[5]) + 1]
+
+
+def test_empty_session_starts_a_new_document(client: Client) -> None:
+    with client.session("tiny") as session:
+        tokens = list(session.generate(max_tokens=5, ignore_eos=True))
+        assert len(tokens) == 5 and tokens[-1].position == 6  # <eos> first, then 5 sampled

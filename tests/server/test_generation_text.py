@@ -1,0 +1,55 @@
+"""Text handling in generation: incremental decoding and stop strings."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from rnnserve.server.engine import _StopMatcher
+from rnnserve.server.text import IncrementalDecoder, TextCodec
+
+
+def word_codec() -> TextCodec:
+    vocab = {"<unk>": 0, "<eos>": 1, "the": 2, "cat": 3, "sat": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<eos>"])
+    return TextCodec(tok, {"unk": 0, "eos": 1})
+
+
+def test_incremental_decoding_keeps_word_spacing_after_the_prompt() -> None:
+    codec = word_codec()
+    decoder = IncrementalDecoder(codec, context=codec.encode("the"))
+    deltas = [decoder.push(t) for t in codec.encode("cat sat")]
+    assert "the" + "".join(deltas) == "the cat sat"
+
+
+def test_special_tokens_decode_to_nothing_but_have_a_name() -> None:
+    codec = word_codec()
+    assert codec.decode([2, 1, 3]) == "the cat"
+    assert codec.token_text(1) == "<eos>"
+
+
+def test_stop_string_split_across_tokens_is_held_back_and_never_sent() -> None:
+    stops = _StopMatcher(["END"])
+    sent = []
+    for piece in ["ab", "cE", "N", "Dxyz"]:
+        text, stopped = stops.push(piece)
+        sent.append(text)
+        if stopped:
+            break
+    assert "".join(sent) == "abc"
+    assert stopped
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop() -> None:
+    stops = _StopMatcher(["END"])
+    assert stops.push("aE") == ("a", False)
+    assert stops.push("x") == ("Ex", False)
+    assert stops.push("E") == ("", False)
+    assert stops.flush() == "E"
+
+
+def test_earliest_of_several_stop_strings_wins() -> None:
+    stops = _StopMatcher(["zz", "\n\n"])
+    text, stopped = stops.push("ab\n\ncd zz")
+    assert (text, stopped) == ("ab", True)

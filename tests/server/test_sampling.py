@@ -1,0 +1,69 @@
+"""Sampling: greedy, top-k, top-p, reproducibility, and parameter validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.sampling import Sampler, SamplingParams, log_softmax, top_candidates
+
+LOGPROBS = log_softmax(np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32)))
+
+
+def draw(params: SamplingParams, n: int = 2000) -> np.ndarray:
+    sampler = Sampler(params)
+    return np.array([sampler.choose(LOGPROBS) for _ in range(n)])
+
+
+def test_log_softmax_normalises() -> None:
+    out = log_softmax(np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]], dtype=np.float32))
+    np.testing.assert_allclose(np.exp(out).sum(axis=-1), 1.0, rtol=1e-6)
+    assert np.isfinite(out[1, 0])
+
+
+def test_greedy_is_argmax() -> None:
+    assert set(draw(SamplingParams(temperature=0.0), 20)) == {0}
+
+
+def test_top_k_keeps_only_k_most_likely() -> None:
+    assert set(draw(SamplingParams(temperature=1.0, top_k=2, seed=1))) == {0, 1}
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    # 0.5 + 0.3 = 0.8 >= 0.75: the nucleus is {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.75, seed=2))) == {0, 1}
+
+
+def test_temperature_one_follows_the_distribution() -> None:
+    counts = np.bincount(draw(SamplingParams(temperature=1.0, seed=3), 20000), minlength=4) / 20000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.02)
+
+
+def test_same_seed_same_tokens_different_seed_differs() -> None:
+    a = draw(SamplingParams(temperature=1.0, seed=7), 200)
+    b = draw(SamplingParams(temperature=1.0, seed=7), 200)
+    c = draw(SamplingParams(temperature=1.0, seed=8), 200)
+    assert (a == b).all()
+    assert (a != c).any()
+
+
+@pytest.mark.parametrize(
+    ("params", "word"),
+    [
+        (SamplingParams(temperature=-1.0), "temperature"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(top_k=5), "top_k"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.5), "top_p"),
+    ],
+)
+def test_nonsense_parameters_are_rejected_by_name(params: SamplingParams, word: str) -> None:
+    with pytest.raises(InvalidArgument, match=word):
+        params.validate(vocab_size=4)
+
+
+def test_top_candidates_sorted() -> None:
+    top = top_candidates(LOGPROBS, 3)
+    assert [i for i, _ in top] == [0, 1, 2]
+    assert top[0][1] == pytest.approx(np.log(0.5), abs=1e-5)

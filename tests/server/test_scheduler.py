@@ -1,0 +1,63 @@
+"""The scheduler batches steps of many sessions into one run, with results equal to each alone."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from rnnserve.export.manifest import read_manifest
+from rnnserve.server.runtime import OnnxModel
+from rnnserve.server.scheduler import Scheduler, SchedulerOptions
+
+
+def random_state(model: OnnxModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.initial_state(1).items()}
+
+
+def test_concurrent_steps_run_as_batches_and_match_single_runs(lm_repo: Path) -> None:
+    bundle = lm_repo / "tiny" / "1"
+    model = OnnxModel(bundle, read_manifest(bundle))
+    rng = np.random.default_rng(0)
+    vocab = model.manifest.vocab_size
+    # 12 sessions, two sequence lengths: same-length steps share a run, different lengths never mix.
+    requests = [(rng.integers(0, vocab, size=3 if i % 2 else 5), random_state(model, rng)) for i in range(12)]
+
+    async def run_all() -> tuple[list[tuple[np.ndarray, dict[str, np.ndarray]]], Scheduler]:
+        with ThreadPoolExecutor(1) as pool:
+            scheduler = Scheduler(model, pool, SchedulerOptions(max_batch=64, max_wait_s=0.01))
+            scheduler.start()
+            results = await asyncio.gather(*(scheduler.step(t, s) for t, s in requests))
+            await scheduler.stop()
+        return results, scheduler
+
+    results, scheduler = asyncio.run(run_all())
+    assert scheduler.steps_run == 12
+    assert scheduler.batches_run == 2  # one run per sequence length
+    for (tokens, state), (logits, new_state) in zip(requests, results, strict=True):
+        alone_logits, alone_state = model.run(tokens[None, :], state)
+        np.testing.assert_allclose(logits, alone_logits[0], atol=1e-5)
+        for name in state:
+            np.testing.assert_allclose(new_state[name], alone_state[name], atol=1e-5)
+            assert new_state[name].shape == state[name].shape
+
+
+def test_max_batch_caps_a_run(lm_repo: Path) -> None:
+    bundle = lm_repo / "tiny" / "1"
+    model = OnnxModel(bundle, read_manifest(bundle))
+    rng = np.random.default_rng(1)
+
+    async def run_all() -> Scheduler:
+        with ThreadPoolExecutor(1) as pool:
+            scheduler = Scheduler(model, pool, SchedulerOptions(max_batch=4, max_wait_s=0.01))
+            scheduler.start()
+            await asyncio.gather(
+                *(scheduler.step(np.array([1, 2]), random_state(model, rng)) for _ in range(10))
+            )
+            await scheduler.stop()
+        return scheduler
+
+    scheduler = asyncio.run(run_all())
+    assert scheduler.steps_run == 10 and scheduler.batches_run == 3
