@@ -17,10 +17,18 @@ from rnnserve.client.errors import (
     RnnserveError,
     UnavailableError,
 )
-from rnnserve.client.types import Candidate, FeedOutput, GeneratedToken, ModelInfo, SessionInfo
+from rnnserve.client.types import (
+    Candidate,
+    Classification,
+    FeedOutput,
+    GeneratedToken,
+    ModelInfo,
+    SessionInfo,
+)
 
 __all__ = [
     "Candidate",
+    "Classification",
     "Client",
     "FailedPreconditionError",
     "FeedOutput",

@@ -4,6 +4,7 @@
     rnnserve export runs/demo/checkpoint.pt --repo model_repo --name demo
     rnnserve serve --repo model_repo             # needs the `serve` extra
     rnnserve generate --model demo --prompt "def main("
+    rnnserve classify --model sst2 "a gorgeous, witty film" "a dull mess"
     rnnserve models
     rnnserve demo                                # all of the above, end to end
 
@@ -56,6 +57,28 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("classify", help="classify texts with a classifier model (e.g. sentiment)")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify ('-' reads lines from stdin)")
+    p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
+    p.add_argument("--model", required=True, help="classifier model name (see `rnnserve models`)")
+    p.add_argument("--version", default="", help="model version (default: latest)")
+    p.set_defaults(func=run_classify)
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from rnnserve.client.client import Client
+
+    texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
+    with Client(args.url) as client:
+        for text, result in zip(texts, client.classify(args.model, texts, version=args.version), strict=True):
+            probs = "  ".join(
+                f"{label}={p:.3f}" for label, p in zip(result.labels, result.probs, strict=True)
+            )
+            print(f"{result.label}\t{probs}\t{text}")
+    return 0
+
+
 def _register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("models", help="list the models a server has loaded")
     p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
@@ -69,8 +92,10 @@ def run_models(args: argparse.Namespace) -> int:
         for m in client.models():
             latest = " (latest)" if m.latest else ""
             metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+            kind = m.task if m.task == "lm" else f"classifier ({m.classifier_mode}, {m.pooling} pooling)"
+            bi = "bi-" if m.num_directions == 2 else ""
             print(
-                f"{m.name}@{m.version}{latest}: {m.task} {m.cell} {m.num_layers}x{m.hidden_size}, "
+                f"{m.name}@{m.version}{latest}: {kind} {bi}{m.cell} {m.num_layers}x{m.hidden_size}, "
                 f"vocab {m.vocab_size} ({m.tokenizer}), {m.provider}; {metrics}"
             )
     return 0
@@ -88,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.register(subparsers)
     server_cli.register(subparsers)
     _register_generate(subparsers)
+    _register_classify(subparsers)
     _register_models(subparsers)
     demo.register(subparsers)
     return parser

@@ -17,7 +17,14 @@ from typing import Any
 import grpc
 
 from rnnserve.client.errors import RnnserveError, from_rpc_error
-from rnnserve.client.types import FeedOutput, GeneratedToken, ModelInfo, SessionInfo, input_fields
+from rnnserve.client.types import (
+    Classification,
+    FeedOutput,
+    GeneratedToken,
+    ModelInfo,
+    SessionInfo,
+    input_fields,
+)
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -71,6 +78,18 @@ class Client:
         response = self._call(self.stub.ListModels, pb.ListModelsRequest())
         return [ModelInfo.from_pb(m) for m in response.models]
 
+    def classify(
+        self, model: str, texts: Sequence[str] | Sequence[Sequence[int]], *, version: str = ""
+    ) -> list[Classification]:
+        """Class probabilities for each text (or token id list), with a classifier model."""
+        if all(isinstance(t, str) for t in texts):
+            request = pb.ClassifyRequest(model=model, version=version, texts=list(texts))  # type: ignore[arg-type]
+        else:
+            lists = [pb.TokenIds(ids=list(t)) for t in texts]  # type: ignore[arg-type]
+            request = pb.ClassifyRequest(model=model, version=version, token_lists=lists)
+        response = self._call(self.stub.Classify, request)
+        return [Classification.from_pb(c, response.labels) for c in response.results]
+
     def session(self, model: str, *, version: str = "", ttl_seconds: int = 0) -> Session:
         """Open a session on `model` (latest version unless given). Use it as a context manager."""
         info = self._call(
@@ -119,6 +138,8 @@ class Session:
         self.model = info.model
         self.version = info.version
         self.position = info.position  # as last reported by the server
+        self.task = info.task
+        self.labels = info.labels  # classifier sessions: the order of `classification.probs`
         self._stream: _FeedStream | None = None
         self._lock = threading.Lock()
         self.closed = False
@@ -131,7 +152,10 @@ class Session:
         token_logprobs: bool = False,
         expected_position: int | None = None,
     ) -> FeedOutput:
-        """Append text or token ids; returns the next-token candidates after them.
+        """Append text or token ids; returns the model's output after them.
+
+        A language model session returns the next-token candidates (`top`); a streaming classifier
+        session returns the class probabilities of everything fed so far (`classification`).
 
         `expected_position` makes a retry safe: the server answers a repeat of the last message again
         without applying it twice, and refuses a message sent from a stale position.
@@ -155,7 +179,7 @@ class Session:
             except StopIteration:
                 self._stream = None
                 raise RnnserveError("the server ended the stream without an answer") from None
-        output = FeedOutput.from_pb(response)
+        output = FeedOutput.from_pb(response, self.labels)
         self.position = output.position
         return output
 

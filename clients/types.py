@@ -31,6 +31,10 @@ class ModelInfo:
     metrics: dict[str, float]
     latest: bool
     provider: str
+    labels: list[str] = field(default_factory=list)  # classifier: class names
+    pooling: str = ""  # classifier: max | mean | last
+    classifier_mode: str = ""  # classifier: streaming | whole
+    streams: bool = True  # whether sessions can be opened on it
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
@@ -48,6 +52,10 @@ class ModelInfo:
             metrics=dict(m.metrics),
             latest=m.latest,
             provider=m.provider,
+            labels=list(m.labels),
+            pooling=m.pooling,
+            classifier_mode=m.classifier_mode,
+            streams=m.streams,
         )
 
 
@@ -60,10 +68,22 @@ class SessionInfo:
     created_at: float
     expires_at: float
     ttl_seconds: int
+    task: str = "lm"
+    labels: list[str] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, s: pb.SessionInfo) -> SessionInfo:
-        return cls(s.session_id, s.model, s.version, s.position, s.created_at, s.expires_at, s.ttl_seconds)
+        return cls(
+            s.session_id,
+            s.model,
+            s.version,
+            s.position,
+            s.created_at,
+            s.expires_at,
+            s.ttl_seconds,
+            s.task,
+            list(s.labels),
+        )
 
 
 @dataclass(frozen=True)
@@ -76,22 +96,44 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Classification:
+    """Class probabilities of a text; `probs` follows the model's label order."""
+
+    label: str
+    label_id: int
+    probs: list[float]
+    labels: list[str]
+
+    @classmethod
+    def from_pb(cls, c: pb.Classification, labels: Sequence[str]) -> Classification:
+        return cls(c.label, c.label_id, list(c.probs), list(labels))
+
+    def prob(self, label: str) -> float:
+        """The probability of one class by name."""
+        return self.probs[self.labels.index(label)]
+
+
+@dataclass(frozen=True)
 class FeedOutput:
     """What the model says after the tokens one `feed` appended."""
 
     position: int  # the session's position afterwards
     token_ids: list[int]  # the tokens appended
-    top: list[Candidate]  # next-token candidates, most likely first
+    top: list[Candidate]  # language model: next-token candidates, most likely first
     token_logprobs: list[float] = field(default_factory=list)  # per appended token, if asked
+    classification: Classification | None = None  # streaming classifier: the text so far
     replayed: bool = False
 
     @classmethod
-    def from_pb(cls, r: pb.StreamResponse) -> FeedOutput:
+    def from_pb(cls, r: pb.StreamResponse, labels: Sequence[str] = ()) -> FeedOutput:
         return cls(
             position=r.position,
             token_ids=list(r.token_ids),
             top=[Candidate(c.id, c.text, c.logprob) for c in r.top],
             token_logprobs=list(r.token_logprobs),
+            classification=Classification.from_pb(r.classification, labels)
+            if r.HasField("classification")
+            else None,
             replayed=r.replayed,
         )
 

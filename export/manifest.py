@@ -21,6 +21,13 @@ TOKENIZER_FILE = "tokenizer.json"
 Task = Literal["lm", "classifier"]
 TASKS: tuple[str, ...] = ("lm", "classifier")
 CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+POOLINGS: tuple[str, ...] = ("max", "mean", "last")
+# How a classifier graph is run:
+#   "streaming": tokens[batch, seq] + state -> probs[batch, classes] *so far* + new state; the state holds
+#                h (and c) and the pooling accumulator, so a text can arrive in any number of chunks.
+#   "whole":     tokens[batch, seq] + lengths[batch] -> probs[batch, classes]; needs the whole text
+#                (bidirectional models), exact under padding.
+CLASSIFIER_MODES: tuple[str, ...] = ("streaming", "whole")
 
 
 class ManifestError(ValueError):
@@ -38,9 +45,11 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One recurrent state tensor carried between calls (h, or c for LSTM).
+    """One state tensor carried between calls: h, c (LSTM), or a classifier's pooling accumulator.
 
     `shape` is the full shape with -1 on the batch axis, e.g. [layers * directions, -1, hidden].
+    `initial` is "zeros" or a number as a string (e.g. "-inf" for a running max), the value every
+    element takes in a fresh session.
     """
 
     name: str
@@ -54,6 +63,10 @@ class StateSpec:
     def shape_for_batch(self, batch: int) -> tuple[int, ...]:
         """The concrete shape of this state for `batch` sessions."""
         return tuple(batch if i == self.batch_axis else d for i, d in enumerate(self.shape))
+
+    @property
+    def initial_value(self) -> float:
+        return 0.0 if self.initial == "zeros" else float(self.initial)
 
 
 @dataclass
@@ -74,6 +87,9 @@ class Manifest:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     state: list[StateSpec]
+    labels: list[str] = field(default_factory=list)  # classifier: class names, index = class id
+    pooling: str = ""  # classifier: one of POOLINGS
+    classifier_mode: str = ""  # classifier: one of CLASSIFIER_MODES
     model_args: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # exporter, opset, validation figures
@@ -121,9 +137,36 @@ class Manifest:
         for token, idx in self.special_tokens.items():
             if not 0 <= idx < self.vocab_size:
                 raise ManifestError(f"special token {token!r} id {idx} is outside the vocabulary")
-        expected_state = ["h", "c"] if self.cell == "lstm" else ["h"]
-        if self.task == "lm" and [s.name for s in self.state] != expected_state:
-            raise ManifestError(f"a {self.cell} language model must carry state {expected_state}")
+        for spec in self.state:
+            try:
+                spec.initial_value  # noqa: B018 - parses
+            except ValueError as exc:
+                raise ManifestError(
+                    f"state {spec.name!r} has initial {spec.initial!r}: not a number"
+                ) from exc
+        recurrent = ["h", "c"] if self.cell == "lstm" else ["h"]
+        names = [s.name for s in self.state]
+        if self.task == "lm" and names != recurrent:
+            raise ManifestError(f"a {self.cell} language model must carry state {recurrent}")
+        if self.task == "classifier":
+            self._validate_classifier(names[: len(recurrent)] == recurrent)
+
+    def _validate_classifier(self, has_recurrent_state: bool) -> None:
+        if len(self.labels) < 2:
+            raise ManifestError("a classifier needs at least two labels")
+        if self.pooling not in POOLINGS:
+            raise ManifestError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.classifier_mode not in CLASSIFIER_MODES:
+            raise ManifestError(f"classifier_mode {self.classifier_mode!r} is not one of {CLASSIFIER_MODES}")
+        if self.classifier_mode == "streaming" and (self.num_directions != 1 or not has_recurrent_state):
+            raise ManifestError("a streaming classifier must be unidirectional and carry its recurrent state")
+        if self.classifier_mode == "whole" and self.state:
+            raise ManifestError("a whole-sequence classifier carries no state")
+
+    @property
+    def streams(self) -> bool:
+        """Whether sessions can append to this model's state message by message."""
+        return self.task == "lm" or self.classifier_mode == "streaming"
 
     def state_spec(self, name: str) -> StateSpec:
         for spec in self.state:

@@ -4,6 +4,7 @@ scheduler, and runs generation. Knows nothing about protobuf.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import numpy as np
 
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument
 from rnnserve.server.repository import LoadedModel, ModelRepository
+from rnnserve.server.runtime import Outputs, State
 from rnnserve.server.sampling import Sampler, SamplingParams, log_softmax, top_candidates
 from rnnserve.server.scheduler import Scheduler, SchedulerOptions
 from rnnserve.server.sessions import AppliedInput, Session, SessionLimits, SessionStore
@@ -27,6 +29,22 @@ class EngineLimits:
     default_top_k: int = 5
     chunk_tokens: int = 256  # a long input runs as steps of at most this many tokens
     max_stop_strings: int = 16
+    max_classify_texts: int = 1024  # texts in one Classify call
+    classify_batch: int = 64  # texts per run of a whole-sequence classifier
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Class probabilities for a text (or a session's text so far)."""
+
+    label: str
+    label_id: int
+    probs: list[float]
+
+    @classmethod
+    def from_probs(cls, probs: np.ndarray, labels: Sequence[str]) -> Classification:
+        best = int(np.argmax(probs))
+        return cls(labels[best], best, [float(p) for p in probs])
 
 
 @dataclass
@@ -35,7 +53,8 @@ class FeedResult:
     position: int  # after the input
     token_ids: list[int]
     token_logprobs: list[float]  # empty unless asked for; NaN where nothing predicted the token
-    top: list[tuple[int, str, float]]  # (id, text, logprob) of the next token, most likely first
+    top: list[tuple[int, str, float]]  # language model: (id, text, logprob) of the next token, best first
+    classification: Classification | None = None  # classifier: class probabilities of the text so far
     replayed: bool = False
 
 
@@ -131,7 +150,14 @@ class Engine:
     def create_session(self, model: str, version: str = "", ttl_seconds: float = 0) -> Session:
         if not model:
             raise InvalidArgument("model is required (see ListModels for what is loaded)")
-        return self.sessions.create(self.repository.get(model, version), ttl_seconds)
+        loaded = self.repository.get(model, version)
+        if not loaded.manifest.streams:
+            raise FailedPrecondition(
+                f"model {loaded.key} is a bidirectional classifier: it reads each text from both ends, so it "
+                "needs the whole text at once and cannot follow a stream; use Classify, or a unidirectional "
+                "(streaming) classifier for live sentiment"
+            )
+        return self.sessions.create(loaded, ttl_seconds)
 
     # -- feeding tokens ---------------------------------------------------------------------------
 
@@ -172,9 +198,14 @@ class Engine:
     ) -> FeedResult:
         """Append text or token ids to a session; returns the model's output after them."""
         session = self.sessions.get(session_id)
+        is_lm = session.model.manifest.task == "lm"
         top_k = top_k or self.limits.default_top_k
         if not 1 <= top_k <= self.limits.max_top_k:
             raise InvalidArgument(f"top_k must be in [0, {self.limits.max_top_k}] (0 = default), got {top_k}")
+        if token_logprobs and not is_lm:
+            raise InvalidArgument(
+                f"return_token_logprobs needs a language model; {session.model.key} is a classifier"
+            )
         ids = self.resolve_input(session.model, data)
         async with session.lock:
             replay = self._check_position(session, expected_position, ids)
@@ -182,17 +213,27 @@ class Engine:
                 return replay
             start = session.position
             logprobs = await self._apply(session, ids, want_token_logprobs=token_logprobs)
-            assert session.next_logprobs is not None
-            codec = session.model.codec
             result = FeedResult(
                 session_id=session.id,
                 position=session.position,
                 token_ids=ids,
                 token_logprobs=logprobs,
-                top=[(i, codec.token_text(i), lp) for i, lp in top_candidates(session.next_logprobs, top_k)],
+                top=self._top(session, top_k) if is_lm else [],
+                classification=None if is_lm else self._classification(session),
             )
             session.last_applied = AppliedInput(start, tuple(ids), result)
             return result
+
+    @staticmethod
+    def _top(session: Session, k: int) -> list[tuple[int, str, float]]:
+        assert session.next_logprobs is not None
+        codec = session.model.codec
+        return [(i, codec.token_text(i), lp) for i, lp in top_candidates(session.next_logprobs, k)]
+
+    @staticmethod
+    def _classification(session: Session) -> Classification:
+        assert session.class_probs is not None
+        return Classification.from_probs(session.class_probs, session.model.manifest.labels)
 
     def _check_position(
         self, session: Session, expected: int | None, ids: Sequence[int]
@@ -209,6 +250,16 @@ class Engine:
             f"{expected}; fetch the session (GetSession) and resend from its position"
         )
 
+    async def _run_chunks(
+        self, model: LoadedModel, state: State, ids: Sequence[int]
+    ) -> AsyncIterator[tuple[np.ndarray, Outputs, State]]:
+        """Run ids from `state` in chunks of at most chunk_tokens; yields (chunk, outputs, state)."""
+        scheduler = self.schedulers[model.key]
+        for start in range(0, len(ids), self.limits.chunk_tokens):
+            chunk = np.asarray(ids[start : start + self.limits.chunk_tokens], dtype=np.int64)  # [seq]
+            outputs, state = await scheduler.step(chunk, state)
+            yield chunk, outputs, state
+
     async def _apply(
         self, session: Session, ids: list[int], *, want_token_logprobs: bool = False
     ) -> list[float]:
@@ -217,30 +268,81 @@ class Engine:
         The session changes only once every chunk has run, so a failure leaves it as it was.
         Returns per-token log-probabilities when asked (else []).
         """
-        scheduler = self.schedulers[session.model.key]
-        state, next_logprobs = session.state, session.next_logprobs
+        state, next_logprobs, class_probs = session.state, session.next_logprobs, session.class_probs
         token_logprobs: list[float] = []
-        for start in range(0, len(ids), self.limits.chunk_tokens):
-            chunk = np.asarray(ids[start : start + self.limits.chunk_tokens], dtype=np.int64)  # [seq]
-            logits, state = await scheduler.step(chunk, state)  # logits [seq, vocab]
-            if want_token_logprobs:
-                all_logprobs = log_softmax(logits)  # [seq, vocab]
+        async for chunk, outputs, state in self._run_chunks(session.model, session.state, ids):  # noqa: B007
+            if "probs" in outputs:  # a streaming classifier: probabilities of the text so far
+                class_probs = outputs["probs"]  # [classes]
+            elif want_token_logprobs:
+                all_logprobs = log_softmax(outputs["logits"])  # [seq, vocab]
                 previous = [next_logprobs, *all_logprobs[:-1]]
                 token_logprobs += [
                     math.nan if p is None else float(p[t]) for p, t in zip(previous, chunk, strict=True)
                 ]
                 next_logprobs = all_logprobs[-1]
             else:
-                next_logprobs = log_softmax(logits[-1])  # [vocab]
-        session.state, session.next_logprobs = state, next_logprobs
+                next_logprobs = log_softmax(outputs["logits"][-1])  # [vocab]
+        session.state, session.next_logprobs, session.class_probs = state, next_logprobs, class_probs
         session.position += len(ids)
         session.recent_tokens.extend(ids)
         session.touch()
         return token_logprobs
 
+    # -- classification ---------------------------------------------------------------------------
+
+    async def classify(
+        self, model: str, version: str, texts: Sequence[str | Sequence[int]]
+    ) -> tuple[LoadedModel, list[Classification]]:
+        """Class probabilities for each text (or token id list), independently of any session."""
+        loaded = self.repository.get(model, version) if model else None
+        if loaded is None:
+            raise InvalidArgument("model is required (see ListModels for what is loaded)")
+        if loaded.manifest.task != "classifier":
+            raise FailedPrecondition(f"model {loaded.key} is a language model; Classify needs a classifier")
+        if not 1 <= len(texts) <= self.limits.max_classify_texts:
+            raise InvalidArgument(
+                f"give between 1 and {self.limits.max_classify_texts} texts to classify, got {len(texts)}"
+            )
+        ids = [self.resolve_input(loaded, text, f"text {i}") for i, text in enumerate(texts)]
+        if loaded.manifest.classifier_mode == "whole":
+            loop = asyncio.get_running_loop()
+            probs = await loop.run_in_executor(self._executor, self._classify_whole, loaded, ids)
+        else:
+            probs = list(await asyncio.gather(*(self._classify_streaming(loaded, i) for i in ids)))
+        return loaded, [Classification.from_probs(p, loaded.manifest.labels) for p in probs]
+
+    async def _classify_streaming(self, model: LoadedModel, ids: list[int]) -> np.ndarray:
+        """Run one text through a streaming classifier from a fresh state; probs [classes]."""
+        probs = None
+        async for _, outputs, _ in self._run_chunks(model, model.runtime.initial_state(1), ids):
+            probs = outputs["probs"]
+        assert probs is not None
+        return probs
+
+    def _classify_whole(self, model: LoadedModel, ids: list[list[int]]) -> list[np.ndarray]:
+        """Worker thread: padded batches (similar lengths together) through a whole-sequence graph."""
+        pad = model.manifest.special_tokens["pad"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        probs: list[np.ndarray | None] = [None] * len(ids)
+        for start in range(0, len(order), self.limits.classify_batch):
+            group = order[start : start + self.limits.classify_batch]
+            lengths = np.array([len(ids[i]) for i in group], dtype=np.int64)  # [batch]
+            tokens = np.full((len(group), int(lengths.max())), pad, dtype=np.int64)  # [batch, seq]
+            for row, i in enumerate(group):
+                tokens[row, : lengths[row]] = ids[i]
+            outputs, _ = model.runtime.run(tokens, {}, lengths)
+            for row, i in enumerate(group):
+                probs[i] = outputs["probs"][row]  # [classes]
+        return [p for p in probs if p is not None]
+
     # -- generation -------------------------------------------------------------------------------
 
     def _validate_generate(self, session: Session, request: GenerateRequest) -> None:
+        if session.model.manifest.task != "lm":
+            raise FailedPrecondition(
+                f"model {session.model.key} is a classifier; Generate needs a language model "
+                "(a classifier session returns class probabilities from Stream)"
+            )
         vocab = session.model.manifest.vocab_size
         request.sampling.validate(vocab)
         if not 1 <= request.max_tokens <= self.limits.max_generate_tokens:

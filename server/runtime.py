@@ -24,6 +24,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 State = dict[str, np.ndarray]  # state name -> array shaped like StateSpec.shape, e.g. [layers, batch, hidden]
+Outputs = dict[str, np.ndarray]  # the graph's other outputs, batch first: logits [batch, seq, vocab] or probs
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class OnnxModel:
         self.manifest = manifest
         self.session = create_inference_session(bundle_dir / manifest.model_file, options or RuntimeOptions())
         self.provider = self.session.get_providers()[0]
-        self._output_names = ["logits", *(s.output_name for s in manifest.state)]
+        self._output_names = [o.name for o in self.session.get_outputs()]
+        self._state_outputs = {s.output_name for s in manifest.state}
         log.info(
             "loaded %s v%s (%s %s, %d layers x %d) on %s",
             manifest.name,
@@ -96,8 +98,11 @@ class OnnxModel:
         return f"{self.manifest.name}@{self.manifest.version}"
 
     def initial_state(self, batch: int = 1) -> State:
-        """Zeros for every state tensor, for `batch` sessions."""
-        return {s.name: np.zeros(s.shape_for_batch(batch), dtype=np.float32) for s in self.manifest.state}
+        """Every state tensor at its initial value (zeros, or e.g. -inf for a running max), for `batch`."""
+        return {
+            s.name: np.full(s.shape_for_batch(batch), s.initial_value, dtype=np.float32)
+            for s in self.manifest.state
+        }
 
     def concat_states(self, states: list[State]) -> State:
         """Stack per-session states (batch 1 each) along each tensor's batch axis."""
@@ -114,15 +119,24 @@ class OnnxModel:
                 parts[i][s.name] = np.ascontiguousarray(piece)
         return parts
 
-    def run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """One forward pass. tokens: int64 [batch, seq]; returns (logits [batch, seq, vocab], new state)."""
+    def run(
+        self, tokens: np.ndarray, state: State, lengths: np.ndarray | None = None
+    ) -> tuple[Outputs, State]:
+        """One forward pass over tokens int64 [batch, seq] from `state`.
+
+        Returns the non-state outputs by name (logits [batch, seq, vocab] for a language model, probs
+        [batch, classes] for a classifier) and the new state. `lengths` int64 [batch] is for
+        whole-sequence classifiers, whose padded batches are exact.
+        """
         feeds: dict[str, np.ndarray] = {"tokens": tokens}
+        if lengths is not None:
+            feeds["lengths"] = lengths
         for s in self.manifest.state:
             feeds[s.input_name] = state[s.name]
-        outputs = self.session.run(self._output_names, feeds)
-        by_name = dict(zip(self._output_names, outputs, strict=True))
+        by_name = dict(zip(self._output_names, self.session.run(self._output_names, feeds), strict=True))
         new_state = {s.name: by_name[s.output_name] for s in self.manifest.state}
-        return by_name["logits"], new_state
+        outputs = {k: v for k, v in by_name.items() if k not in self._state_outputs}
+        return outputs, new_state
 
 
 def default_intra_op_threads() -> int:

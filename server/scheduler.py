@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnserve.server.runtime import OnnxModel, State
+from rnnserve.server.runtime import OnnxModel, Outputs, State
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class StepRequest:
     tokens: np.ndarray  # int64 [seq]
     state: State  # batch 1
-    future: asyncio.Future[tuple[np.ndarray, State]] = field(repr=False)
+    future: asyncio.Future[tuple[Outputs, State]] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,12 @@ class Scheduler:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def step(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """Run tokens [seq] from `state` (batch 1); returns (logits [seq, vocab], new state)."""
-        future: asyncio.Future[tuple[np.ndarray, State]] = asyncio.get_running_loop().create_future()
+    async def step(self, tokens: np.ndarray, state: State) -> tuple[Outputs, State]:
+        """Run tokens [seq] from `state` (batch 1); returns (this session's row of every output, new state).
+
+        For a language model the outputs hold logits [seq, vocab]; for a streaming classifier probs [classes].
+        """
+        future: asyncio.Future[tuple[Outputs, State]] = asyncio.get_running_loop().create_future()
         await self._queue.put(StepRequest(tokens, state, future))
         return await future
 
@@ -88,20 +91,20 @@ class Scheduler:
                 if not request.future.done():
                     request.future.set_result(result)
 
-    def _run_groups(self, batch: list[StepRequest]) -> list[tuple[np.ndarray, State]]:
+    def _run_groups(self, batch: list[StepRequest]) -> list[tuple[Outputs, State]]:
         """Worker thread: run each same-length group as one batch; results in request order."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, request in enumerate(batch):
             groups[len(request.tokens)].append(i)
-        results: list[tuple[np.ndarray, State] | None] = [None] * len(batch)
+        results: list[tuple[Outputs, State] | None] = [None] * len(batch)
         for indices in groups.values():
             tokens = np.stack([batch[i].tokens for i in indices])  # [group, seq]
             state = self.model.concat_states([batch[i].state for i in indices])
-            logits, new_state = self.model.run(tokens, state)  # [group, seq, vocab]
+            outputs, new_state = self.model.run(tokens, state)  # each output [group, ...]
             for j, (i, st) in enumerate(
                 zip(indices, self.model.split_state(new_state, len(indices)), strict=True)
             ):
-                results[i] = (logits[j], st)
+                results[i] = ({name: value[j] for name, value in outputs.items()}, st)
             self.batches_run += 1
             self.steps_run += len(indices)
         return [r for r in results if r is not None]

@@ -9,7 +9,14 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from rnnserve.server.engine import Engine, FeedResult, FinishReason, GeneratedToken, GenerateRequest
+from rnnserve.server.engine import (
+    Classification,
+    Engine,
+    FeedResult,
+    FinishReason,
+    GeneratedToken,
+    GenerateRequest,
+)
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.repository import LoadedModel
 from rnnserve.server.sampling import SamplingParams
@@ -52,6 +59,10 @@ def model_info_pb(model: LoadedModel, latest: bool) -> pb.ModelInfo:
         metrics={k: float(v) for k, v in m.metrics.items() if isinstance(v, int | float)},
         latest=latest,
         provider=model.runtime.provider,
+        labels=m.labels,
+        pooling=m.pooling,
+        classifier_mode=m.classifier_mode,
+        streams=m.streams,
     )
 
 
@@ -65,7 +76,13 @@ def session_info_pb(session: Session) -> pb.SessionInfo:
         created_at=session.created_at,
         expires_at=session.expires_at,
         ttl_seconds=int(session.ttl_seconds),
+        task=m.task,
+        labels=m.labels,
     )
+
+
+def classification_pb(c: Classification) -> pb.Classification:
+    return pb.Classification(label=c.label, label_id=c.label_id, probs=c.probs)
 
 
 def feed_result_pb(result: FeedResult) -> pb.StreamResponse:
@@ -75,6 +92,7 @@ def feed_result_pb(result: FeedResult) -> pb.StreamResponse:
         token_ids=result.token_ids,
         token_logprobs=result.token_logprobs,
         top=[pb.TokenCandidate(id=i, text=t, logprob=lp) for i, t, lp in result.top],
+        classification=classification_pb(result.classification) if result.classification else None,
         replayed=result.replayed,
     )
 
@@ -183,3 +201,19 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         )
         async for token in self.engine.generate(request.session_id, params):
             yield generated_token_pb(token)
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        if request.texts and request.token_lists:
+            raise InvalidArgument("set texts or token_lists, not both")
+        inputs: list[str | list[int]] = (
+            list(request.texts) if request.texts else [list(t.ids) for t in request.token_lists]
+        )
+        model, results = await self.engine.classify(request.model, request.version, inputs)
+        return pb.ClassifyResponse(
+            model=model.manifest.name,
+            version=model.manifest.version,
+            labels=model.manifest.labels,
+            results=[classification_pb(c) for c in results],
+        )

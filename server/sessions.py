@@ -42,6 +42,8 @@ class Session:
     position: int = 0
     # Log-probabilities of the next token after the last consumed one: [vocab]; None before any token.
     next_logprobs: np.ndarray | None = None
+    # A streaming classifier's class probabilities for the text so far: [classes]; None before any token.
+    class_probs: np.ndarray | None = None
     recent_tokens: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_TOKENS))
     last_applied: AppliedInput | None = None
     created_at: float = field(default_factory=time.time)

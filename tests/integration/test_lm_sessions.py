@@ -66,7 +66,8 @@ def test_outputs_match_onnx_runtime_run_directly(client: Client, lm_repo: Path) 
     model = OnnxModel(bundle, read_manifest(bundle))
     codec = TextCodec.from_file(bundle / "tokenizer.json", model.manifest.special_tokens)
     ids = codec.encode(TEXT)
-    logits, _ = model.run(np.array([ids], dtype=np.int64), model.initial_state(1))
+    outputs, _ = model.run(np.array([ids], dtype=np.int64), model.initial_state(1))
+    logits = outputs["logits"]
     logprobs = log_softmax(logits[0])  # [seq, vocab]
     with client.session("tiny") as session:
         out = session.feed(ids, top_k=3, token_logprobs=True)

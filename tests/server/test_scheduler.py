@@ -25,7 +25,7 @@ def test_concurrent_steps_run_as_batches_and_match_single_runs(lm_repo: Path) ->
     # 12 sessions, two sequence lengths: same-length steps share a run, different lengths never mix.
     requests = [(rng.integers(0, vocab, size=3 if i % 2 else 5), random_state(model, rng)) for i in range(12)]
 
-    async def run_all() -> tuple[list[tuple[np.ndarray, dict[str, np.ndarray]]], Scheduler]:
+    async def run_all() -> tuple[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], Scheduler]:
         with ThreadPoolExecutor(1) as pool:
             scheduler = Scheduler(model, pool, SchedulerOptions(max_batch=64, max_wait_s=0.01))
             scheduler.start()
@@ -36,9 +36,9 @@ def test_concurrent_steps_run_as_batches_and_match_single_runs(lm_repo: Path) ->
     results, scheduler = asyncio.run(run_all())
     assert scheduler.steps_run == 12
     assert scheduler.batches_run == 2  # one run per sequence length
-    for (tokens, state), (logits, new_state) in zip(requests, results, strict=True):
-        alone_logits, alone_state = model.run(tokens[None, :], state)
-        np.testing.assert_allclose(logits, alone_logits[0], atol=1e-5)
+    for (tokens, state), (outputs, new_state) in zip(requests, results, strict=True):
+        alone, alone_state = model.run(tokens[None, :], state)
+        np.testing.assert_allclose(outputs["logits"], alone["logits"][0], atol=1e-5)
         for name in state:
             np.testing.assert_allclose(new_state[name], alone_state[name], atol=1e-5)
             assert new_state[name].shape == state[name].shape

@@ -11,7 +11,8 @@ history length, a session costs the same memory after ten tokens as after ten mi
 Errors use standard gRPC status codes with a message a person can act on:
   INVALID_ARGUMENT     a token id out of range, an empty input, nonsense sampling parameters
   NOT_FOUND            unknown model/version or session
-  FAILED_PRECONDITION  expected_position does not match the session; wrong task for the model
+  FAILED_PRECONDITION  expected_position does not match the session; the model cannot do this
+                       (Generate on a classifier, a session on a bidirectional classifier)
   RESOURCE_EXHAUSTED   too many sessions, a message over the size limit
   UNAVAILABLE          the server is shutting down
 """
@@ -199,6 +200,10 @@ class ModelInfo(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     LATEST_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    POOLING_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_MODE_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     task: _builtins.str
@@ -215,6 +220,12 @@ class ModelInfo(_message.Message):
     """the version a request without a version gets"""
     provider: _builtins.str
     """the ONNX Runtime execution provider in use, e.g. "CPUExecutionProvider" """
+    pooling: _builtins.str
+    """classifier: "max", "mean" or "last" over time"""
+    classifier_mode: _builtins.str
+    """classifier: "streaming" (sessions follow a stream) or "whole" (bidirectional)"""
+    streams: _builtins.bool
+    """whether sessions can be opened on this model"""
     @_builtins.property
     def special_tokens(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """e.g. {"unk": 0, "eos": 1}"""
@@ -224,6 +235,10 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """training metrics, e.g. {"val_ppl": 4.1}"""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """classifier: class names; index = label_id"""
 
     def __init__(
         self,
@@ -242,10 +257,14 @@ class ModelInfo(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         latest: _builtins.bool = ...,
         provider: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        pooling: _builtins.str = ...,
+        classifier_mode: _builtins.str = ...,
+        streams: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "hidden_size", b"hidden_size", "latest", b"latest", "metrics", b"metrics", "name", b"name", "num_directions", b"num_directions", "num_layers", b"num_layers", "provider", b"provider", "special_tokens", b"special_tokens", "state", b"state", "task", b"task", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "classifier_mode", b"classifier_mode", "hidden_size", b"hidden_size", "labels", b"labels", "latest", b"latest", "metrics", b"metrics", "name", b"name", "num_directions", b"num_directions", "num_layers", b"num_layers", "pooling", b"pooling", "provider", b"provider", "special_tokens", b"special_tokens", "state", b"state", "streams", b"streams", "task", b"task", "tokenizer", b"tokenizer", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -294,6 +313,8 @@ class SessionInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model: _builtins.str
     version: _builtins.str
@@ -304,6 +325,12 @@ class SessionInfo(_message.Message):
     expires_at: _builtins.float
     """unix seconds; pushed back by every use"""
     ttl_seconds: _builtins.int
+    task: _builtins.str
+    """the model's task: "lm" or "classifier" """
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """classifier: class names, the order of Classification.probs"""
+
     def __init__(
         self,
         *,
@@ -314,10 +341,12 @@ class SessionInfo(_message.Message):
         created_at: _builtins.float = ...,
         expires_at: _builtins.float = ...,
         ttl_seconds: _builtins.int = ...,
+        task: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "model", b"model", "position", b"position", "session_id", b"session_id", "ttl_seconds", b"ttl_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "labels", b"labels", "model", b"model", "position", b"position", "session_id", b"session_id", "task", b"task", "ttl_seconds", b"ttl_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -492,6 +521,7 @@ class StreamResponse(_message.Message):
     TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     position: _builtins.int
     """the session's position after this message"""
@@ -507,7 +537,11 @@ class StreamResponse(_message.Message):
 
     @_builtins.property
     def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenCandidate]:
-        """the next-token distribution after the last appended token"""
+        """language model: the next-token distribution after the last token"""
+
+    @_builtins.property
+    def classification(self) -> Global___Classification:
+        """streaming classifier: class probabilities of the text so far"""
 
     def __init__(
         self,
@@ -518,14 +552,113 @@ class StreamResponse(_message.Message):
         token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
         top: _abc.Iterable[Global___TokenCandidate] | None = ...,
         replayed: _builtins.bool = ...,
+        classification: Global___Classification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "replayed", b"replayed", "session_id", b"session_id", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "position", b"position", "replayed", b"replayed", "session_id", b"session_id", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "top", b"top"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+
+@_typing.final
+class ClassifyRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------------
+    Classification
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    TOKEN_LISTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    """empty: the latest version"""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Exactly one of the two lists is non-empty."""
+
+    @_builtins.property
+    def token_lists(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenIds]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        token_lists: _abc.Iterable[Global___TokenIds] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "texts", b"texts", "token_lists", b"token_lists", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
+
+@_typing.final
+class Classification(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    LABEL_ID_FIELD_NUMBER: _builtins.int
+    PROBS_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """the most probable class"""
+    label_id: _builtins.int
+    @_builtins.property
+    def probs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """per class, in the order of ModelInfo.labels; sums to 1"""
+
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        label_id: _builtins.int = ...,
+        probs: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "label_id", b"label_id", "probs", b"probs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Classification: _TypeAlias = Classification  # noqa: Y015
+
+@_typing.final
+class ClassifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Classification]:
+        """one per input, in order"""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        results: _abc.Iterable[Global___Classification] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "model", b"model", "results", b"results", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):

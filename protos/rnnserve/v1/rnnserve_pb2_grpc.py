@@ -64,6 +64,11 @@ class RnnServeStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/Classify',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class RnnServeServicer:
@@ -77,7 +82,8 @@ class RnnServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSession(self, request, context):
-        """Opens a session on a model. The state starts at the model's initial state (zeros).
+        """Opens a session on a model. The state starts at the model's initial state. A bidirectional
+        classifier needs whole texts, so a session on it is FAILED_PRECONDITION (use Classify).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +117,16 @@ class RnnServeServicer:
     def Generate(self, request, context):
         """Continues a session by sampling tokens, streamed back one message per token as they are made.
         Every sampled token is applied to the session's state. The last message carries finish_reason.
+        An empty session (no token yet) first gets the model's <eos>: it starts a new document.
+        A classifier session is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
+        the others and of any session. A language model is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +164,11 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.GenerateRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +333,33 @@ class RnnServe:
             '/rnnserve.v1.RnnServe/Generate',
             rnnserve_dot_v1_dot_rnnserve__pb2.GenerateRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/Classify',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,8 @@ history length, a session costs the same memory after ten tokens as after ten mi
 Errors use standard gRPC status codes with a message a person can act on:
   INVALID_ARGUMENT     a token id out of range, an empty input, nonsense sampling parameters
   NOT_FOUND            unknown model/version or session
-  FAILED_PRECONDITION  expected_position does not match the session; wrong task for the model
+  FAILED_PRECONDITION  expected_position does not match the session; the model cannot do this
+                       (Generate on a classifier, a session on a bidirectional classifier)
   RESOURCE_EXHAUSTED   too many sessions, a message over the size limit
   UNAVAILABLE          the server is shutting down
 """
@@ -47,7 +48,9 @@ class RnnServeStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ListModelsRequest, _rnnserve_pb2.ListModelsResponse]
     """Lists every model the server loaded, all versions, with the metadata of each."""
     CreateSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.CreateSessionRequest, _rnnserve_pb2.SessionInfo]
-    """Opens a session on a model. The state starts at the model's initial state (zeros)."""
+    """Opens a session on a model. The state starts at the model's initial state. A bidirectional
+    classifier needs whole texts, so a session on it is FAILED_PRECONDITION (use Classify).
+    """
     GetSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.GetSessionRequest, _rnnserve_pb2.SessionInfo]
     """Describes an open session (its position, model, expiry)."""
     CloseSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.CloseSessionRequest, _rnnserve_pb2.CloseSessionResponse]
@@ -62,6 +65,12 @@ class RnnServeStub:
     Generate: _grpc.UnaryStreamMultiCallable[_rnnserve_pb2.GenerateRequest, _rnnserve_pb2.GenerateResponse]
     """Continues a session by sampling tokens, streamed back one message per token as they are made.
     Every sampled token is applied to the session's state. The last message carries finish_reason.
+    An empty session (no token yet) first gets the model's <eos>: it starts a new document.
+    A classifier session is FAILED_PRECONDITION.
+    """
+    Classify: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ClassifyRequest, _rnnserve_pb2.ClassifyResponse]
+    """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
+    the others and of any session. A language model is FAILED_PRECONDITION.
     """
 
 @_typing.type_check_only
@@ -70,7 +79,9 @@ class RnnServeAsyncStub(RnnServeStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ListModelsRequest, _rnnserve_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists every model the server loaded, all versions, with the metadata of each."""
     CreateSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.CreateSessionRequest, _rnnserve_pb2.SessionInfo]  # type: ignore[assignment]
-    """Opens a session on a model. The state starts at the model's initial state (zeros)."""
+    """Opens a session on a model. The state starts at the model's initial state. A bidirectional
+    classifier needs whole texts, so a session on it is FAILED_PRECONDITION (use Classify).
+    """
     GetSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.GetSessionRequest, _rnnserve_pb2.SessionInfo]  # type: ignore[assignment]
     """Describes an open session (its position, model, expiry)."""
     CloseSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.CloseSessionRequest, _rnnserve_pb2.CloseSessionResponse]  # type: ignore[assignment]
@@ -85,6 +96,12 @@ class RnnServeAsyncStub(RnnServeStub):
     Generate: _aio.UnaryStreamMultiCallable[_rnnserve_pb2.GenerateRequest, _rnnserve_pb2.GenerateResponse]  # type: ignore[assignment]
     """Continues a session by sampling tokens, streamed back one message per token as they are made.
     Every sampled token is applied to the session's state. The last message carries finish_reason.
+    An empty session (no token yet) first gets the model's <eos>: it starts a new document.
+    A classifier session is FAILED_PRECONDITION.
+    """
+    Classify: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ClassifyRequest, _rnnserve_pb2.ClassifyResponse]  # type: ignore[assignment]
+    """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
+    the others and of any session. A language model is FAILED_PRECONDITION.
     """
 
 class RnnServeServicer(metaclass=_abc_1.ABCMeta):
@@ -102,7 +119,9 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
         request: _rnnserve_pb2.CreateSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rnnserve_pb2.SessionInfo, _abc.Awaitable[_rnnserve_pb2.SessionInfo]]:
-        """Opens a session on a model. The state starts at the model's initial state (zeros)."""
+        """Opens a session on a model. The state starts at the model's initial state. A bidirectional
+        classifier needs whole texts, so a session on it is FAILED_PRECONDITION (use Classify).
+        """
 
     @_abc_1.abstractmethod
     def GetSession(
@@ -141,6 +160,18 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_rnnserve_pb2.GenerateResponse], _abc.AsyncIterator[_rnnserve_pb2.GenerateResponse]]:
         """Continues a session by sampling tokens, streamed back one message per token as they are made.
         Every sampled token is applied to the session's state. The last message carries finish_reason.
+        An empty session (no token yet) first gets the model's <eos>: it starts a new document.
+        A classifier session is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def Classify(
+        self,
+        request: _rnnserve_pb2.ClassifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnserve_pb2.ClassifyResponse, _abc.Awaitable[_rnnserve_pb2.ClassifyResponse]]:
+        """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
+        the others and of any session. A language model is FAILED_PRECONDITION.
         """
 
 def add_RnnServeServicer_to_server(servicer: RnnServeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
