@@ -8,6 +8,7 @@ with Client("localhost:50051") as client, client.session("shakespeare") as sessi
         print(token.text, end="", flush=True)
 """
 
+from rnnserve.client.aio import AsyncClient, AsyncSession
 from rnnserve.client.client import Client, GenerateStream, Session
 from rnnserve.client.errors import (
     FailedPreconditionError,
@@ -27,6 +28,8 @@ from rnnserve.client.types import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncSession",
     "Candidate",
     "Classification",
     "Client",

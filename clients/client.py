@@ -17,13 +17,13 @@ from typing import Any
 import grpc
 
 from rnnserve.client.errors import RnnserveError, from_rpc_error
+from rnnserve.client.requests import channel_options, classify_request, feed_request, generate_request
 from rnnserve.client.types import (
     Classification,
     FeedOutput,
     GeneratedToken,
     ModelInfo,
     SessionInfo,
-    input_fields,
 )
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -52,10 +52,7 @@ class Client:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(
             self.url,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
+            options=channel_options(max_message_bytes),
         )
         self.stub = pb_grpc.RnnServeStub(self._channel)
 
@@ -82,12 +79,7 @@ class Client:
         self, model: str, texts: Sequence[str] | Sequence[Sequence[int]], *, version: str = ""
     ) -> list[Classification]:
         """Class probabilities for each text (or token id list), with a classifier model."""
-        if all(isinstance(t, str) for t in texts):
-            request = pb.ClassifyRequest(model=model, version=version, texts=list(texts))  # type: ignore[arg-type]
-        else:
-            lists = [pb.TokenIds(ids=list(t)) for t in texts]  # type: ignore[arg-type]
-            request = pb.ClassifyRequest(model=model, version=version, token_lists=lists)
-        response = self._call(self.stub.Classify, request)
+        response = self._call(self.stub.Classify, classify_request(model, texts, version))
         return [Classification.from_pb(c, response.labels) for c in response.results]
 
     def session(self, model: str, *, version: str = "", ttl_seconds: int = 0) -> Session:
@@ -160,14 +152,9 @@ class Session:
         `expected_position` makes a retry safe: the server answers a repeat of the last message again
         without applying it twice, and refuses a message sent from a stale position.
         """
-        request = pb.StreamRequest(
-            session_id=self.id,
-            top_k=top_k,
-            return_token_logprobs=token_logprobs,
-            **input_fields(data, "text", "tokens"),
+        request = feed_request(
+            self.id, data, top_k=top_k, token_logprobs=token_logprobs, expected_position=expected_position
         )
-        if expected_position is not None:
-            request.expected_position = expected_position
         with self._lock:
             if self._stream is None:
                 self._stream = _FeedStream(self.client.stub)
@@ -202,20 +189,19 @@ class Session:
 
         temperature 0 is greedy. With a `seed`, the same session state gives the same tokens.
         """
-        sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        if seed is not None:
-            sampling.seed = seed
-        request = pb.GenerateRequest(
-            session_id=self.id,
-            sampling=sampling,
+        request = generate_request(
+            self.id,
+            prompt,
             max_tokens=max_tokens,
-            stop=list(stop),
-            stop_token_ids=list(stop_token_ids),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
-            **({} if prompt is None else input_fields(prompt, "prompt_text", "prompt_tokens")),
+            expected_position=expected_position,
         )
-        if expected_position is not None:
-            request.expected_position = expected_position
         return GenerateStream(self, self.client.stub.Generate(request, timeout=timeout))
 
     def info(self) -> SessionInfo:

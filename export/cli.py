@@ -11,7 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="export a checkpoint to a validated ONNX bundle <repo>/<name>/<version>/"
     )
-    p.add_argument("checkpoint", help="checkpoint.pt written by `rnnserve train lm` (tokenizer.json beside)")
+    p.add_argument(
+        "checkpoint", help="checkpoint.pt written by `rnnserve train lm|classifier` (tokenizer.json beside)"
+    )
     p.add_argument("--repo", required=True, help="model repository directory")
     p.add_argument("--name", required=True, help="model name (a directory under the repository)")
     p.add_argument("--version", default=None, help="version name (default: next integer)")

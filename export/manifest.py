@@ -93,6 +93,8 @@ class Manifest:
     model_args: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # exporter, opset, validation figures
+    # Evaluation beyond the flat `metrics`, e.g. a classifier's per-class figures and confusion matrix.
+    evaluation: dict[str, Any] = field(default_factory=dict)
     model_file: str = MODEL_FILE
     tokenizer_file: str = TOKENIZER_FILE
     model_sha256: str = ""
@@ -162,6 +164,8 @@ class Manifest:
             raise ManifestError("a streaming classifier must be unidirectional and carry its recurrent state")
         if self.classifier_mode == "whole" and self.state:
             raise ManifestError("a whole-sequence classifier carries no state")
+        if self.classifier_mode == "whole" and "pad" not in self.special_tokens:
+            raise ManifestError("a whole-sequence classifier needs a 'pad' special token (its padding id)")
 
     @property
     def streams(self) -> bool:

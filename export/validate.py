@@ -55,7 +55,8 @@ def _run_ort(sess: ort.InferenceSession, names: list[str], feeds: Arrays) -> Arr
     return dict(zip(names, sess.run(names, feeds), strict=True))
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray, what: str) -> float:
+def max_abs_diff(a: np.ndarray, b: np.ndarray, what: str) -> float:
+    """Max |a - b| (0 for empty arrays); raises ExportValidationError when the shapes differ."""
     if a.shape != b.shape:
         raise ExportValidationError(f"{what}: shape {a.shape} differs from the expected {b.shape}")
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
@@ -95,20 +96,21 @@ def validate_lm_export(
             feeds = _random_inputs(model, batch, seq, rng)
             got, want = _run_ort(sess, outs, feeds), _run_torch(model, feeds)
             for name in outs:
-                d = _max_diff(got[name], want[name], f"{name} at batch {batch}, seq {seq}")
+                d = max_abs_diff(got[name], want[name], f"{name} at batch {batch}, seq {seq}")
                 if d >= diffs[name]:
                     diffs[name], where[name] = d, f"batch {batch}, seq {seq}"
     feeds = _random_inputs(model, max(batch_sizes), max(seq_lens), rng)
     stepped, chunk = _step_vs_chunk(sess, model, feeds), _run_ort(sess, outs, feeds)
     for name in outs:
         key = STEP_PREFIX + name
-        diffs[key] = _max_diff(stepped[name], chunk[name], key)
+        diffs[key] = max_abs_diff(stepped[name], chunk[name], key)
         where[key] = f"batch {max(batch_sizes)}, {max(seq_lens)} steps"
-    _raise_if_over(diffs, where, atol)
+    raise_if_over(diffs, where, atol)
     return diffs
 
 
-def _raise_if_over(diffs: dict[str, float], where: dict[str, str], atol: float) -> None:
+def raise_if_over(diffs: dict[str, float], where: dict[str, str], atol: float) -> None:
+    """Raise ExportValidationError listing every figure (and where) when any is over `atol` or NaN."""
     bad = [k for k, d in diffs.items() if not d <= atol]  # `not <=` also catches NaN
     if bad:
         lines = [

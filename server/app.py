@@ -1,6 +1,13 @@
-"""Assemble and run the gRPC server: model repository → engine → handlers, plus health and reflection.
+"""Assemble and run the gRPC server: model repository → engine → handlers, plus health, reflection
+and Prometheus metrics; drain gracefully on SIGTERM.
 
-rnnserve serve --repo model_repo --port 50051
+rnnserve serve --repo model_repo --port 50051 --metrics-port 9464
+
+Shutdown (SIGTERM, what `docker compose stop` sends; or SIGINT): health turns NOT_SERVING, new sessions
+and streams are refused with UNAVAILABLE, streams waiting for their client end with UNAVAILABLE, calls
+in flight finish (a message being processed is answered, a Generate runs to its end) until the grace
+period (`--grace`) is nearly over, whatever is left then ends with UNAVAILABLE, and the process exits 0.
+A second signal ends what is in flight at once.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rnnserve.server import metrics
 from rnnserve.server.config import ServerConfig
 from rnnserve.server.engine import Engine, EngineLimits
-from rnnserve.server.errors import ErrorInterceptor
+from rnnserve.server.errors import CallTracker, ErrorInterceptor
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.runtime import RuntimeOptions, default_intra_op_threads
 from rnnserve.server.scheduler import SchedulerOptions
@@ -32,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
 SWEEP_INTERVAL_S = 5.0
+# What a draining server refuses: anything that starts new work. Lookups and CloseSession stay open.
+REFUSED_WHILE_DRAINING = ("CreateSession", "Stream", "Generate", "Classify")
+STOP_MARGIN_S = 1.0  # of the grace period, kept for ending leftover calls and stopping cleanly
 
 
 class RnnServeServer:
@@ -49,16 +60,21 @@ class RnnServeServer:
             EngineLimits(),
         )
         self.health = health.aio.HealthServicer()
+        self.calls = CallTracker(SERVICE_NAME, REFUSED_WHILE_DRAINING)
         self._server: aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._metrics: metrics.MetricsServer | None = None
+        self._stopping: asyncio.Task[None] | None = None
         self.port = 0
+        self.metrics_port = 0  # bound metrics port once started (0 = none)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
     async def start(self) -> int:
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        server = aio.server(interceptors=[ErrorInterceptor()], options=options)
+        server = aio.server(interceptors=[ErrorInterceptor(self.calls)], options=options)
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -72,9 +88,22 @@ class RnnServeServer:
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port} (in use?)")
+        if self.config.metrics_port >= 0:
+            try:
+                self._metrics = metrics.MetricsServer(self.config.host, self.config.metrics_port)
+                self.metrics_port = self._metrics.port
+            except OSError as exc:
+                if self.config.metrics_required:
+                    await server.stop(None)  # release the gRPC port
+                    raise
+                log.warning("serving without metrics: %s", exc)
+        for model, _ in self.engine.repository.all():
+            metrics.MODELS.labels(model.key, model.runtime.provider).set(1)
+        metrics.DRAINING.set(0)
         self.engine.start()
         await server.start()
         self._server = server
+        self.loop = asyncio.get_running_loop()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -94,13 +123,42 @@ class RnnServeServer:
                 log.info("dropped %d idle session(s) past their TTL", dropped)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let calls in flight finish within the grace period, then stop."""
-        await self.health.enter_graceful_shutdown()
+        """Drain (see the module's docstring) within `grace` seconds (default: the config's), then stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    def force_stop(self) -> None:
+        """End every call in flight now (a second SIGTERM while draining)."""
+        log.warning("second signal: ending %d call(s) in flight now", len(self.calls))
+        self.calls.cancel_all()
+
+    async def _stop(self, grace: float | None) -> None:
+        grace = self.config.grace_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        metrics.DRAINING.set(1)
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, for probes and load balancers
+        log.info(
+            "draining (grace %.0fs): NOT_SERVING, refusing new sessions and streams, %d call(s) in flight",
+            grace,
+            len(self.calls),
+        )
+        self.calls.begin_drain()
+        margin = min(STOP_MARGIN_S, grace / 4)
+        if not await self.calls.wait_finished(deadline - margin - loop.time()):
+            log.warning("grace period over: ending %d call(s) still in flight (UNAVAILABLE)", len(self.calls))
+            self.calls.cancel_all()
+            await self.calls.wait_finished(deadline - loop.time())
         if self._sweeper:
             self._sweeper.cancel()
         if self._server:
-            await self._server.stop(self.config.grace_s if grace is None else grace)
+            # Nothing of ours is left in flight; health watchers and the like end here.
+            await self._server.stop(max(0.0, min(deadline - loop.time(), margin)))
         await self.engine.stop()
+        if self._metrics:
+            await asyncio.to_thread(self._metrics.stop)
+        log.info("stopped; %d session(s) were open", len(self.engine.sessions))
 
     async def wait(self) -> None:
         if self._server:
@@ -116,7 +174,9 @@ async def serve_forever(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.0fs)", config.grace_s)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.force_stop)
+    log.info("shutdown requested")
     await server.stop()
 
 
@@ -135,11 +195,13 @@ def background_server(config: ServerConfig) -> Iterator[RnnServeServer]:
         await server.start()
         return server
 
-    server = asyncio.run_coroutine_threadsafe(create(), loop).result(timeout=120)
     try:
-        yield server
+        server = asyncio.run_coroutine_threadsafe(create(), loop).result(timeout=120)
+        try:
+            yield server
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(timeout=60)
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()

@@ -1,49 +1,111 @@
-"""`rnnserve serve`: the command-line front of the server (flags mirror ServerConfig)."""
+"""`rnnserve serve` and `rnnserve health`: the command-line front of the server.
+
+Every `serve` flag mirrors a ServerConfig field and falls back to an environment variable named after
+it (`--max-batch` ← `RNNSERVE_MAX_BATCH`), so a container is configured with environment variables
+alone; a flag given on the command line wins over the variable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from rnnserve.server.config import ServerConfig
 
+DEVICES = ("auto", "cuda", "cpu")
+METRICS_PORT = 9464  # when neither --metrics-port nor RNNSERVE_METRICS_PORT says otherwise
+HEALTH_SERVICE = "rnnserve.v1.RnnServe"
+
+
+def env_name(flag: str) -> str:
+    """The environment variable behind a flag: --max-batch -> RNNSERVE_MAX_BATCH."""
+    return "RNNSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(p: argparse.ArgumentParser, flag: str, default: Any, help: str, **kwargs: Any) -> None:
+    """A flag whose default comes from its environment variable when set (argparse applies `type`)."""
+    name = env_name(flag)
+    value = os.environ.get(name)
+    p.add_argument(
+        flag, default=default if value in (None, "") else value, help=f"{help} [${name}]", **kwargs
+    )
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("serve", help="serve every model bundle in a repository over gRPC")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve every model bundle in a repository over gRPC",
+        description="Flags fall back to the environment variable in brackets; a given flag wins.",
+    )
     d = ServerConfig(repo=Path("."))
-    p.add_argument("--repo", type=Path, required=True, help="model repository: <repo>/<name>/<version>/")
-    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free port)")
+    repo = os.environ.get(env_name("--repo"))
     p.add_argument(
-        "--device",
-        choices=["auto", "cuda", "cpu"],
-        default=d.device,
-        help="ONNX Runtime device: auto uses CUDA when it really works (default auto)",
+        "--repo",
+        type=Path,
+        required=not repo,
+        default=repo or None,
+        help="model repository: <repo>/<name>/<version>/ [$RNNSERVE_REPO]",
     )
-    p.add_argument(
-        "--intra-op-threads",
+    _add(p, "--host", d.host, f"address to bind (default {d.host}; 0.0.0.0 for all)")
+    _add(p, "--port", d.port, f"port (default {d.port}; 0 = any free port)", type=int)
+    _add(
+        p,
+        "--metrics-port",
+        None,
+        f"Prometheus metrics on http://HOST:PORT/metrics (default {METRICS_PORT}, skipped with a warning if "
+        "in use; a port given here must bind; 0 = any free port, -1 = off)",
         type=int,
-        default=d.intra_op_threads,
-        help="ORT threads per run (default: all cores but one for the event loop)",
     )
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most sessions in one model run")
-    p.add_argument(
-        "--max-wait-ms",
+    _add(p, "--device", d.device, "ONNX Runtime device: auto uses CUDA when it really works (auto|cuda|cpu)")
+    _add(
+        p,
+        "--intra-op-threads",
+        d.intra_op_threads,
+        "ORT threads per run (default: all cores but one for the event loop)",
+        type=int,
+    )
+    _add(p, "--max-batch", d.max_batch, "most sessions in one model run", type=int)
+    _add(p, "--max-wait-ms", d.max_wait_ms, "how long a step may wait for others to batch with", type=float)
+    _add(p, "--max-sessions", d.max_sessions, "open sessions allowed", type=int)
+    _add(p, "--session-ttl", d.session_ttl_s, "idle seconds before a session expires", type=float)
+    _add(p, "--max-message-bytes", d.max_message_bytes, "largest gRPC message", type=int)
+    _add(
+        p,
+        "--grace",
+        d.grace_s,
+        f"seconds calls in flight get to finish on SIGTERM (default {d.grace_s:.0f})",
         type=float,
-        default=d.max_wait_ms,
-        help="how long a step may wait for others to batch with (default 0)",
     )
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="open sessions allowed")
-    p.add_argument(
-        "--session-ttl", type=float, default=d.session_ttl_s, help="idle seconds before a session expires"
-    )
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest gRPC message")
     p.set_defaults(func=run)
+
+    h = subparsers.add_parser(
+        "health",
+        help="ask a server's gRPC health service; exit 0 if SERVING (a container health check)",
+    )
+    h.add_argument(
+        "--url",
+        default=None,
+        help="host:port (default: localhost:$RNNSERVE_PORT, else $RNNSERVE_URL, else localhost:50051)",
+    )
+    h.add_argument(
+        "--service", default=HEALTH_SERVICE, help=f"service to ask about ('' = server; {HEALTH_SERVICE})"
+    )
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    h.set_defaults(func=run_health)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device not in DEVICES:
+        print(
+            f"rnnserve serve: --device must be one of {', '.join(DEVICES)}, got {args.device!r}",
+            file=sys.stderr,
+        )
+        return 2
     from rnnserve.server.app import serve_forever  # heavy imports only when serving
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,6 +120,40 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
         max_message_bytes=args.max_message_bytes,
+        grace_s=args.grace,
+        metrics_port=METRICS_PORT if args.metrics_port is None else args.metrics_port,
+        metrics_required=args.metrics_port is not None,
     )
-    asyncio.run(serve_forever(config))
+    try:
+        asyncio.run(serve_forever(config))
+    except OSError as exc:  # a port in use, a repository that isn't there
+        logging.getLogger("rnnserve.server").error("cannot serve: %s", exc)
+        return 1
     return 0
+
+
+def health_target(url: str | None) -> str:
+    if url:
+        return url
+    if os.environ.get("RNNSERVE_PORT"):
+        return f"localhost:{os.environ['RNNSERVE_PORT']}"
+    return os.environ.get("RNNSERVE_URL") or "localhost:50051"
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Print the health status of `--service`; 0 if SERVING, 1 otherwise (or unreachable)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = health_target(args.url)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{target}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -20,4 +20,6 @@ class ServerConfig:
     max_wait_ms: float = 0.0
     max_sessions: int = 10_000
     session_ttl_s: float = 600.0
-    grace_s: float = 10.0
+    grace_s: float = 10.0  # on SIGTERM: how long calls in flight may take to finish
+    metrics_port: int = -1  # Prometheus /metrics on host:metrics_port; 0 = any free port, -1 = none
+    metrics_required: bool = True  # False: a metrics port in use is logged and skipped, not fatal

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnnserve.server import metrics
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument
 from rnnserve.server.repository import LoadedModel, ModelRepository
 from rnnserve.server.runtime import Outputs, State
@@ -165,7 +166,7 @@ class Engine:
         """Token ids for text or ids, checked against the model's vocabulary and the size limit."""
         if isinstance(data, str):
             if not data:
-                raise InvalidArgument(f"{what} text is empty")
+                raise InvalidArgument(f"{what} is empty")
             ids = model.codec.encode(data)
             if not ids:
                 raise InvalidArgument(f"{what} text {data[:40]!r} encodes to no tokens")
@@ -213,6 +214,7 @@ class Engine:
                 return replay
             start = session.position
             logprobs = await self._apply(session, ids, want_token_logprobs=token_logprobs)
+            metrics.TOKENS_IN.labels(session.model.key).inc(len(ids))
             result = FeedResult(
                 session_id=session.id,
                 position=session.position,
@@ -304,6 +306,7 @@ class Engine:
                 f"give between 1 and {self.limits.max_classify_texts} texts to classify, got {len(texts)}"
             )
         ids = [self.resolve_input(loaded, text, f"text {i}") for i, text in enumerate(texts)]
+        metrics.TOKENS_IN.labels(loaded.key).inc(sum(len(i) for i in ids))
         if loaded.manifest.classifier_mode == "whole":
             loop = asyncio.get_running_loop()
             probs = await loop.run_in_executor(self._executor, self._classify_whole, loaded, ids)
@@ -371,6 +374,7 @@ class Engine:
                 )
             if prompt:
                 await self._apply(session, prompt)
+                metrics.TOKENS_IN.labels(session.model.key).inc(len(prompt))
             if session.next_logprobs is None:
                 # An empty session starts a new document, as the model saw documents in training.
                 if eos is None:
@@ -391,6 +395,7 @@ class Engine:
             token = sampler.choose(session.next_logprobs)
             logprob = float(session.next_logprobs[token])
             await self._apply(session, [token])
+            metrics.TOKENS_OUT.labels(session.model.key).inc()
             text, stopped = stops.push(decoder.push(token))
             finish = None
             if stopped or token in stop_ids:

@@ -55,16 +55,25 @@ class Sampler:
         if p.temperature == 0.0:
             return int(np.argmax(logprobs))
         scaled = logprobs.astype(np.float64) / p.temperature  # [vocab]
-        candidates = np.argsort(-scaled, kind="stable")  # ids, most likely first
+        if not p.top_k and p.top_p >= 1.0:
+            # Plain temperature sampling needs no sort: inverse CDF over the whole vocabulary, O(vocab).
+            cdf = np.cumsum(np.exp(scaled - scaled.max()))
+            return int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), len(cdf) - 1))
         if p.top_k:
-            candidates = candidates[: p.top_k]
+            # Only the k best need ordering: partition first (O(vocab)), then sort k of them.
+            best = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+            candidates = best[np.argsort(-scaled[best], kind="stable")]
+        else:
+            candidates = np.argsort(-scaled, kind="stable")  # ids, most likely first
         probs = np.exp(scaled[candidates] - scaled[candidates[0]])
         probs /= probs.sum()
         if p.top_p < 1.0:
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        return int(candidates[self._rng.choice(len(candidates), p=probs)])
+        cdf = np.cumsum(probs)
+        index = int(np.searchsorted(cdf, self._rng.random(), side="right"))
+        return int(candidates[min(index, len(cdf) - 1)])
 
 
 def top_candidates(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnnserve.server import metrics
 from rnnserve.server.runtime import OnnxModel, Outputs, State
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ class StepRequest:
     tokens: np.ndarray  # int64 [seq]
     state: State  # batch 1
     future: asyncio.Future[tuple[Outputs, State]] = field(repr=False)
+    enqueued_at: float = field(default_factory=time.monotonic, repr=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Scheduler:
             batch = await self._next_batch()
             if not batch:
                 continue
+            metrics.observe_queue_wait(self.model.key, [r.enqueued_at for r in batch])
             try:
                 results = await loop.run_in_executor(self._executor, self._run_groups, batch)
             except Exception as exc:
@@ -100,7 +104,9 @@ class Scheduler:
         for indices in groups.values():
             tokens = np.stack([batch[i].tokens for i in indices])  # [group, seq]
             state = self.model.concat_states([batch[i].state for i in indices])
+            started = time.perf_counter()
             outputs, new_state = self.model.run(tokens, state)  # each output [group, ...]
+            metrics.observe_run(self.model.key, len(indices), time.perf_counter() - started)
             for j, (i, st) in enumerate(
                 zip(indices, self.model.split_state(new_state, len(indices)), strict=True)
             ):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from rnnserve.server import metrics
 from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from rnnserve.server.repository import LoadedModel
 from rnnserve.server.runtime import State
@@ -97,6 +98,7 @@ class SessionStore:
             ttl_seconds=ttl_seconds or self.limits.default_ttl_seconds,
         )
         self._sessions[session.id] = session
+        metrics.session_opened(model.key)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -114,6 +116,7 @@ class SessionStore:
     def close(self, session_id: str) -> Session:
         session = self.get(session_id)
         del self._sessions[session_id]
+        metrics.session_closed(session.model.key)
         return session
 
     def evict_expired(self) -> int:
@@ -121,6 +124,7 @@ class SessionStore:
         now = time.monotonic()
         expired = [sid for sid, s in self._sessions.items() if s.expired(now)]
         for sid in expired:
+            metrics.session_evicted(self._sessions[sid].model.key)
             del self._sessions[sid]
         return len(expired)
 

@@ -55,8 +55,66 @@ def lm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+POSITIVE = ["great", "wonderful", "fun", "moving", "brilliant", "charming", "superb", "delightful"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "bad", "lifeless"]
+FILLER = ["the", "movie", "was", "a", "plot", "and", "acting", "really", "film", "story", "it", "so"]
+
+
+def synthetic_sentiment_tsv(path: Path, n: int, seed: int) -> Path:
+    """A labelled TSV (SST-2's layout) whose label a small model learns in seconds."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = rng.choices(FILLER, k=rng.randint(2, 10)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)}\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _train_classifier(root: Path, name: str, **overrides: object) -> Path:
+    from rnnserve.training.classifier_train import train_classifier
+    from rnnserve.training.config import ClassifierTrainConfig
+
+    config = ClassifierTrainConfig(
+        train=str(synthetic_sentiment_tsv(root / "train.tsv", 600, seed=1)),
+        dev=str(synthetic_sentiment_tsv(root / "dev.tsv", 100, seed=2)),
+        layers=1,
+        hidden=16,
+        emb=16,
+        epochs=2,
+        batch_size=32,
+        threads=2,
+        progress=False,
+        out_dir=str(root / name),
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return train_classifier(config)
+
+
 @pytest.fixture(scope="session")
-def server_url(lm_repo: Path) -> Iterator[str]:
+def classifier_checkpoints(lm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small sentiment classifiers on synthetic data, exported into the same repository as `tiny`:
+    `live` (unidirectional GRU, max pooling: streams) and `bi` (bidirectional LSTM: whole texts only).
+    """
+    from rnnserve.export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("clf")
+    checkpoints = {
+        "live": _train_classifier(root, "live", cell="gru", bidirectional=False, pooling="max"),
+        "bi": _train_classifier(root, "bi", cell="lstm", bidirectional=True, pooling="max"),
+    }
+    for name, checkpoint in checkpoints.items():
+        export_checkpoint(checkpoint, lm_repo, name)
+    return checkpoints
+
+
+@pytest.fixture(scope="session")
+def server_url(lm_repo: Path, classifier_checkpoints: dict[str, Path]) -> Iterator[str]:
     """A real rnnserve server (in a background thread) on a free loopback port."""
     from rnnserve.server.app import background_server
     from rnnserve.server.config import ServerConfig

@@ -1,5 +1,6 @@
-"""rnnserve.training: recurrent language models, tokenizers, data and the training loop.
+"""rnnserve.training: recurrent language models and text classifiers, tokenizers, data, training loops.
 
-Importing this package does not import torch; the submodules `model`, `train` and `sample` do.
-`tokenizer`, `data`, `config` and `cli` are torch-free.
+Importing this package does not import torch; the submodules `model`, `train`, `sample`,
+`classifier_model` and `classifier_train` do. `tokenizer`, `data`, `classifier_data`, `config` and `cli`
+are torch-free.
 """

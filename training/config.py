@@ -34,3 +34,41 @@ class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda", or "auto"
     progress: bool = True  # show a tqdm bar (loss, ppl, tokens/s)
     out_dir: str = "runs/lm"  # checkpoint.pt and tokenizer.json are written here
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """A text-classifier training run; the defaults are the SST-2 BiLSTM recipe of docs/results.md."""
+
+    train: str = ""  # TSV/CSV file (header row; text + label columns) or a directory-per-label tree
+    dev: str | None = None  # same layouts; None = hold out `dev_fraction` of the training examples
+    dev_fraction: float = 0.1  # used only when dev is None
+    text_column: str | None = None  # None = detect (sentence, content, text, review, ...)
+    label_column: str | None = None  # None = detect (label, labels, sentiment, ...)
+    label_names: list[str] | None = None  # display names by class id; None = from the data (0/1 -> neg/pos)
+    tokenizer: str = "word"  # "word" | "bpe"; built from the training split only
+    lowercase: bool = True  # a Lowercase normalizer inside tokenizer.json
+    vocab_size: int | None = 30_000  # cap on word vocabulary / BPE target size (specials included)
+    min_freq: int = 1  # words (or BPE pairs) seen fewer times in train are not in the vocabulary
+    cell: str = "lstm"  # rnn_tanh | rnn_relu | lstm | gru
+    layers: int = 1  # stacked recurrent layers
+    hidden: int = 256  # hidden size per layer and direction
+    emb: int = 300  # embedding size
+    bidirectional: bool = True  # whole-text model; False = streamable (chunk by chunk) model
+    pooling: str = "max"  # max | mean | last, over the per-position outputs
+    dropout: float = 0.5  # between recurrent layers and on the pooled vector
+    emb_dropout: float = 0.3  # on the embeddings
+    epochs: int = 6  # at most this many passes (early stopping may end sooner)
+    batch_size: int = 64  # examples per step (length-bucketed)
+    lr: float = 2e-3  # AdamW learning rate
+    weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    clip: float = 5.0  # gradient-norm clip
+    patience: int = 2  # stop after this many evaluations without a better dev accuracy
+    evals_per_epoch: int = 2  # dev evaluations (and checkpoint chances) per epoch
+    max_train_examples: int | None = None  # random subset of the training examples (quick runs)
+    max_len: int | None = 200  # training truncates texts to this many tokens (prediction never does)
+    seed: int = 1234  # torch seed, data shuffling and subsampling
+    threads: int | None = None  # torch.set_num_threads; None = leave torch's default
+    device: str = "cpu"  # "cpu", "cuda", or "auto"
+    progress: bool = True  # tqdm bar and per-evaluation lines
+    out_dir: str = "runs/classifier"  # checkpoint.pt and tokenizer.json are written here

@@ -74,7 +74,8 @@ def evaluate(model: RNNLanguageModel, data: Tensor, bptt: int) -> float:
     return total / max(count, 1)
 
 
-def _device(name: str) -> torch.device:
+def device_for(name: str) -> torch.device:
+    """The torch device a config names: "cpu", "cuda", or "auto" (cuda when available)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -143,7 +144,7 @@ def train_language_model(config: TrainConfig) -> Path:
     torch.manual_seed(config.seed)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = _device(config.device)
+    device = device_for(config.device)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok, train_ids, val_ids = _prepare_data(config)
@@ -187,6 +188,7 @@ def save_checkpoint(
     """Write the plain-dict checkpoint atomically (`history`: the metrics of every epoch so far)."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
+        "kind": "lm",
         "model_args": asdict(model.args),
         "config": asdict(config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -199,12 +201,27 @@ def save_checkpoint(
     tmp.replace(path)
 
 
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """ "lm" or "classifier": what a loaded checkpoint dict holds (older LM checkpoints have no `kind`)."""
+    return str(ckpt.get("kind", "lm"))
+
+
+def read_checkpoint_kind(path: str | Path) -> str:
+    """The kind of the checkpoint file at `path` (see `checkpoint_kind`)."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve checkpoint")
+    return checkpoint_kind(ckpt)
+
+
 def load_checkpoint(path: str | Path) -> tuple[RNNLanguageModel, Tokenizer, dict[str, Any]]:
     """(model in eval mode on CPU, tokenizer from tokenizer.json beside it, the checkpoint dict)."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve checkpoint")
+    if checkpoint_kind(ckpt) != "lm":
+        raise ValueError(f"{path} is a {checkpoint_kind(ckpt)} checkpoint, not a language model")
     model = RNNLanguageModel(ModelArgs(**ckpt["model_args"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()

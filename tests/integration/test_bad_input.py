@@ -30,7 +30,7 @@ def bystander(client: Client):  # type: ignore[no-untyped-def]
 
 
 def test_unknown_model(client: Client, bystander: object) -> None:
-    with pytest.raises(NotFoundError, match=r"model 'nope' is not loaded \(models: tiny\)"):
+    with pytest.raises(NotFoundError, match=r"model 'nope' is not loaded \(models: bi, live, tiny\)"):
         client.session("nope")
     with pytest.raises(NotFoundError, match="no version '9'"):
         client.session("tiny", version="9")

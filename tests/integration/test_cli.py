@@ -89,3 +89,39 @@ def test_generate_against_unknown_model_says_so(served: str) -> None:
     )
     assert out.returncode == 1
     assert "NOT_FOUND: model 'nope' is not loaded" in out.stderr
+
+
+def test_demo_end_to_end_on_small_data(tmp_path: Path) -> None:
+    """`rnnserve demo` as a user runs it, on small data so it takes seconds: LM stream + live sentiment."""
+    from conftest import TINY_CORPUS, synthetic_sentiment_tsv
+
+    from rnnserve.client.demo import REVIEW
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TINY_CORPUS))
+    labelled = synthetic_sentiment_tsv(tmp_path / "labelled.tsv", 400, seed=3)
+    out = subprocess.run(
+        [
+            *CLI,
+            "demo",
+            "--data",
+            str(corpus),
+            "--sentiment-data",
+            str(labelled),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--max-tokens",
+            "40",
+            "--prompt",
+            "def ",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "streaming a continuation of 'def '" in out.stdout
+    assert "[40 tokens, finish reason: length]" in out.stdout
+    assert "live sentiment while a review is typed" in out.stdout
+    live_lines = [line for line in out.stdout.splitlines() if line.startswith(("  0.", "  1."))]
+    assert [line.split()[-1] for line in live_lines] == REVIEW.split()  # one reading per typed word

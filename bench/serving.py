@@ -1,0 +1,320 @@
+"""Load benchmark: rnnserve vs the raw ONNX Runtime ceiling vs a naive PyTorch gRPC server.
+
+In the spirit of Triton's perf_analyzer sequence mode: for each concurrency, that many sessions each
+stream single-token messages (and, separately, each generate tokens), all at once, on loopback.
+
+    python bench/serving.py                          # demo-sized LM, concurrency 1 8 32 64 128
+    python bench/serving.py --preset design --tokens 64 --out docs/bench
+
+Prints a table, writes <out>/serving.json and <out>/serving.png (throughput vs concurrency, latency).
+The servers run in their own processes; the load generator (asyncio, the real client) shares the same
+cores, so on a 2-core machine every served number pays for its own load generator too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rnnserve.client import AsyncClient, Client
+
+PRESETS = {
+    # name: (tokenizer words, embedding, hidden, layers)
+    "demo": (96, 128, 256, 2),
+    "design": (10_000, 256, 512, 2),
+}
+
+
+@dataclass
+class Row:
+    system: str
+    workload: str  # "stream" | "generate"
+    concurrency: int
+    tokens_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+def percentiles(latencies_s: list[float]) -> tuple[float, float, float]:
+    p = np.percentile(np.asarray(latencies_s) * 1000, [50, 90, 99])
+    return float(p[0]), float(p[1]), float(p[2])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_model(preset: str, root: Path) -> tuple[Path, Path]:
+    """A random-weights LSTM LM of the preset's size: (checkpoint, model repository)."""
+    import torch
+
+    from rnnserve.export.onnx_export import export_checkpoint
+    from rnnserve.training.config import TrainConfig
+    from rnnserve.training.model import ModelArgs, RNNLanguageModel
+    from rnnserve.training.tokenizer import build_word_tokenizer
+    from rnnserve.training.train import save_checkpoint
+
+    words, emb, hidden, layers = PRESETS[preset]
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(" ".join(f"w{i}" for i in range(words - 2)))
+    args = ModelArgs("lstm", tokenizer.get_vocab_size(), emb, hidden, layers, dropout=0.0)
+    run = root / "run"
+    run.mkdir(parents=True)
+    tokenizer.save(str(run / "tokenizer.json"))
+    config = TrainConfig(
+        tokenizer="word", cell="lstm", layers=layers, hidden=hidden, emb=emb, out_dir=str(run)
+    )
+    save_checkpoint(run / "checkpoint.pt", RNNLanguageModel(args).eval(), config, {"val_ppl": float("nan")})
+    export_checkpoint(run / "checkpoint.pt", root / "repo", "bench")
+    return run / "checkpoint.pt", root / "repo"
+
+
+def ceiling(repo: Path, concurrencies: list[int], steps: int) -> list[Row]:
+    """A raw ONNX Runtime loop: one token per sequence per step, state carried, no server."""
+    from rnnserve.export.manifest import read_manifest
+    from rnnserve.server.runtime import OnnxModel, RuntimeOptions, default_intra_op_threads
+
+    bundle = repo / "bench" / "1"
+    model = OnnxModel(
+        bundle, read_manifest(bundle), RuntimeOptions(intra_op_threads=default_intra_op_threads())
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in concurrencies:
+        state = model.initial_state(batch)
+        times = []
+        for i in range(steps + 5):
+            tokens = rng.integers(0, model.manifest.vocab_size, size=(batch, 1))
+            start = time.perf_counter()
+            _, state = model.run(tokens, state)
+            if i >= 5:  # warm-up
+                times.append(time.perf_counter() - start)
+        p50, p90, p99 = percentiles(times)
+        rows += [
+            Row("ort-ceiling", w, batch, batch / statistics.mean(times), p50, p90, p99)
+            for w in ("stream", "generate")
+        ]
+    return rows
+
+
+async def stream_load(url: str, concurrency: int, tokens: int, vocab: int) -> tuple[float, list[float]]:
+    """Every session sends `tokens` single-token messages in turn; returns (tokens/s, latencies)."""
+    async with AsyncClient(url, timeout=120) as client:
+        sessions = [await client.session("bench") for _ in range(concurrency)]
+        latencies: list[float] = []
+
+        async def one(i: int) -> None:
+            session = sessions[i]
+            for n in range(tokens):
+                start = time.perf_counter()
+                await session.feed([(i * 31 + n) % vocab], top_k=1)
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+        for s in sessions:
+            await s.close()
+    return concurrency * tokens / wall, latencies
+
+
+async def generate_load(url: str, concurrency: int, tokens: int) -> tuple[float, list[float]]:
+    """Every session generates `tokens` tokens; returns (tokens/s, gaps between a stream's tokens)."""
+    async with AsyncClient(url, timeout=120) as client:
+        sessions = [await client.session("bench") for _ in range(concurrency)]
+        for s in sessions:
+            await s.feed([2], top_k=1)
+        gaps: list[float] = []
+
+        async def one(i: int) -> None:
+            last = time.perf_counter()
+            async for _ in sessions[i].generate(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True):
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+        for s in sessions:
+            await s.close()
+    return concurrency * tokens / wall, gaps
+
+
+@contextmanager
+def server_process(command: list[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Client(url) as client:
+            if not client.wait_ready(timeout=120):
+                raise RuntimeError(f"{command[:4]} did not come up")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def served(system: str, url: str, concurrencies: list[int], tokens: int, vocab: int) -> list[Row]:
+    rows = []
+    for c in concurrencies:
+        for workload in ("stream", "generate"):
+            load = (
+                stream_load(url, c, tokens, vocab) if workload == "stream" else generate_load(url, c, tokens)
+            )
+            rate, latencies = asyncio.run(load)
+            rows.append(Row(system, workload, c, rate, *percentiles(latencies)))
+            print(
+                f"  {system:12} {workload:8} c={c:<4} {rate:10.0f} tok/s  p50 {rows[-1].p50_ms:.2f} ms",
+                flush=True,
+            )
+    return rows
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def idle_sessions(url: str, pid: int, count: int, state_bytes: int) -> dict[str, float]:
+    """Memory of `count` idle sessions held at once, and create+close latency."""
+    with Client(url) as client:
+        pairs = []
+        for _ in range(1000):
+            start = time.perf_counter()
+            client.session("bench").close()
+            pairs.append(time.perf_counter() - start)
+        before = rss_bytes(pid)
+        sessions = [client.session("bench") for _ in range(count)]
+        after = rss_bytes(pid)
+        for s in sessions:
+            s.close()
+    return {
+        "sessions": count,
+        "state_bytes_per_session": state_bytes,
+        "rss_growth_mb": (after - before) / 2**20,
+        "rss_per_session_bytes": (after - before) / count,
+        "rss_bound_mb(1.5x state + 300MB)": (1.5 * state_bytes * count) / 2**20 + 300,
+        "create_close_p50_ms": float(np.percentile(pairs, 50) * 1000),
+    }
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for (system, workload), style in zip(
+        sorted({(r.system, r.workload) for r in rows}), ["-o", "--o", "-s", "--s", "-^", "--^"], strict=False
+    ):
+        mine = sorted(
+            (r for r in rows if (r.system, r.workload) == (system, workload)), key=lambda r: r.concurrency
+        )
+        xs = [r.concurrency for r in mine]
+        axes[0].plot(xs, [r.tokens_per_s for r in mine], style, label=f"{system} {workload}")
+        axes[1].plot(xs, [r.p50_ms for r in mine], style, label=f"{system} {workload}")
+        axes[2].plot(xs, [r.p99_ms for r in mine], style, label=f"{system} {workload}")
+    for ax, title in zip(axes, ["tokens/s", "per-token latency p50 (ms)", "p99 (ms)"], strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent sessions")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(rows: list[Row]) -> None:
+    print(
+        f"\n{'system':12} {'workload':9} {'conc':>5} {'tok/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
+    )
+    for r in sorted(rows, key=lambda r: (r.workload, r.concurrency, r.system)):
+        print(
+            f"{r.system:12} {r.workload:9} {r.concurrency:5d} {r.tokens_per_s:10.0f} "
+            f"{r.p50_ms:8.2f} {r.p90_ms:8.2f} {r.p99_ms:8.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per session per workload")
+    parser.add_argument("--idle-sessions", type=int, default=100_000)
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, repo = build_model(args.preset, Path(tmp))
+        from rnnserve.export.manifest import read_manifest
+
+        manifest = read_manifest(repo / "bench" / "1")
+        vocab = manifest.vocab_size
+        state_bytes = sum(4 * int(np.prod(s.shape_for_batch(1))) for s in manifest.state)
+        print(
+            f"model: LSTM {manifest.num_layers}x{manifest.hidden_size}, vocab {vocab}; {os.cpu_count()} cores"
+        )
+        rows = ceiling(repo, args.concurrency, steps=max(20, args.tokens))
+        port = free_port()
+        url = f"127.0.0.1:{port}"
+        cli = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port)]
+        with server_process(cli, url):
+            rows += served("rnnserve", url, args.concurrency, args.tokens, vocab)
+        if not args.skip_naive:
+            port = free_port()
+            naive = [
+                sys.executable,
+                str(Path(__file__).with_name("naive_server.py")),
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                str(port),
+            ]
+            with server_process(naive, f"127.0.0.1:{port}"):
+                rows += served("naive-torch", f"127.0.0.1:{port}", args.concurrency, args.tokens, vocab)
+        idle: dict[str, float] = {}
+        if args.idle_sessions:
+            port = free_port()
+            cli[-1] = str(port)
+            with server_process(cli, f"127.0.0.1:{port}") as proc:
+                idle = idle_sessions(f"127.0.0.1:{port}", proc.pid, args.idle_sessions, state_bytes)
+    print_table(rows)
+    if idle:
+        print("\nidle sessions: " + ", ".join(f"{k} {v:.3g}" for k, v in idle.items()))
+    (args.out / "serving.json").write_text(
+        json.dumps({"preset": args.preset, "rows": [asdict(r) for r in rows], "idle": idle}, indent=2)
+    )
+    plot(rows, args.out / "serving.png")
+    print(f"\nwrote {args.out / 'serving.json'} and {args.out / 'serving.png'}")
+
+
+if __name__ == "__main__":
+    main()

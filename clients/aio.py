@@ -1,0 +1,193 @@
+"""The asyncio Python client: the same API as `rnnserve.client.Client`, with `await` and `async for`.
+
+async with AsyncClient("localhost:50051") as client:
+    async with await client.session("demo") as session:
+        out = await session.feed("def ")
+        async for token in session.generate(max_tokens=50, seed=1):
+            print(token.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from rnnserve.client.client import DEFAULT_URL
+from rnnserve.client.errors import RnnserveError, from_rpc_error
+from rnnserve.client.requests import channel_options, classify_request, feed_request, generate_request
+from rnnserve.client.types import Classification, FeedOutput, GeneratedToken, ModelInfo, SessionInfo
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """asyncio connection to an rnnserve server (see `Client` for the arguments)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.url = url or os.environ.get("RNNSERVE_URL", DEFAULT_URL)
+        self.timeout = timeout
+        self._channel = aio.insecure_channel(self.url, options=channel_options(max_message_bytes))
+        self.stub = pb_grpc.RnnServeStub(self._channel)
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def models(self) -> list[ModelInfo]:
+        response = await self._call(self.stub.ListModels, pb.ListModelsRequest())
+        return [ModelInfo.from_pb(m) for m in response.models]
+
+    async def classify(
+        self, model: str, texts: Sequence[str] | Sequence[Sequence[int]], *, version: str = ""
+    ) -> list[Classification]:
+        response = await self._call(self.stub.Classify, classify_request(model, texts, version))
+        return [Classification.from_pb(c, response.labels) for c in response.results]
+
+    async def session(self, model: str, *, version: str = "", ttl_seconds: int = 0) -> AsyncSession:
+        request = pb.CreateSessionRequest(model=model, version=version, ttl_seconds=ttl_seconds)
+        return AsyncSession(self, SessionInfo.from_pb(await self._call(self.stub.CreateSession, request)))
+
+    async def attach(self, session_id: str) -> AsyncSession:
+        info = await self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id))
+        return AsyncSession(self, SessionInfo.from_pb(info))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSession:
+    """A session on the server; every `feed` goes over one long-lived bidirectional stream."""
+
+    def __init__(self, client: AsyncClient, info: SessionInfo) -> None:
+        self.client = client
+        self.id = info.session_id
+        self.model = info.model
+        self.version = info.version
+        self.position = info.position
+        self.task = info.task
+        self.labels = info.labels
+        self._stream: Any = None
+        self._lock = asyncio.Lock()
+        self.closed = False
+
+    async def feed(
+        self,
+        data: str | Sequence[int],
+        *,
+        top_k: int = 5,
+        token_logprobs: bool = False,
+        expected_position: int | None = None,
+    ) -> FeedOutput:
+        """Append text or token ids; returns the model's output after them (see `Session.feed`)."""
+        request = feed_request(
+            self.id, data, top_k=top_k, token_logprobs=token_logprobs, expected_position=expected_position
+        )
+        async with self._lock:
+            if self._stream is None:
+                self._stream = self.client.stub.Stream()
+            try:
+                await self._stream.write(request)
+                response = await self._stream.read()
+            except grpc.RpcError as error:
+                self._stream = None  # an error status ends the stream; the next feed opens another
+                raise from_rpc_error(error) from None
+            if response is aio.EOF:
+                self._stream = None
+                raise RnnserveError("the server ended the stream without an answer")
+        output = FeedOutput.from_pb(response, self.labels)
+        self.position = output.position
+        return output
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        max_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        expected_position: int | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        """Sampled tokens as they are made (see `Session.generate`)."""
+        request = generate_request(
+            self.id,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            expected_position=expected_position,
+        )
+        call = self.client.stub.Generate(request)
+        try:
+            async for response in call:
+                token = GeneratedToken.from_pb(response)
+                self.position = token.position
+                yield token
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def info(self) -> SessionInfo:
+        request = pb.GetSessionRequest(session_id=self.id)
+        info = SessionInfo.from_pb(await self.client._call(self.client.stub.GetSession, request))
+        self.position = info.position
+        return info
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        async with self._lock:
+            if self._stream is not None:
+                await self._stream.done_writing()
+                self._stream = None
+        self.closed = True
+        await self.client._call(self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.id))
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.close()
+        except RnnserveError:
+            if exc is None:
+                raise

@@ -1,0 +1,74 @@
+"""Request builders shared by the sync and asyncio clients (one place that knows the wire format)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rnnserve.client.types import input_fields
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+
+def feed_request(
+    session_id: str,
+    data: str | Sequence[int],
+    *,
+    top_k: int,
+    token_logprobs: bool,
+    expected_position: int | None,
+) -> pb.StreamRequest:
+    request = pb.StreamRequest(
+        session_id=session_id,
+        top_k=top_k,
+        return_token_logprobs=token_logprobs,
+        **input_fields(data, "text", "tokens"),
+    )
+    if expected_position is not None:
+        request.expected_position = expected_position
+    return request
+
+
+def generate_request(
+    session_id: str,
+    prompt: str | Sequence[int] | None,
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop: Sequence[str],
+    stop_token_ids: Sequence[int],
+    ignore_eos: bool,
+    expected_position: int | None,
+) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if seed is not None:
+        sampling.seed = seed
+    request = pb.GenerateRequest(
+        session_id=session_id,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        **({} if prompt is None else input_fields(prompt, "prompt_text", "prompt_tokens")),
+    )
+    if expected_position is not None:
+        request.expected_position = expected_position
+    return request
+
+
+def classify_request(
+    model: str, texts: Sequence[str] | Sequence[Sequence[int]], version: str
+) -> pb.ClassifyRequest:
+    if all(isinstance(t, str) for t in texts):
+        return pb.ClassifyRequest(model=model, version=version, texts=[str(t) for t in texts])
+    lists = [pb.TokenIds(ids=[int(i) for i in t]) for t in texts]
+    return pb.ClassifyRequest(model=model, version=version, token_lists=lists)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]

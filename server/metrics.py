@@ -1,0 +1,124 @@
+"""Prometheus metrics of the server, served over HTTP on their own port (`--metrics-port`, default 9464).
+
+    curl -s localhost:9464/metrics | grep ^rnnserve_
+
+Everything lives in prometheus-client's default registry (which also carries the process_* and
+python_* metrics), so one scrape shows the whole process. The engine, scheduler and session store
+call the small helpers below at the points where things happen; requests are counted by the one
+interceptor (`rnnserve.server.errors`), by service, method and final gRPC status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# -- requests (counted by the interceptor) -----------------------------------------------------------
+REQUESTS = Counter(
+    "rnnserve_requests",
+    "gRPC calls finished, by service, method and status code (OK included)",
+    ["service", "method", "code"],
+)
+ERRORS = Counter(
+    "rnnserve_request_errors",
+    "gRPC calls that ended with a status other than OK, by service, method and code",
+    ["service", "method", "code"],
+)
+IN_FLIGHT = Gauge("rnnserve_requests_in_flight", "gRPC calls running now", ["service", "method"])
+DRAINING = Gauge("rnnserve_draining", "1 while the server drains for shutdown (health is NOT_SERVING)")
+
+# -- tokens and sessions -----------------------------------------------------------------------------
+TOKENS_IN = Counter(
+    "rnnserve_tokens_in", "tokens sent by clients and applied (Stream input, prompts, Classify)", ["model"]
+)
+TOKENS_OUT = Counter("rnnserve_tokens_out", "tokens generated (sampled) by Generate", ["model"])
+SESSIONS_ACTIVE = Gauge("rnnserve_sessions_active", "open sessions", ["model"])
+SESSIONS_CREATED = Counter("rnnserve_sessions_created", "sessions created", ["model"])
+SESSIONS_EVICTED = Counter(
+    "rnnserve_sessions_evicted",
+    "sessions dropped by the server (not closed by a client)",
+    ["model", "reason"],
+)
+MODELS = Gauge(
+    "rnnserve_model_loaded", "1 for each model version loaded, with its execution provider",
+    ["model", "provider"],
+)  # fmt: skip
+
+# -- the scheduler -----------------------------------------------------------------------------------
+BATCH_SIZE = Histogram(
+    "rnnserve_batch_size",
+    "sessions stacked into one model run",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+QUEUE_WAIT = Histogram(
+    "rnnserve_queue_wait_seconds",
+    "time a step waited in the scheduler's queue before its batch started",
+    ["model"],
+    buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0),
+)
+STEP_LATENCY = Histogram(
+    "rnnserve_step_latency_seconds",
+    "wall time of one model run (one batch of steps) in ONNX Runtime",
+    ["model"],
+    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+def observe_queue_wait(model: str, enqueued_at: Iterable[float]) -> None:
+    """Record the queue wait of each step of a batch about to run (times from `time.monotonic()`)."""
+    now, child = time.monotonic(), QUEUE_WAIT.labels(model)
+    for t in enqueued_at:
+        child.observe(now - t)
+
+
+def observe_run(model: str, batch_size: int, seconds: float) -> None:
+    """Record one model run: how many sessions it stacked and how long it took."""
+    BATCH_SIZE.labels(model).observe(batch_size)
+    STEP_LATENCY.labels(model).observe(seconds)
+
+
+def session_opened(model: str) -> None:
+    SESSIONS_CREATED.labels(model).inc()
+    SESSIONS_ACTIVE.labels(model).inc()
+
+
+def session_closed(model: str) -> None:
+    SESSIONS_ACTIVE.labels(model).dec()
+
+
+def session_evicted(model: str, reason: str = "idle_ttl") -> None:
+    SESSIONS_ACTIVE.labels(model).dec()
+    SESSIONS_EVICTED.labels(model, reason).inc()
+
+
+def request_finished(service: str, method: str, code: str) -> None:
+    REQUESTS.labels(service, method, code).inc()
+    if code != "OK":
+        ERRORS.labels(service, method, code).inc()
+
+
+class MetricsServer:
+    """prometheus-client's HTTP exporter on a port of its own (in a daemon thread)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        try:
+            self._server, self._thread = start_http_server(port, addr=host)
+        except OSError as exc:
+            raise OSError(
+                f"could not serve metrics on {host}:{port} ({exc.strerror}); pick another --metrics-port "
+                "(0 = any free port, -1 = no metrics)"
+            ) from exc
+        self.port = int(self._server.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def stop(self) -> None:
+        """Stop serving (blocks up to half a second: call it off the event loop)."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,52 @@
+"""The asyncio client gives what the sync client gives, and the same errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rnnserve.client import AsyncClient, Client, InvalidArgumentError, NotFoundError
+
+TEXT = "def add(a, b):\n    return a"
+
+
+def test_async_feed_and_generate_match_the_sync_client(client: Client, server_url: str) -> None:
+    with client.session("tiny") as session:
+        expected_feed = session.feed(TEXT)
+        expected_tokens = [t.id for t in session.generate(max_tokens=20, temperature=1.0, seed=4)]
+
+    async def run() -> tuple[list[int], list[int], int]:
+        async with AsyncClient(server_url) as aclient, await aclient.session("tiny") as session:
+            for piece in (TEXT[:5], TEXT[5:]):
+                out = await session.feed(piece)
+            tokens = [t.id async for t in session.generate(max_tokens=20, temperature=1.0, seed=4)]
+            return [c.id for c in out.top], tokens, (await session.info()).position
+
+    top, tokens, position = asyncio.run(run())
+    assert top == [c.id for c in expected_feed.top]
+    assert tokens == expected_tokens
+    assert position == len(TEXT) + 20
+
+
+def test_async_errors_and_many_concurrent_sessions(server_url: str) -> None:
+    async def run() -> list[int]:
+        async with AsyncClient(server_url) as aclient:
+            with pytest.raises(NotFoundError):
+                await aclient.session("nope")
+            session = await aclient.session("tiny")
+            with pytest.raises(InvalidArgumentError, match="out of range"):
+                await session.feed([10**6])
+            assert (await session.feed("ok")).position == 2  # the session survived the bad message
+            await session.close()
+
+            async def one(i: int) -> int:
+                async with await aclient.session("tiny") as s:
+                    for _ in range(5):
+                        out = await s.feed(f"x{i}")
+                    return out.position
+
+            return list(await asyncio.gather(*(one(i) for i in range(32))))
+
+    positions = asyncio.run(run())
+    assert positions == [5 * len(f"x{i}") for i in range(32)]

@@ -1,0 +1,300 @@
+"""Prometheus metrics count real traffic, and shutdown drains: in-process servers and a `rnnserve serve`
+subprocess configured by environment variables alone (as in the container), stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from rnnserve.client import Client
+from rnnserve.client.errors import NotFoundError, UnavailableError
+from rnnserve.server.app import RnnServeServer, background_server
+from rnnserve.server.config import ServerConfig
+from rnnserve.server.errors import SHUTTING_DOWN
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of http://127.0.0.1:port/metrics by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def health(url: str) -> int:
+    with grpc.insecure_channel(url) as channel:
+        request = health_pb2.HealthCheckRequest(service="rnnserve.v1.RnnServe")
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(lm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with only the `tiny` LM (fast to load)."""
+    repo = tmp_path_factory.mktemp("tiny-only")
+    shutil.copytree(lm_repo / "tiny", repo / "tiny")
+    return repo
+
+
+@pytest.fixture
+def metered(tiny_repo: Path) -> Iterator[RnnServeServer]:
+    config = ServerConfig(repo=tiny_repo, host="127.0.0.1", port=0, metrics_port=0)
+    with background_server(config) as server:
+        yield server
+
+
+def test_metrics_count_the_traffic(metered: RnnServeServer) -> None:
+    before = scrape(metered.metrics_port)
+    with Client(f"127.0.0.1:{metered.port}") as client:
+        with client.session("tiny") as session:
+            session.feed("def add(")  # 8 chars: 8 tokens in
+            session.feed([1, 2, 3])
+            generated = list(session.generate("a", max_tokens=12, ignore_eos=True, seed=1))
+        with pytest.raises(NotFoundError):
+            client.session("nope")
+    after = scrape(metered.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    svc = {"service": "rnnserve.v1.RnnServe"}
+    assert delta("rnnserve_requests_total", **svc, method="CreateSession", code="OK") == 1
+    assert delta("rnnserve_requests_total", **svc, method="CreateSession", code="NOT_FOUND") == 1
+    assert delta("rnnserve_request_errors_total", **svc, method="CreateSession", code="NOT_FOUND") == 1
+    assert delta("rnnserve_request_errors_total", **svc, method="CreateSession", code="OK") == 0
+    assert delta("rnnserve_requests_total", **svc, method="Generate", code="OK") == 1
+    assert delta("rnnserve_requests_total", **svc, method="CloseSession", code="OK") == 1
+    # The client half-closes its Stream (then cancels it) when the session closes.
+    streams = [delta("rnnserve_requests_total", **svc, method="Stream", code=c) for c in ("OK", "CANCELLED")]
+    assert sum(streams) == 1
+    assert delta("rnnserve_tokens_in_total", model="tiny@1") == 8 + 3 + 1  # two feeds and the prompt
+    assert len(generated) == 12
+    assert delta("rnnserve_tokens_out_total", model="tiny@1") == 12
+    assert delta("rnnserve_sessions_created_total", model="tiny@1") == 1
+    assert delta("rnnserve_sessions_active", model="tiny@1") == 0  # opened, then closed
+    # 2 feeds + prompt + 12 sampled tokens = 15 model runs of batch 1, each waited in the queue.
+    assert delta("rnnserve_batch_size_count", model="tiny@1") == 15
+    assert delta("rnnserve_batch_size_sum", model="tiny@1") == 15
+    assert delta("rnnserve_queue_wait_seconds_count", model="tiny@1") == 15
+    assert delta("rnnserve_step_latency_seconds_count", model="tiny@1") == 15
+    assert delta("rnnserve_step_latency_seconds_sum", model="tiny@1") > 0
+    assert value(after, "rnnserve_model_loaded", model="tiny@1", provider="CPUExecutionProvider") == 1
+    assert value(after, "rnnserve_draining") == 0
+
+
+def test_expired_sessions_count_as_evicted(tiny_repo: Path) -> None:
+    config = ServerConfig(repo=tiny_repo, port=0, metrics_port=0, session_ttl_s=0.2)
+    with background_server(config) as server:
+        before = scrape(server.metrics_port)
+        with Client(f"127.0.0.1:{server.port}") as client:
+            client.session("tiny")
+            time.sleep(0.4)
+            client.session("tiny")  # creating a session sweeps the expired ones
+        after = scrape(server.metrics_port)
+    labels = {"model": "tiny@1", "reason": "idle_ttl"}
+    assert (
+        value(after, "rnnserve_sessions_evicted_total", **labels)
+        - value(before, "rnnserve_sessions_evicted_total", **labels)
+        == 1
+    )
+    assert (
+        value(after, "rnnserve_sessions_active", model="tiny@1")
+        - value(before, "rnnserve_sessions_active", model="tiny@1")
+        == 1
+    )
+
+
+def test_a_metrics_port_in_use_is_fatal_only_when_asked_for(tiny_repo: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = ServerConfig(repo=tiny_repo, port=0, metrics_port=busy, metrics_required=False)
+        with background_server(config) as server:  # the CLI's default port: skipped with a warning
+            assert server.metrics_port == 0 and health(f"127.0.0.1:{server.port}") == 1  # SERVING
+        explicit = ServerConfig(repo=tiny_repo, port=0, metrics_port=busy)  # asked for: must bind
+        with (
+            pytest.raises(OSError, match=f"could not serve metrics on 127.0.0.1:{busy}"),
+            background_server(explicit),
+        ):
+            pass
+
+
+def slow_down(server: RnnServeServer, seconds: float) -> None:
+    """Make every model run take at least `seconds`, so calls stay in flight long enough to watch."""
+    for scheduler in server.engine.schedulers.values():
+        run = scheduler.model.run
+
+        def slow(*args: Any, run: Any = run) -> Any:
+            time.sleep(seconds)
+            return run(*args)
+
+        scheduler.model.run = slow  # type: ignore[method-assign]
+
+
+class Generation(threading.Thread):
+    """A Generate call consumed in a thread; `.first` is set at the first token."""
+
+    def __init__(self, client: Client, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.session = client.session("tiny")
+        self.max_tokens = max_tokens
+        self.first = threading.Event()
+        self.tokens: list[Any] = []
+        self.error: Exception | None = None
+        self.finish_reason: str | None = None
+
+    def run(self) -> None:
+        stream = self.session.generate("d", max_tokens=self.max_tokens, ignore_eos=True, seed=2)
+        try:
+            for token in stream:
+                self.tokens.append(token)
+                self.first.set()
+            self.finish_reason = stream.finish_reason
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.first.set()
+
+
+def test_drain_finishes_calls_in_flight_and_refuses_new_work(metered: RnnServeServer) -> None:
+    slow_down(metered, 0.02)
+    url = f"127.0.0.1:{metered.port}"
+    with Client(url, timeout=10) as client:
+        idle = client.session("tiny")
+        idle.feed("x")  # its Stream stays open, waiting for the next message
+        generation = Generation(client, max_tokens=60)  # ≥ 1.2 s of model runs
+        generation.start()
+        assert generation.first.wait(10)
+
+        assert metered.loop is not None
+        t0 = time.monotonic()
+        stopping = asyncio.run_coroutine_threadsafe(metered.stop(grace=20), metered.loop)
+        deadline = time.monotonic() + 5
+        while health(url) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+            time.sleep(0.01)
+        with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
+            client.session("tiny")
+        with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
+            idle.feed("y")  # the idle stream was ended by the drain
+        assert idle.info().position == 1  # lookups still work while draining
+        assert generation.is_alive(), "the generation should still be running during the checks"
+        assert metrics_of(metered)["draining"] == 1
+
+        stopping.result(timeout=30)
+        elapsed = time.monotonic() - t0
+        generation.join(timeout=10)
+    assert generation.error is None
+    assert len(generation.tokens) == 60 and generation.finish_reason == "length"  # it ran to its end
+    assert elapsed < 20
+
+
+def metrics_of(server: RnnServeServer) -> dict[str, float]:
+    samples = scrape(server.metrics_port)
+    return {"draining": value(samples, "rnnserve_draining")}
+
+
+def test_grace_period_ends_what_is_left_with_unavailable(metered: RnnServeServer) -> None:
+    slow_down(metered, 0.02)
+    with Client(f"127.0.0.1:{metered.port}", timeout=10) as client:
+        generation = Generation(client, max_tokens=500)  # ≥ 10 s: longer than the grace period
+        generation.start()
+        assert generation.first.wait(10)
+        assert metered.loop is not None
+        t0 = time.monotonic()
+        # A grace of a few seconds: the drain's own margin (grace / 4) must outlast a loaded CI machine.
+        asyncio.run_coroutine_threadsafe(metered.stop(grace=3.0), metered.loop).result(30)
+        elapsed = time.monotonic() - t0
+        generation.join(timeout=10)
+    assert isinstance(generation.error, UnavailableError), generation.error
+    assert SHUTTING_DOWN in str(generation.error)
+    assert 0 < len(generation.tokens) < 500
+    assert elapsed < 4.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_configured_by_environment_drains_on_sigterm(tiny_repo: Path) -> None:
+    """`rnnserve serve` with no flags, configured like the container; SIGTERM mid-generation exits 0."""
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RNNSERVE_REPO": str(tiny_repo),
+        "RNNSERVE_HOST": "127.0.0.1",
+        "RNNSERVE_PORT": str(port),
+        "RNNSERVE_METRICS_PORT": str(metrics_port),
+        "RNNSERVE_GRACE": "15",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnserve.client.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"127.0.0.1:{port}"
+        with Client(url, timeout=10) as client:
+            assert client.wait_ready(timeout=60), "server did not come up"
+            health_cmd = [sys.executable, "-m", "rnnserve.client.cli", "health"]
+            ok = subprocess.run(health_cmd, env=env, capture_output=True, text=True)
+            assert ok.returncode == 0 and "SERVING" in ok.stdout, ok
+            with client.session("tiny") as session:
+                session.feed("class ")
+                assert len(list(session.generate(max_tokens=5, ignore_eos=True))) == 5
+            samples = scrape(metrics_port)  # a fresh process: exact counts
+            assert value(samples, "rnnserve_tokens_in_total", model="tiny@1") == 6
+            assert value(samples, "rnnserve_tokens_out_total", model="tiny@1") == 5
+            assert value(samples, "rnnserve_sessions_active", model="tiny@1") == 0
+            ok_labels = {"service": "rnnserve.v1.RnnServe", "code": "OK"}
+            assert value(samples, "rnnserve_requests_total", method="Generate", **ok_labels) == 1
+            # The health check above asked the standard health service: counted too.
+            health_labels = {"service": "grpc.health.v1.Health", "method": "Check", "code": "OK"}
+            assert value(samples, "rnnserve_requests_total", **health_labels) >= 1
+
+            generation = Generation(client, max_tokens=4000)
+            generation.start()
+            assert generation.first.wait(10)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+            generation.join(timeout=10)
+            down = subprocess.run(health_cmd, env=env, capture_output=True, text=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "draining" in out and "stopped" in out, out
+    # The generation either ran to its end inside the grace period or was ended with UNAVAILABLE.
+    assert generation.finish_reason == "length" or isinstance(generation.error, UnavailableError), out
+    assert down.returncode == 1  # nothing answers any more

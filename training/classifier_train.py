@@ -1,0 +1,369 @@
+"""Train a recurrent text classifier (sentiment) with early stopping on dev accuracy.
+
+    rnnserve train classifier --train ../shared/data/sst-2/train.tsv --dev ../shared/data/sst-2/dev.tsv \
+        --out runs/sst2-bilstm
+
+or from Python: `train_classifier(ClassifierTrainConfig(train=..., dev=..., out_dir=...))`. The tokenizer is
+built from the training split only and saved as `tokenizer.json` beside `checkpoint.pt`; the checkpoint is
+a plain dict (`torch.load(..., weights_only=True)`) with `kind: "classifier"`, the model args, the config,
+the labels and the dev metrics of the best evaluation (accuracy, per-class precision/recall/F1, confusion
+matrix). `predict_proba` is the PyTorch reference that an exported graph (and the server) must match.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm import tqdm
+
+from rnnserve.training.classifier_data import (
+    display_names,
+    length_buckets,
+    load_labelled,
+    split_holdout,
+    subsample,
+)
+from rnnserve.training.classifier_model import ClassifierArgs, RNNClassifier
+from rnnserve.training.config import ClassifierTrainConfig
+from rnnserve.training.tokenizer import (
+    CLASSIFIER_SPECIAL_TOKENS,
+    CLASSIFIER_TOKENIZER_KINDS,
+    build_classifier_tokenizer,
+    special_token_ids,
+)
+from rnnserve.training.train import CHECKPOINT_FILE, CHECKPOINT_FORMAT, TOKENIZER_FILE, device_for
+
+__all__ = [
+    "ClassifierTrainConfig",
+    "classification_report",
+    "encode_texts",
+    "format_report",
+    "load_classifier_checkpoint",
+    "predict_proba",
+    "save_classifier_checkpoint",
+    "train_classifier",
+]
+
+KIND = "classifier"
+PREDICT_BATCH = 256
+
+
+def encode_texts(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text exactly as the server encodes them (normalizer included, no specials)."""
+    return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(tokens (batch, max_len) right-padded with pad_id, lengths (batch,)) as int64 tensors."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return tokens, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+
+
+def classification_report(gold: list[int], pred: list[int], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix [gold][pred]."""
+    k = len(labels)
+    cm = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, pred, strict=True):
+        cm[g][p] += 1
+    per_class: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(labels):
+        tp = cm[i][i]
+        predicted = sum(cm[r][i] for r in range(k))
+        support = sum(cm[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": float(support)}
+    n = max(len(gold), 1)
+    return {
+        "accuracy": sum(cm[i][i] for i in range(k)) / n,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / k,
+        "per_class": per_class,
+        "confusion_matrix": cm,
+        "labels": list(labels),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text: accuracy, per-class table, confusion matrix (rows gold, columns predicted)."""
+    labels: list[str] = report["labels"]
+    w = max(9, *(len(n) for n in labels)) + 1
+    lines = [f"accuracy {report['accuracy']:.4f}   macro F1 {report['macro_f1']:.4f}", ""]
+    lines.append(f"{'class':<{w}} precision  recall     f1  support")
+    for name, c in report["per_class"].items():
+        lines.append(
+            f"{name:<{w}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:6.4f} {int(c['support']):8d}"
+        )
+    lines += ["", "confusion matrix (rows: gold, columns: predicted)"]
+    lines.append(" " * w + "".join(f"{n:>{w}}" for n in labels))
+    for name, row in zip(labels, report["confusion_matrix"], strict=True):
+        lines.append(f"{name:<{w}}" + "".join(f"{v:>{w}d}" for v in row))
+    return "\n".join(lines)
+
+
+def flat_metrics(report: dict[str, Any], prefix: str = "dev_") -> dict[str, float]:
+    """The report's numbers as a flat str -> float dict (what a manifest's `metrics` holds)."""
+    out = {f"{prefix}accuracy": float(report["accuracy"]), f"{prefix}macro_f1": float(report["macro_f1"])}
+    for name, c in report["per_class"].items():
+        for key in ("precision", "recall", "f1"):
+            out[f"{prefix}{key}.{name}"] = float(c[key])
+    return out
+
+
+# -- prediction ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _logits(model: RNNClassifier, seqs: list[list[int]], batch_size: int = PREDICT_BATCH) -> Tensor:
+    """Logits (N, classes) in input order; batches by similar length. Every sequence must be non-empty."""
+    empty = [i for i, s in enumerate(seqs) if not s]
+    if empty:
+        raise ValueError(f"texts {empty[:5]} have no tokens after tokenization; nothing to classify")
+    device = model.classifier.weight.device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), model.args.num_classes)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        tokens, lengths = pad_batch([seqs[i] for i in idx], model.args.pad_id)
+        out[idx] = model(tokens.to(device), lengths).float().cpu()
+    return out
+
+
+def predict_proba(model: RNNClassifier, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+    """Class probabilities (N, classes) float32 for `texts`, the reference the server must match.
+
+    Encodes with `tokenizer.encode(text, add_special_tokens=False).ids`, no truncation. A text with no
+    tokens at all (e.g. empty) is a ValueError.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        probs = F.softmax(_logits(model, encode_texts(tokenizer, texts)), dim=-1)
+    finally:
+        model.train(was_training)
+    return probs.numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def evaluate(
+    model: RNNClassifier, seqs: list[list[int]], gold: list[int], labels: list[str]
+) -> dict[str, Any]:
+    """Classification report plus the mean cross-entropy (`loss`) of `model` (eval mode) on the examples."""
+    model.eval()
+    logits = _logits(model, seqs)
+    report = classification_report(gold, logits.argmax(dim=-1).tolist(), labels)
+    report["loss"] = float(F.cross_entropy(logits, torch.tensor(gold)).item())
+    return report
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+def _prepare(
+    config: ClassifierTrainConfig,
+) -> tuple[Tokenizer, list[list[int]], list[int], list[list[int]], list[int], list[str], list[str]]:
+    """(tokenizer, train ids, train labels, dev ids, dev labels, raw label names, display names)."""
+    if config.tokenizer not in CLASSIFIER_TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer must be one of {CLASSIFIER_TOKENIZER_KINDS}, got {config.tokenizer!r}")
+    if not config.train:
+        raise ValueError("no training data: set `train` (--train) to a TSV/CSV file or a label directory")
+    cols = {"text_column": config.text_column, "label_column": config.label_column}
+    texts, labels, raw_names = load_labelled(config.train, **cols)
+    if config.dev is not None:
+        dev_texts, dev_labels, _ = load_labelled(config.dev, label_names=raw_names, **cols)
+    else:
+        (texts, labels), (dev_texts, dev_labels) = split_holdout(
+            texts, labels, config.dev_fraction, config.seed
+        )
+    texts, labels = subsample(texts, labels, config.max_train_examples, config.seed)
+    names = display_names(raw_names, config.label_names)
+    tok = build_classifier_tokenizer(
+        config.tokenizer,
+        texts,
+        lowercase=config.lowercase,
+        min_freq=config.min_freq,
+        vocab_size=config.vocab_size,
+    )  # fmt: skip  (train texts only)
+    train_ids = encode_texts(tok, texts)
+    keep = [i for i, s in enumerate(train_ids) if s]  # a text with no tokens teaches nothing
+    train_ids = [train_ids[i][: config.max_len] if config.max_len else train_ids[i] for i in keep]
+    train_labels = [labels[i] for i in keep]
+    dev_ids = encode_texts(tok, dev_texts)
+    dev_keep = [i for i, s in enumerate(dev_ids) if s]
+    if not train_ids or not dev_keep:
+        raise ValueError("no non-empty training or dev texts after tokenization")
+    return (tok, train_ids, train_labels, [dev_ids[i] for i in dev_keep], [dev_labels[i] for i in dev_keep],
+            raw_names, names)  # fmt: skip
+
+
+def _model_args(config: ClassifierTrainConfig, tok: Tokenizer, num_classes: int) -> ClassifierArgs:
+    return ClassifierArgs(
+        cell=config.cell,
+        vocab_size=tok.get_vocab_size(),
+        embedding_size=config.emb,
+        hidden_size=config.hidden,
+        num_layers=config.layers,
+        num_classes=num_classes,
+        bidirectional=config.bidirectional,
+        pooling=config.pooling,
+        dropout=config.dropout,
+        emb_dropout=config.emb_dropout,
+        pad_id=special_token_ids(tok, CLASSIFIER_SPECIAL_TOKENS)["pad"],
+    )
+
+
+def train_classifier(config: ClassifierTrainConfig) -> Path:
+    """Train as configured; returns the best checkpoint's path (tokenizer.json is beside it)."""
+    start_time = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = device_for(config.device)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, train_ids, train_labels, dev_ids, dev_labels, raw_names, names = _prepare(config)
+    tok.save(str(out / TOKENIZER_FILE))
+    args = _model_args(config, tok, len(names))
+    model = RNNClassifier(args).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.progress:
+        tqdm.write(
+            f"{len(train_ids)} training / {len(dev_ids)} dev examples, labels {names}, "
+            f"vocabulary {args.vocab_size}, {sum(p.numel() for p in model.parameters())} parameters"
+        )
+    path = out / CHECKPOINT_FILE
+    best, stale, evals = -1.0, 0, 0
+    history: list[dict[str, float]] = []
+    lengths = [len(s) for s in train_ids]
+    for epoch in range(1, config.epochs + 1):
+        batches = length_buckets(lengths, config.batch_size, rng)
+        per_eval = max(1, math.ceil(len(batches) / max(1, config.evals_per_epoch)))
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}",
+            disable=not config.progress,
+            unit="batch",
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )  # fmt: skip  (a log file stays short)
+        total, seen = 0.0, 0
+        for step, idx in enumerate(bar, start=1):
+            model.train()
+            tokens, lens = pad_batch([train_ids[i] for i in idx], args.pad_id)
+            target = torch.tensor([train_labels[i] for i in idx], device=device)
+            loss = F.cross_entropy(model(tokens.to(device), lens), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
+            if step % per_eval and step != len(batches):
+                continue
+            evals += 1
+            report = evaluate(model, dev_ids, dev_labels, names)
+            record = {
+                "epoch": epoch + step / len(batches) - 1,
+                "train_loss": total / seen,
+                "dev_loss": report["loss"],
+                **flat_metrics(report),
+                "train_seconds": time.perf_counter() - start_time,
+            }
+            history.append(record)
+            improved = report["accuracy"] > best
+            if config.progress:
+                best_mark = "  (best)" if improved else ""
+                tqdm.write(
+                    f"epoch {record['epoch']:.2f}: train loss {record['train_loss']:.4f}, dev loss "
+                    f"{report['loss']:.4f}, dev accuracy {report['accuracy']:.4f}{best_mark}"
+                )
+            if improved:
+                best, stale = report["accuracy"], 0
+                metrics = {**record, "report": report}
+                save_classifier_checkpoint(path, model, config, tok, names, raw_names, metrics, history)
+            else:
+                stale += 1
+            if stale >= config.patience:
+                break
+        if stale >= config.patience:
+            if config.progress:
+                tqdm.write(f"early stop: no better dev accuracy in {config.patience} evaluations")
+            break
+    _finish_history(path, history, time.perf_counter() - start_time)
+    return path
+
+
+def _finish_history(path: Path, history: list[dict[str, float]], seconds: float) -> None:
+    """Record every evaluation (including those after the best) and the total time in the checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["history"] = history
+    ckpt["train_seconds_total"] = seconds
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def save_classifier_checkpoint(
+    path: Path,
+    model: RNNClassifier,
+    config: ClassifierTrainConfig,
+    tok: Tokenizer,
+    labels: list[str],
+    raw_labels: list[str],
+    metrics: dict[str, Any],
+    history: list[dict[str, float]] | None = None,
+) -> None:
+    """Write the plain-dict classifier checkpoint atomically.
+
+    `metrics` holds flat numbers (dev_accuracy, dev_loss, ...) and `report` (the full classification
+    report with per-class figures and the confusion matrix).
+    """
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": KIND,
+        "model_args": asdict(model.args),
+        "config": asdict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "labels": list(labels),
+        "raw_labels": list(raw_labels),
+        "special_tokens": special_token_ids(tok, CLASSIFIER_SPECIAL_TOKENS),
+        "tokenizer_kind": config.tokenizer,
+        "metrics": metrics,
+        "history": list(history or []),
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def load_classifier_checkpoint(path: str | Path) -> tuple[RNNClassifier, Tokenizer, dict[str, Any]]:
+    """(model in eval mode on CPU, tokenizer from tokenizer.json beside it, the checkpoint dict)."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("kind") != KIND:
+        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve classifier checkpoint")
+    model = RNNClassifier(ClassifierArgs(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    tok_path = path.parent / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path} (the checkpoint's tokenizer) does not exist")
+    return model, Tokenizer.from_file(str(tok_path)), ckpt
