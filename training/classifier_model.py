@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnserve.training.model import CELLS
+from rnnserve.training.model import CELLS, recurrent_stack
 
 POOLINGS: tuple[str, ...] = ("max", "mean", "last")
 State = tuple[Tensor, ...]  # h, [c], then the pooling accumulator tensors
@@ -87,22 +87,6 @@ STATE_INITIAL: dict[str, str] = {"h": "zeros", "c": "zeros", "pool_max": "-inf",
                                  "pool_count": "zeros"}  # fmt: skip
 
 
-def _recurrent(args: ClassifierArgs) -> nn.RNNBase:
-    common = {
-        "input_size": args.embedding_size,
-        "hidden_size": args.hidden_size,
-        "num_layers": args.num_layers,
-        "batch_first": True,
-        "bidirectional": args.bidirectional,
-        "dropout": args.dropout if args.num_layers > 1 else 0.0,
-    }
-    if args.cell == "lstm":
-        return nn.LSTM(**common)
-    if args.cell == "gru":
-        return nn.GRU(**common)
-    return nn.RNN(nonlinearity=args.cell.removeprefix("rnn_"), **common)
-
-
 class RNNClassifier(nn.Module):
     """Pooled recurrent classifier; `forward` for padded batches, `stream` for chunk-by-chunk texts."""
 
@@ -111,7 +95,14 @@ class RNNClassifier(nn.Module):
         self.args = args
         self.embedding = nn.Embedding(args.vocab_size, args.embedding_size, padding_idx=args.pad_id)
         self.emb_drop = nn.Dropout(args.emb_dropout)
-        self.rnn = _recurrent(args)
+        self.rnn = recurrent_stack(
+            args.cell,
+            args.embedding_size,
+            args.hidden_size,
+            args.num_layers,
+            args.dropout,
+            args.bidirectional,
+        )
         self.drop = nn.Dropout(args.dropout)
         self.classifier = nn.Linear(args.hidden_size * args.num_directions, args.num_classes)
 

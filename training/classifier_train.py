@@ -42,7 +42,13 @@ from rnnserve.training.tokenizer import (
     build_classifier_tokenizer,
     special_token_ids,
 )
-from rnnserve.training.train import CHECKPOINT_FILE, CHECKPOINT_FORMAT, TOKENIZER_FILE, device_for
+from rnnserve.training.train import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    TOKENIZER_FILE,
+    device_for,
+    read_checkpoint,
+)
 
 __all__ = [
     "ClassifierTrainConfig",
@@ -356,14 +362,7 @@ def save_classifier_checkpoint(
 
 def load_classifier_checkpoint(path: str | Path) -> tuple[RNNClassifier, Tokenizer, dict[str, Any]]:
     """(model in eval mode on CPU, tokenizer from tokenizer.json beside it, the checkpoint dict)."""
-    path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("kind") != KIND:
-        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve classifier checkpoint")
+    ckpt, tokenizer = read_checkpoint(path, KIND)
     model = RNNClassifier(ClassifierArgs(**ckpt["model_args"]))
     model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    tok_path = path.parent / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path} (the checkpoint's tokenizer) does not exist")
-    return model, Tokenizer.from_file(str(tok_path)), ckpt
+    return model.eval(), tokenizer, ckpt

@@ -45,19 +45,23 @@ class ModelArgs:
         return ("h", "c") if self.cell == "lstm" else ("h",)
 
 
-def _recurrent(args: ModelArgs) -> nn.RNNBase:
+def recurrent_stack(
+    cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool = False
+) -> nn.RNNBase:
+    """nn.RNN/LSTM/GRU for `cell` (batch first); these export to the native ONNX RNN/LSTM/GRU ops."""
     common = {
-        "input_size": args.embedding_size,
-        "hidden_size": args.hidden_size,
-        "num_layers": args.num_layers,
+        "input_size": input_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
         "batch_first": True,
-        "dropout": args.dropout if args.num_layers > 1 else 0.0,
+        "bidirectional": bidirectional,
+        "dropout": dropout if num_layers > 1 else 0.0,  # torch applies it between layers only
     }
-    if args.cell == "lstm":
+    if cell == "lstm":
         return nn.LSTM(**common)
-    if args.cell == "gru":
+    if cell == "gru":
         return nn.GRU(**common)
-    return nn.RNN(nonlinearity=args.cell.removeprefix("rnn_"), **common)
+    return nn.RNN(nonlinearity=cell.removeprefix("rnn_"), **common)
 
 
 class RNNLanguageModel(nn.Module):
@@ -67,7 +71,9 @@ class RNNLanguageModel(nn.Module):
         super().__init__()
         self.args = args
         self.embedding = nn.Embedding(args.vocab_size, args.embedding_size)
-        self.rnn = _recurrent(args)
+        self.rnn = recurrent_stack(
+            args.cell, args.embedding_size, args.hidden_size, args.num_layers, args.dropout
+        )
         self.drop = nn.Dropout(args.dropout)
         self.decoder = nn.Linear(args.hidden_size, args.vocab_size)
         if args.tie_weights:

@@ -216,16 +216,22 @@ def read_checkpoint_kind(path: str | Path) -> str:
 
 def load_checkpoint(path: str | Path) -> tuple[RNNLanguageModel, Tokenizer, dict[str, Any]]:
     """(model in eval mode on CPU, tokenizer from tokenizer.json beside it, the checkpoint dict)."""
+    ckpt, tokenizer = read_checkpoint(path, "lm")
+    model = RNNLanguageModel(ModelArgs(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), tokenizer, ckpt
+
+
+def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, Any], Tokenizer]:
+    """A checkpoint of `kind` ("lm" | "classifier") and the tokenizer.json beside it; clear errors else."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve checkpoint")
-    if checkpoint_kind(ckpt) != "lm":
-        raise ValueError(f"{path} is a {checkpoint_kind(ckpt)} checkpoint, not a language model")
-    model = RNNLanguageModel(ModelArgs(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    if checkpoint_kind(ckpt) != kind:
+        names = {"lm": "language model", "classifier": "classifier"}
+        raise ValueError(f"{path} is a {checkpoint_kind(ckpt)} checkpoint, not a {names.get(kind, kind)}")
     tok_path = path.parent / TOKENIZER_FILE
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path} (the checkpoint's tokenizer) does not exist")
-    return model, Tokenizer.from_file(str(tok_path)), ckpt
+    return ckpt, Tokenizer.from_file(str(tok_path))
