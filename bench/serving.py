@@ -304,6 +304,7 @@ def main() -> None:
         if args.idle_sessions:
             port = free_port()
             cli[-1] = str(port)
+            cli += ["--max-sessions", str(args.idle_sessions + 1000)]
             with server_process(cli, f"127.0.0.1:{port}") as proc:
                 idle = idle_sessions(f"127.0.0.1:{port}", proc.pid, args.idle_sessions, state_bytes)
     print_table(rows)

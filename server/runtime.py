@@ -106,6 +106,8 @@ class OnnxModel:
 
     def concat_states(self, states: list[State]) -> State:
         """Stack per-session states (batch 1 each) along each tensor's batch axis."""
+        if len(states) == 1:
+            return states[0]  # ORT only reads its inputs
         return {
             s.name: np.concatenate([st[s.name] for st in states], axis=s.batch_axis)
             for s in self.manifest.state
@@ -113,6 +115,8 @@ class OnnxModel:
 
     def split_state(self, state: State, batch: int) -> list[State]:
         """Inverse of concat_states: one batch-1 state per session (copies, so sessions never alias)."""
+        if batch == 1:
+            return [state]  # ORT's outputs are fresh arrays, owned by nobody else
         parts: list[State] = [{} for _ in range(batch)]
         for s in self.manifest.state:
             for i, piece in enumerate(np.split(state[s.name], batch, axis=s.batch_axis)):
