@@ -85,7 +85,10 @@ class SessionStore:
                 f"ttl_seconds must be in [0, {self.limits.max_ttl_seconds:.0f}] (0 = server default), "
                 f"got {ttl_seconds}"
             )
-        self.evict_expired()
+        # The server's sweeper drops expired sessions every few seconds; a full store sweeps first here
+        # too (an O(sessions) scan, so not on every create).
+        if len(self._sessions) >= self.limits.max_sessions:
+            self.evict_expired()
         if len(self._sessions) >= self.limits.max_sessions:
             raise ResourceExhausted(
                 f"the server holds its maximum of {self.limits.max_sessions} sessions; "
