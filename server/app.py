@@ -117,7 +117,8 @@ class RnnServeServer:
 
     async def _sweep_sessions(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            # Sweep at least twice per default TTL, so a short TTL is honoured promptly.
+            await asyncio.sleep(min(SWEEP_INTERVAL_S, self.config.session_ttl_s / 2))
             dropped = self.engine.sessions.evict_expired()
             if dropped:
                 log.info("dropped %d idle session(s) past their TTL", dropped)

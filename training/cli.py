@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 from rnnserve.training.config import ClassifierTrainConfig, TrainConfig
 
@@ -15,10 +18,12 @@ CELL_CHOICES = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `train` (with the nested `lm` and `classifier` subcommands) to an argparse subparsers object."""
+    """Add `train` (nested `lm` and `classifier` subcommands) and `sample` to an argparse subparsers."""
     train = subparsers.add_parser("train", help="train a model")
     kinds = train.add_subparsers(dest="train_command", required=True, metavar="{lm,classifier}")
-    lm = kinds.add_parser("lm", help="train a recurrent language model (truncated BPTT)")
+    lm = kinds.add_parser(
+        "lm", help="train a recurrent language model (truncated BPTT)", argument_default=argparse.SUPPRESS
+    )
     _add_lm_arguments(lm)
     lm.set_defaults(func=run_train_lm)
     clf = kinds.add_parser(
@@ -29,78 +34,199 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_classifier_arguments(clf)
     clf.set_defaults(func=run_train_classifier)
+    _register_sample(subparsers)
+    _register_data(subparsers)
 
 
 def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
+    """LM flags. They have no argparse defaults (the parser suppresses absent flags), so that
+    `config_from_args` can layer TrainConfig defaults < `--config` file < flags given on the command line."""
     d = _DEFAULTS
+
+    def dflt(name: str) -> str:
+        return f"(default: {d[name]})"
+
+    p.add_argument("--config", help="TOML file whose keys are TrainConfig fields; flags given here win")
     p.add_argument("--data", help="text file or directory of .txt files (default: the Python stdlib)")
-    p.add_argument("--tokenizer", choices=["char", "word"], default=d["tokenizer"])
-    p.add_argument("--cell", choices=CELL_CHOICES, default=d["cell"])
-    p.add_argument("--layers", type=int, default=d["layers"])
-    p.add_argument("--hidden", type=int, default=d["hidden"])
-    p.add_argument("--emb", type=int, default=d["emb"])
-    p.add_argument("--dropout", type=float, default=d["dropout"])
+    p.add_argument("--tokenizer", choices=["char", "word"], help=dflt("tokenizer"))
+    p.add_argument("--cell", choices=CELL_CHOICES, help=dflt("cell"))
+    p.add_argument("--layers", type=int, help=dflt("layers"))
+    p.add_argument("--hidden", type=int, help=dflt("hidden"))
+    p.add_argument("--emb", type=int, help=dflt("emb"))
+    p.add_argument("--dropout", type=float, help=dflt("dropout"))
     p.add_argument("--tie-weights", action="store_true", help="share embedding/output (needs emb == hidden)")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--bptt", type=int, default=d["bptt"], help="truncated-BPTT window in tokens")
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--clip", type=float, default=d["clip"], help="gradient-norm clip")
-    p.add_argument("--max-steps-per-epoch", type=int, default=d["max_steps_per_epoch"])
-    p.add_argument("--max-chars", type=int, default=d["max_chars"], help="size of the default corpus")
-    p.add_argument("--min-count", type=int, default=d["min_count"], help="rarer tokens become <unk>")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads")
-    p.add_argument("--device", default=d["device"], help="cpu, cuda or auto")
+    p.add_argument("--epochs", type=int, help=dflt("epochs"))
+    p.add_argument("--batch-size", type=int, help=dflt("batch_size"))
+    p.add_argument("--bptt", type=int, help=f"truncated-BPTT window in tokens {dflt('bptt')}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate {dflt('lr')}")
+    p.add_argument("--clip", type=float, help=f"gradient-norm clip {dflt('clip')}")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help=dflt("optimizer"))
+    p.add_argument("--weight-decay", type=float, help=dflt("weight_decay"))
+    p.add_argument("--momentum", type=float, help=f"sgd momentum {dflt('momentum')}")
+    p.add_argument(
+        "--schedule",
+        choices=["none", "cosine", "plateau"],
+        help="lr schedule: cosine decays to 0 over the run; plateau halves the lr when the val loss "
+        f"stalls {dflt('schedule')}",
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, help=f"linear lr warm-up (none, cosine) {dflt('warmup_steps')}"
+    )
+    p.add_argument(
+        "--plateau-patience",
+        type=int,
+        help=f"epochs without improvement before halving {dflt('plateau_patience')}",
+    )
+    p.add_argument(
+        "--patience", type=int, help="early stopping: epochs without a better val loss (default: off)"
+    )
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument(
+        "--max-steps", type=int, help="stop after this many steps in all (resumable with --resume)"
+    )
+    p.add_argument("--save-every", type=int, help=f"write last.pt every this many steps {dflt('save_every')}")
+    p.add_argument("--log-every", type=int, help=f"metrics.jsonl step rows every N steps {dflt('log_every')}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-plot", action="store_true", help="do not write learning_curves.png")
+    p.add_argument("--max-chars", type=int, help=f"size of the default corpus {dflt('max_chars')}")
+    p.add_argument("--min-count", type=int, help=f"rarer tokens become <unk> {dflt('min_count')}")
+    p.add_argument("--seed", type=int, help=dflt("seed"))
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", help=f"cpu, cuda or auto {dflt('device')}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample", type=int, default=300, help="print this many sampled tokens at the end")
-    p.add_argument("--out", required=True, help="output directory (checkpoint.pt, tokenizer.json)")
+    p.add_argument("--out", help="output directory (checkpoint.pt, last.pt, tokenizer.json, metrics.jsonl)")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that the parsed flags describe."""
-    return TrainConfig(
-        data=args.data,
-        tokenizer=args.tokenizer,
-        min_count=args.min_count,
-        max_chars=args.max_chars,
-        cell=args.cell,
-        layers=args.layers,
-        hidden=args.hidden,
-        emb=args.emb,
-        dropout=args.dropout,
-        tie_weights=args.tie_weights,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        bptt=args.bptt,
-        lr=args.lr,
-        clip=args.clip,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        seed=args.seed,
-        threads=args.threads,
-        device=args.device,
-        progress=not args.no_progress,
-        out_dir=args.out,
-    )
+# Flags whose TrainConfig field has another name or meaning.
+_RENAMED = {"out": "out_dir"}
+_NEGATED = {"no_progress": "progress", "no_plot": "plot"}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The TrainConfig fields a TOML file sets; unknown keys are an error."""
+    with Path(path).open("rb") as f:
+        data = tomllib.load(f)
+    unknown = sorted(set(data) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown TrainConfig keys {unknown} (known: {sorted(_DEFAULTS)})")
+    return data
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig the parsed flags describe: defaults < `base` (a resumed run's config) < `--config`
+    file < explicit flags."""
+    values: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    for name, value in vars(args).items():
+        if name in _NEGATED:
+            if value:
+                values[_NEGATED[name]] = False
+        elif name in ("tie_weights", "resume"):
+            if value:
+                values[name] = True
+        elif _RENAMED.get(name, name) in _DEFAULTS:  # not --config, --sample, func, command...
+            values[_RENAMED.get(name, name)] = value
+    if "out_dir" not in values:
+        raise ValueError("--out is required (or out_dir in the --config file)")
+    return TrainConfig(**values)
 
 
 def run_train_lm(args: argparse.Namespace) -> int:
     """Train, print the checkpoint path, its metrics and a short sample; returns the exit code."""
     from rnnserve.training.sample import sample_text
-    from rnnserve.training.train import load_checkpoint, train_language_model
+    from rnnserve.training.train import (
+        TrainingStopped,
+        load_checkpoint,
+        read_run_config,
+        train_language_model,
+    )
 
     try:
-        config = config_from_args(args)
+        base = None
+        if getattr(args, "resume", False):
+            if not getattr(args, "out", None):
+                raise ValueError("--resume needs --out (the directory of the run to continue)")
+            base = read_run_config(args.out)
+        config = config_from_args(args, base)
         path = train_language_model(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, tomllib.TOMLDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        print(f"{stop.reason} at step {stop.step}; the run's state is saved in {stop.last}", file=sys.stderr)
+        print(f"continue it with: rnnserve train lm --out {config.out_dir} --resume", file=sys.stderr)
+        return 130 if stop.reason == "interrupted" else 0
     model, tok, ckpt = load_checkpoint(path)
     m = ckpt["metrics"]
     print(f"checkpoint: {path}")
     print(f"epoch {m['epoch']}: val loss {m['val_loss']:.4f}, val ppl {m['val_ppl']:.3f}")
     if args.sample > 0:
         print("sample:\n" + sample_text(model, tok, max_tokens=args.sample, seed=config.seed))
+    return 0
+
+
+def _register_sample(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample", help="generate text from a language-model checkpoint (PyTorch)")
+    p.add_argument("checkpoint", help="checkpoint.pt of `rnnserve train lm` (tokenizer.json beside it)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a fresh document)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Print the prompt followed by a sampled continuation."""
+    from rnnserve.training.sample import sample_text
+    from rnnserve.training.train import load_checkpoint
+
+    if args.max_tokens < 0 or args.temperature <= 0:
+        print("error: --max-tokens must be >= 0 and --temperature > 0", file=sys.stderr)
+        return 2
+    try:
+        model, tok, _ = load_checkpoint(args.checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = sample_text(model, tok, args.prompt, args.max_tokens, args.temperature, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def _register_data(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="download public data sets (sha256-checked, cached)")
+    cmds = data.add_subparsers(dest="data_command", required=True, metavar="{fetch,list}")
+    fetch = cmds.add_parser("fetch", help="download a data set into the cache (or find it there)")
+    fetch.add_argument("name", help="a data set name (see `rnnserve data list`)")
+    fetch.add_argument("--cache-dir", help="default: $RNNSERVE_DATA_DIR or ~/.cache/rnnserve/data")
+    fetch.add_argument(
+        "--url", help="mirror base URL laid out as BASE/NAME/FILE (default: $RNNSERVE_DATA_URL)"
+    )
+    fetch.set_defaults(func=run_data_fetch)
+    cmds.add_parser("list", help="the data sets `fetch` knows").set_defaults(func=run_data_list)
+
+
+def run_data_fetch(args: argparse.Namespace) -> int:
+    """Fetch, then print the folder and how to train on it."""
+    from rnnserve.training.datasets import REGISTRY, DataFetchError, fetch
+
+    try:
+        folder = fetch(args.name, args.cache_dir, args.url)
+    except DataFetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(folder)
+    print(f"train on it with: rnnserve train lm --data {folder / REGISTRY[args.name].train_hint} ...")
+    return 0
+
+
+def run_data_list(args: argparse.Namespace) -> int:
+    from rnnserve.training.datasets import REGISTRY
+
+    for d in REGISTRY.values():
+        print(f"{d.name}: {d.description} ({', '.join(f.path for f in d.files)})")
     return 0
 
 

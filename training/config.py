@@ -24,9 +24,21 @@ class TrainConfig:
     epochs: int = 1  # passes over the training stream
     batch_size: int = 32  # parallel streams
     bptt: int = 64  # truncated-BPTT window (tokens per step and stream)
-    lr: float = 4e-3  # Adam learning rate
+    lr: float = 4e-3  # peak learning rate
     clip: float = 1.0  # gradient-norm clip
+    optimizer: str = "adam"  # adam | adamw | sgd (with `momentum`)
+    weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw) weight decay
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"  # none | cosine (to 0 over all steps) | plateau (halve lr when val loss stalls)
+    warmup_steps: int = 0  # linear warm-up from 0 to `lr` (schedules none and cosine)
+    plateau_patience: int = 0  # plateau: epochs without a better val loss before the lr is halved
+    patience: int | None = None  # early stopping: epochs without a better val loss; None = never stop
     max_steps_per_epoch: int | None = None  # bound an epoch (demo/tests); None = the whole stream
+    max_steps: int | None = None  # stop (saving last.pt) after this many steps in all; `resume` continues
+    save_every: int = 200  # write last.pt every this many steps (and at each epoch end)
+    log_every: int = 10  # append a step row to metrics.jsonl every this many steps
+    resume: bool = False  # continue from out_dir/last.pt (model, optimiser, schedule, RNG, data position)
+    plot: bool = True  # write learning_curves.png at the end (needs matplotlib)
     max_eval_tokens: int | None = 100_000  # cap on validation tokens per evaluation; None = all
     eval_batch_size: int = 16  # parallel streams when evaluating
     seed: int = 1234  # torch seed (data order is deterministic)

@@ -7,12 +7,19 @@ modules, loadable with `torch.load(..., weights_only=True)`) with `tokenizer.jso
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import signal
+import threading
 import time
-from dataclasses import asdict
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -24,11 +31,14 @@ from rnnserve.training.data import default_corpus_documents, load_documents, spl
 from rnnserve.training.model import ModelArgs, RNNLanguageModel, State, detach_state
 from rnnserve.training.tokenizer import TOKENIZER_KINDS, build_tokenizer, special_token_ids
 
-__all__ = ["TrainConfig", "encode_documents", "load_checkpoint", "train_language_model"]
+__all__ = ["TrainConfig", "TrainingStopped", "encode_documents", "load_checkpoint", "train_language_model"]
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 TOKENIZER_FILE = "tokenizer.json"
+LAST_FILE = "last.pt"  # the whole run state, for --resume (the exporter reads checkpoint.pt)
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "learning_curves.png"
 
 
 def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
@@ -108,44 +118,185 @@ def _model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
     )
 
 
-def _train_epoch(
-    model: RNNLanguageModel, opt: torch.optim.Optimizer, data: Tensor, config: TrainConfig, epoch: int
-) -> float:
-    """One truncated-BPTT pass; returns the mean training loss."""
-    model.train()
-    batches = windows(data, config.bptt)
-    if config.max_steps_per_epoch is not None:
-        batches = batches[: config.max_steps_per_epoch]
-    state: State = model.init_state(data.shape[0], data.device)
-    total, tokens, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not config.progress, unit="step")
-    for x, y in bar:
-        x = x[:, : y.shape[1]]
-        state = detach_state(state)  # truncated BPTT: no gradient into the previous window
-        logits, state = model(x, state)
-        loss = _loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        opt.step()
-        total += loss.item() * y.numel()
-        tokens += y.numel()
-        mean = total / tokens
-        bar.set_postfix(
-            loss=f"{mean:.3f}",
-            ppl=f"{math.exp(min(mean, 50)):.1f}",
-            tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
-        )
-    return total / max(tokens, 1)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "plateau")
+StepHook = Callable[[int], None]
 
 
-def train_language_model(config: TrainConfig) -> Path:
-    """Train as configured; returns the best checkpoint's path (tokenizer.json is beside it)."""
+class TrainingStopped(Exception):
+    """Training ended early (Ctrl-C or `max_steps`) after writing `last.pt`; `resume` continues the run."""
+
+    def __init__(self, last: Path, step: int, reason: str) -> None:
+        super().__init__(f"{reason} at step {step}; the run's state is in {last}")
+        self.last, self.step, self.reason = last, step, reason
+
+
+@dataclass
+class _Progress:
+    """Where a run is: everything besides model/optimiser/schedule/RNG that `last.pt` must restore."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0  # windows of this epoch already trained on
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # token-weighted training loss so far this epoch
+    epoch_tokens: int = 0
+    best: float = math.inf
+    bad_epochs: int = 0  # epochs since the best val loss (early stopping)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD with momentum, as configured."""
+    params, lr, wd = model.parameters(), config.lr, config.weight_decay
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
+    """Multiplier of the peak lr before optimiser step `step` (0-based): linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """LambdaLR (stepped per batch) for warm-up/cosine, ReduceLROnPlateau (per epoch), or None."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if config.schedule == "plateau":
+        if config.warmup_steps:
+            raise ValueError("warmup_steps works with the none and cosine schedules, not plateau")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=config.plateau_patience)
+    if config.schedule == "none" and not config.warmup_steps:
+        return None
+    warmup, cosine = config.warmup_steps, config.schedule == "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, cosine))
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), Python `random` and NumPy RNG states, as weights_only-loadable values."""
+    legacy: tuple[str, Any, int, int, float] = np.random.get_state()  # type: ignore[assignment]
+    name, keys, pos, has_gauss, cached = legacy
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(
+    path: Path,
+    model: RNNLanguageModel,
+    opt: torch.optim.Optimizer,
+    scheduler: Any,
+    config: TrainConfig,
+    progress: _Progress,
+    hidden: State,
+) -> None:
+    """Write `last.pt` atomically: everything `resume` needs to continue exactly where the run is."""
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "lm-last",
+        "model_args": asdict(model.args),
+        "config": asdict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": _rng_state(),
+        "progress": asdict(progress),
+        "hidden": [h.detach().cpu() for h in hidden],
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def read_run_config(out_dir: str | Path) -> dict[str, Any]:
+    """The config a run in `out_dir` saved in its last.pt, ready to resume (its `max_steps` bound dropped)."""
+    path = Path(out_dir) / LAST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    config = dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
+    config.update(resume=True, max_steps=None, out_dir=str(out_dir))
+    return config
+
+
+class _InterruptFlag:
+    """While active, the first Ctrl-C only sets `raised` (the loop stops after the current step); a second
+    Ctrl-C interrupts as usual. Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows logged after the step `last.pt` holds (they will be redone)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+
+
+def train_language_model(config: TrainConfig, on_step: StepHook | None = None) -> Path:
+    """Train as configured; returns the best checkpoint's path (tokenizer.json is beside it).
+
+    `last.pt` (the whole run state) is written every `save_every` steps and at each epoch end; with
+    `config.resume` the run continues from it and ends with the weights an uninterrupted run would have.
+    Ctrl-C or reaching `max_steps` writes `last.pt` and raises `TrainingStopped`. `on_step(global_step)`
+    is called after each optimiser step (tests use it to interrupt a run).
+    """
     torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = device_for(config.device)
     out = Path(config.out_dir)
+    last_path = out / LAST_FILE
+    if config.resume and not last_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     tok, train_ids, val_ids = _prepare_data(config)
     tok.save(str(out / TOKENIZER_FILE))
@@ -153,29 +304,174 @@ def train_language_model(config: TrainConfig) -> Path:
     val_data = batchify(val_ids, config.eval_batch_size).to(device)  # (eval_batch, time)
     args = _model_args(config, tok.get_vocab_size())
     model = RNNLanguageModel(args).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = make_optimizer(model, config)
+    batches = windows(train_data, config.bptt)
+    if config.max_steps_per_epoch is not None:
+        batches = batches[: config.max_steps_per_epoch]
+    scheduler = make_scheduler(opt, config, total_steps=len(batches) * config.epochs)
+    progress = _Progress()
+    hidden: State = model.init_state(train_data.shape[0], device)
+    metrics_path = out / METRICS_FILE
+    if config.resume:
+        last = torch.load(last_path, map_location="cpu", weights_only=True)
+        if last.get("model_args") != asdict(args):
+            raise ValueError(f"cannot resume: {last_path} holds a different model ({last.get('model_args')})")
+        model.load_state_dict(last["state_dict"])
+        opt.load_state_dict(last["optimizer"])
+        if scheduler is not None and last["scheduler"] is not None:
+            scheduler.load_state_dict(last["scheduler"])
+        progress = _Progress(**last["progress"])
+        hidden = tuple(h.to(device) for h in last["hidden"])
+        _set_rng_state(last["rng"])
+        _trim_metrics(metrics_path, progress.global_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
     path = out / CHECKPOINT_FILE
-    best = math.inf
-    history: list[dict[str, float]] = []
-    for epoch in range(1, config.epochs + 1):
-        train_loss = _train_epoch(model, opt, train_data, config, epoch)
-        val_loss = evaluate(model, val_data, config.bptt)
-        metrics: dict[str, float] = {
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50)),
-            "train_loss": train_loss,
-            "epoch": epoch,
-        }
-        history.append(metrics)
-        if config.progress:
-            tqdm.write(
-                f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
-                f"val ppl {metrics['val_ppl']:.2f}"
-            )
-        if val_loss < best or not path.exists():
-            best = val_loss
-            save_checkpoint(path, model, config, metrics, history)
+    stop_reason: str | None = None
+    with _InterruptFlag() as interrupt:
+        while progress.epoch <= config.epochs and stop_reason is None:
+            epoch = progress.epoch
+            model.train()
+            if progress.step_in_epoch == 0:
+                hidden = model.init_state(train_data.shape[0], device)
+            start, tokens_seen = time.perf_counter(), 0
+            bar = tqdm(
+                batches, desc=f"epoch {epoch}", disable=not config.progress, unit="step",
+                initial=progress.step_in_epoch,
+            )  # fmt: skip
+            for x, y in batches[progress.step_in_epoch :]:
+                x = x[:, : y.shape[1]]
+                hidden = detach_state(hidden)  # truncated BPTT: no gradient into the previous window
+                logits, hidden = model(x, hidden)
+                loss = _loss(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                    scheduler.step()
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                step_loss = loss.item()
+                progress.epoch_loss_sum += step_loss * y.numel()
+                progress.epoch_tokens += y.numel()
+                tokens_seen += y.numel()
+                mean = progress.epoch_loss_sum / progress.epoch_tokens
+                tok_s = tokens_seen / max(time.perf_counter() - start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", tok_s=f"{tok_s:.0f}"
+                )
+                step = progress.global_step
+                if config.log_every > 0 and step % config.log_every == 0:
+                    ppl = math.exp(min(step_loss, 50))
+                    row = {"step": step, "epoch": epoch, "loss": step_loss, "ppl": ppl, "lr": lr,
+                           "tokens_per_s": tok_s}  # fmt: skip
+                    _append_jsonl(metrics_path, row)
+                if on_step is not None:
+                    on_step(step)
+                if interrupt.raised:
+                    stop_reason = "interrupted"
+                elif config.max_steps is not None and step >= config.max_steps:
+                    stop_reason = "max_steps reached"
+                if stop_reason is not None:
+                    break
+                if (
+                    config.save_every > 0
+                    and step % config.save_every == 0
+                    and progress.step_in_epoch < len(batches)  # the epoch end saves after its evaluation
+                ):
+                    save_last(last_path, model, opt, scheduler, config, progress, hidden)
+            bar.close()
+            if stop_reason is not None and progress.step_in_epoch < len(batches):
+                break
+            _end_epoch(model, val_data, config, progress, scheduler, path, metrics_path)
+            if config.patience is not None and progress.bad_epochs >= config.patience:
+                if config.progress:
+                    tqdm.write(f"early stopping: no better val loss for {config.patience} epoch(s)")
+                progress.epoch = config.epochs + 1
+            hidden = model.init_state(train_data.shape[0], device)
+            save_last(last_path, model, opt, scheduler, config, progress, hidden)
+            if interrupt.raised and stop_reason is None and progress.epoch <= config.epochs:
+                stop_reason = "interrupted"  # Ctrl-C during the evaluation
+    if stop_reason is not None:
+        save_last(last_path, model, opt, scheduler, config, progress, hidden)
+        raise TrainingStopped(last_path, progress.global_step, stop_reason)
+    if config.plot:
+        plot_learning_curves(metrics_path, out / PLOT_FILE)
     return path
+
+
+def _end_epoch(
+    model: RNNLanguageModel,
+    val_data: Tensor,
+    config: TrainConfig,
+    progress: _Progress,
+    scheduler: Any,
+    path: Path,
+    metrics_path: Path,
+) -> None:
+    """Evaluate, log, step the plateau schedule, save the best checkpoint; move `progress` to the next
+    epoch."""
+    epoch = progress.epoch
+    train_loss = progress.epoch_loss_sum / max(progress.epoch_tokens, 1)
+    val_loss = evaluate(model, val_data, config.bptt)
+    metrics: dict[str, float] = {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50)),
+        "train_loss": train_loss,
+        "epoch": epoch,
+    }
+    progress.history.append(metrics)
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    _append_jsonl(metrics_path, {"step": progress.global_step, **metrics})
+    if config.progress:
+        tqdm.write(
+            f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+            f"val ppl {metrics['val_ppl']:.2f}"
+        )
+    if val_loss < progress.best or not path.exists():
+        progress.best, progress.bad_epochs = val_loss, 0
+        save_checkpoint(path, model, config, metrics, progress.history)
+    else:
+        progress.bad_epochs += 1
+    progress.epoch += 1
+    progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_tokens = 0, 0.0, 0
+
+
+def plot_learning_curves(metrics_path: Path, png: Path) -> bool:
+    """Training loss per logged step and val loss per epoch, against steps; False (with a warning) when
+    matplotlib is missing or there is nothing to plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed; skipping learning_curves.png", stacklevel=2)
+        return False
+    if not metrics_path.exists():
+        return False
+    rows = [
+        json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    steps = [r for r in rows if "loss" in r]
+    epochs = [r for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss (step)", lw=1)
+    if epochs:
+        ax.plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val loss (epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def save_checkpoint(

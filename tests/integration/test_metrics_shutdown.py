@@ -113,8 +113,8 @@ def test_expired_sessions_count_as_evicted(tiny_repo: Path) -> None:
         before = scrape(server.metrics_port)
         with Client(f"127.0.0.1:{server.port}") as client:
             client.session("tiny")
-            time.sleep(0.4)
-            client.session("tiny")  # creating a session sweeps the expired ones
+            time.sleep(0.4)  # the server's sweeper runs every ttl / 2 and drops the idle session
+            client.session("tiny")
         after = scrape(server.metrics_port)
     labels = {"model": "tiny@1", "reason": "idle_ttl"}
     assert (

@@ -1,0 +1,209 @@
+"""Resume, optimisers and schedules, early stopping, metrics.jsonl + plot, --config, and `rnnserve sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rnnserve.training import cli
+from rnnserve.training.train import (
+    CHECKPOINT_FILE,
+    LAST_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    TrainConfig,
+    TrainingStopped,
+    lr_factor,
+    make_scheduler,
+    train_language_model,
+)
+
+TINY_TEXT = "the quick brown fox jumps over the lazy dog.\n" * 60
+
+
+def _config(tmp_path: Path, run: str, **overrides: Any) -> TrainConfig:
+    data = tmp_path / "corpus.txt"
+    data.write_text(TINY_TEXT)
+    cfg = TrainConfig(
+        data=str(data), min_count=1, cell="lstm", layers=2, hidden=16, emb=8, dropout=0.3,
+        epochs=2, batch_size=4, bptt=8, lr=1e-2, max_steps_per_epoch=6, eval_batch_size=2,
+        optimizer="adamw", weight_decay=0.01, schedule="cosine", warmup_steps=3, save_every=4,
+        log_every=1, progress=False, plot=False, threads=1, out_dir=str(tmp_path / run),
+    )  # fmt: skip
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa = torch.load(a, weights_only=True)["state_dict"]
+    sb = torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _interrupt_at(step: int) -> Any:
+    def hook(global_step: int) -> None:
+        if global_step == step:
+            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: finish this step, save, stop
+
+    return hook
+
+
+def test_resumed_runs_end_with_the_uninterrupted_weights(tmp_path: Path) -> None:
+    full = train_language_model(_config(tmp_path, "a"))
+    # B: stopped by max_steps mid-epoch 2; C: Ctrl-C mid-epoch 1 (not on a save_every boundary).
+    with pytest.raises(TrainingStopped, match="max_steps") as stop:
+        train_language_model(_config(tmp_path, "b", max_steps=9))
+    assert stop.value.step == 9 and stop.value.last == tmp_path / "b" / LAST_FILE
+    with pytest.raises(TrainingStopped, match="interrupted"):
+        train_language_model(_config(tmp_path, "c"), on_step=_interrupt_at(3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    for run in ("b", "c"):
+        resumed = train_language_model(_config(tmp_path, run, resume=True))
+        _assert_same_weights(full, resumed)
+        _assert_same_weights(tmp_path / "a" / LAST_FILE, tmp_path / run / LAST_FILE)
+        assert (
+            torch.load(resumed, weights_only=True)["history"]
+            == torch.load(full, weights_only=True)["history"]
+        )
+        steps = [(r["step"], r.get("loss"), r["lr"]) for r in _rows(tmp_path / run) if "lr" in r]
+        assert steps == [(r["step"], r.get("loss"), r["lr"]) for r in _rows(tmp_path / "a") if "lr" in r]
+
+
+def test_resume_without_last_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train_language_model(_config(tmp_path, "none", resume=True))
+
+
+def test_cosine_schedule_with_warmup_and_metrics_file_and_plot(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "cos", plot=True, log_every=2)
+    train_language_model(cfg)
+    rows = _rows(tmp_path / "cos")
+    step_rows = [r for r in rows if "loss" in r]
+    epoch_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in step_rows] == [2, 4, 6, 8, 10, 12]
+    assert {"epoch", "loss", "ppl", "lr", "tokens_per_s"} <= set(step_rows[0])
+    assert [(r["epoch"], r["step"]) for r in epoch_rows] == [(1, 6), (2, 12)]
+    expected = [cfg.lr * lr_factor(s - 1, 3, 12, cosine=True) for s in (2, 4, 6, 8, 10, 12)]
+    assert [r["lr"] for r in step_rows] == pytest.approx(expected)
+    assert step_rows[0]["lr"] == pytest.approx(cfg.lr * 2 / 3)  # warm-up: step 2 of 3
+    assert (tmp_path / "cos" / PLOT_FILE).stat().st_size > 1000
+
+
+def test_lr_factor_warms_up_then_decays_to_zero() -> None:
+    assert [lr_factor(s, 4, 20, cosine=False) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, 20, cosine=True) == 1.0
+    assert lr_factor(12, 4, 20, cosine=True) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, cosine=True) == pytest.approx(0.0)
+
+
+def test_plateau_schedule_halves_the_lr_when_val_loss_stalls(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = make_scheduler(opt, TrainConfig(schedule="plateau"), total_steps=10)
+    for loss in (1.0, 0.9, 0.9):
+        sched.step(loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="warmup"):
+        make_scheduler(opt, TrainConfig(schedule="plateau", warmup_steps=2), total_steps=10)
+    # In a run: epoch 1 sets the best val loss; SGD with a negligible lr cannot beat it by the threshold.
+    train_language_model(_config(tmp_path, "pl", optimizer="sgd", lr=1e-6, schedule="plateau", warmup_steps=0,
+                                 epochs=3, max_steps_per_epoch=2))  # fmt: skip
+    lrs = [r["lr"] for r in _rows(tmp_path / "pl") if "lr" in r]
+    assert lrs == pytest.approx([1e-6] * 4 + [5e-7] * 2)
+
+
+def test_early_stopping_on_val_loss(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "es", optimizer="sgd", lr=0.0, schedule="none", warmup_steps=0, epochs=5,
+                  max_steps_per_epoch=2, patience=2)  # fmt: skip
+    path = train_language_model(cfg)
+    history = torch.load(path, weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1]  # best checkpoint stays epoch 1
+    epochs = [r["epoch"] for r in _rows(tmp_path / "es") if "val_loss" in r]
+    assert epochs == [1, 2, 3]  # no better val loss in epochs 2 and 3 -> stop
+
+
+def test_unknown_optimizer_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        train_language_model(_config(tmp_path, "x", optimizer="lion"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnserve")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_config_file_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('cell = "gru"\nhidden = 48\nlayers = 3\nschedule = "cosine"\nout_dir = "from-toml"\n')
+    args = _parser().parse_args(["train", "lm", "--config", str(toml), "--hidden", "64", "--no-progress"])
+    cfg = cli.config_from_args(args)
+    assert cfg == TrainConfig(
+        cell="gru", hidden=64, layers=3, schedule="cosine", out_dir="from-toml", progress=False
+    )
+    args = _parser().parse_args(["train", "lm", "--config", str(toml), "--out", "flag", "--layers", "1"])
+    assert (cli.config_from_args(args).out_dir, cli.config_from_args(args).layers) == ("flag", 1)
+    toml.write_text("hiden = 3\n")
+    with pytest.raises(ValueError, match="hiden"):
+        cli.config_from_args(_parser().parse_args(["train", "lm", "--config", str(toml), "--out", "x"]))
+    with pytest.raises(ValueError, match="--out"):
+        cli.config_from_args(_parser().parse_args(["train", "lm"]))
+
+
+def test_cli_max_steps_then_resume_saves_resolved_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "corpus.txt"
+    data.write_text(TINY_TEXT)
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'data = "{data}"\nmin_count = 1\nhidden = 16\nemb = 8\nlayers = 1\nbptt = 8\n')
+    common = ["train", "lm", "--config", str(toml), "--epochs", "1", "--max-steps-per-epoch", "4",
+              "--batch-size", "2", "--no-progress", "--no-plot", "--sample", "5"]  # fmt: skip
+    out = str(tmp_path / "run")
+    args = _parser().parse_args([*common, "--out", out, "--max-steps", "2"])
+    assert args.func(args) == 0
+    assert f"rnnserve train lm --out {out} --resume" in capsys.readouterr().err
+    args = _parser().parse_args(["train", "lm", "--out", out, "--resume", "--no-progress", "--sample", "5"])
+    assert args.func(args) == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    saved = torch.load(Path(out) / CHECKPOINT_FILE, weights_only=True)["config"]
+    assert (saved["hidden"], saved["emb"], saved["max_steps_per_epoch"], saved["resume"]) == (16, 8, 4, True)
+    assert [r["step"] for r in _rows(Path(out))] == [4]  # one epoch row (step rows every 10 steps)
+
+
+def test_sample_command_in_a_subprocess(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = train_language_model(_config(tmp_path, "s", epochs=1, max_steps_per_epoch=3))
+    main = "import sys; from rnnserve.client.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", main, "sample", str(path), "--prompt", "the ", "--max-tokens", "12",
+           "--temperature", "0.7", "--seed", "3"]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("the ")
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.stdout == first.stdout  # same seed, same text
+    bad = subprocess.run(
+        [*cmd[:4], str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_ppl_in_step_rows_is_exp_loss(tmp_path: Path) -> None:
+    train_language_model(_config(tmp_path, "p", epochs=1, max_steps_per_epoch=2))
+    row = _rows(tmp_path / "p")[0]
+    assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
