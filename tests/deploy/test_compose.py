@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, scrape, value
 
 from rnnserve.client import Client
 from rnnserve.client.errors import NotFoundError, RnnserveError, UnavailableError
@@ -75,12 +74,6 @@ def docker_ready() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must run the docker tests: {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -164,20 +157,6 @@ def stack(docker_ready: None, model_repo: Path) -> Iterator[Stack]:
         print("--- docker compose logs (tail) ---\n" + logs[-6000:])
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -237,21 +216,21 @@ def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
 
     # -- the server's own metrics counted exactly that ---------------------------------------------------
     m = scrape(stack.metrics_port)
-    assert sample(m, "rnnserve_tokens_in_total", model="tiny@1") == 15 + 7
-    assert sample(m, "rnnserve_tokens_out_total", model="tiny@1") == 20
-    assert sample(m, "rnnserve_requests_total", service=SERVICE, method="CreateSession", code="OK") == 1
-    assert sample(m, "rnnserve_requests_total", service=SERVICE, method="Generate", code="OK") == 1
+    assert value(m, "rnnserve_tokens_in_total", model="tiny@1") == 15 + 7
+    assert value(m, "rnnserve_tokens_out_total", model="tiny@1") == 20
+    assert value(m, "rnnserve_requests_total", service=SERVICE, method="CreateSession", code="OK") == 1
+    assert value(m, "rnnserve_requests_total", service=SERVICE, method="Generate", code="OK") == 1
     not_found = {"service": SERVICE, "method": "CreateSession", "code": "NOT_FOUND"}
-    assert sample(m, "rnnserve_request_errors_total", **not_found) == 1
-    assert sample(m, "rnnserve_sessions_created_total", model="tiny@1") == 1
-    assert sample(m, "rnnserve_sessions_active", model="tiny@1") == 0
-    assert sample(m, "rnnserve_batch_size_count", model="tiny@1") == 1 + 1 + 20  # feed, prompt, 20 samples
-    assert sample(m, "rnnserve_queue_wait_seconds_count", model="tiny@1") == 22
-    assert sample(m, "rnnserve_step_latency_seconds_count", model="tiny@1") == 22
-    assert sample(m, "rnnserve_model_loaded", model="tiny@1", provider="CPUExecutionProvider") == 1
+    assert value(m, "rnnserve_request_errors_total", **not_found) == 1
+    assert value(m, "rnnserve_sessions_created_total", model="tiny@1") == 1
+    assert value(m, "rnnserve_sessions_active", model="tiny@1") == 0
+    assert value(m, "rnnserve_batch_size_count", model="tiny@1") == 1 + 1 + 20  # feed, prompt, 20 samples
+    assert value(m, "rnnserve_queue_wait_seconds_count", model="tiny@1") == 22
+    assert value(m, "rnnserve_step_latency_seconds_count", model="tiny@1") == 22
+    assert value(m, "rnnserve_model_loaded", model="tiny@1", provider="CPUExecutionProvider") == 1
     # Docker's health check asked the gRPC health service (not a TCP poke).
     health_ok = {"service": "grpc.health.v1.Health", "method": "Check", "code": "OK"}
-    assert sample(m, "rnnserve_requests_total", **health_ok) >= 1
+    assert value(m, "rnnserve_requests_total", **health_ok) >= 1
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read()
     lint = subprocess.run(
         stack.cmd("exec", "-T", "prometheus", "promtool", "check", "metrics"),

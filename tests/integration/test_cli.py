@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from rnnserve.client import Client
 
@@ -19,9 +19,7 @@ CLI = [sys.executable, "-m", "rnnserve.client.cli"]
 
 @pytest.fixture(scope="module")
 def served(lm_repo: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [*CLI, "serve", "--repo", str(lm_repo), "--port", str(port)],
         stdout=subprocess.PIPE,

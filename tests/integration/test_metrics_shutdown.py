@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,13 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, scrape, value
 
 from rnnserve.client import Client
 from rnnserve.client.errors import NotFoundError, UnavailableError
 from rnnserve.server.app import RnnServeServer, background_server
 from rnnserve.server.config import ServerConfig
 from rnnserve.server.errors import SHUTTING_DOWN
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    """Every sample of http://127.0.0.1:port/metrics by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def health(url: str) -> int:
@@ -236,12 +218,6 @@ def test_grace_period_ends_what_is_left_with_unavailable(metered: RnnServeServer
     assert SHUTTING_DOWN in str(generation.error)
     assert 0 < len(generation.tokens) < 500
     assert elapsed < 4.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_serve_configured_by_environment_drains_on_sigterm(tiny_repo: Path) -> None:
