@@ -28,6 +28,13 @@ POOLINGS: tuple[str, ...] = ("max", "mean", "last")
 #   "whole":     tokens[batch, seq] + lengths[batch] -> probs[batch, classes]; needs the whole text
 #                (bidirectional models), exact under padding.
 CLASSIFIER_MODES: tuple[str, ...] = ("streaming", "whole")
+# The weights' precision. Graph inputs and outputs stay float32 whatever it is, so the server feeds the
+# same tensors to every variant.
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+# Graph roles in `Manifest.graphs`: "step" = logits for every position (the model file); "last" (language
+# models) = logits for the last position only, as output `logits_last` [batch, vocab] (it may be the same
+# file as "step" when that graph carries the extra output).
+GRAPH_ROLES: tuple[str, ...] = ("step", "last")
 
 
 class ManifestError(ValueError):
@@ -99,6 +106,15 @@ class Manifest:
     tokenizer_file: str = TOKENIZER_FILE
     model_sha256: str = ""
     schema_version: int = SCHEMA_VERSION
+    precision: str = "fp32"  # one of PRECISIONS
+    # Role (GRAPH_ROLES) -> file in the bundle. Empty (older manifests) means {"step": model_file}.
+    graphs: dict[str, str] = field(default_factory=dict)
+
+    def graph_file(self, role: str) -> str | None:
+        """The bundle file that plays `role` ("step" is always the model file), or None if there is none."""
+        if role == "step":
+            return self.graphs.get("step", self.model_file)
+        return self.graphs.get(role)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -146,12 +162,24 @@ class Manifest:
                 raise ManifestError(
                     f"state {spec.name!r} has initial {spec.initial!r}: not a number"
                 ) from exc
+        self._validate_variants()
         recurrent = ["h", "c"] if self.cell == "lstm" else ["h"]
         names = [s.name for s in self.state]
         if self.task == "lm" and names != recurrent:
             raise ManifestError(f"a {self.cell} language model must carry state {recurrent}")
         if self.task == "classifier":
             self._validate_classifier(names[: len(recurrent)] == recurrent)
+
+    def _validate_variants(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ManifestError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        unknown = sorted(set(self.graphs) - set(GRAPH_ROLES))
+        if unknown:
+            raise ManifestError(f"graphs has unknown roles {unknown} (known: {GRAPH_ROLES})")
+        if self.graphs.get("step", self.model_file) != self.model_file:
+            raise ManifestError(f"graphs['step'] must be the model file {self.model_file!r}")
+        if "last" in self.graphs and self.task != "lm":
+            raise ManifestError("only a language model has a 'last' (last-position logits) graph")
 
     def _validate_classifier(self, has_recurrent_state: bool) -> None:
         if len(self.labels) < 2:
@@ -212,6 +240,9 @@ def read_manifest(bundle_dir: Path, *, verify_sha256: bool = True) -> Manifest:
         raise ManifestError(f"{model_path} named by the manifest does not exist")
     if verify_sha256 and manifest.model_sha256 and sha256_file(model_path) != manifest.model_sha256:
         raise ManifestError(f"{model_path} does not match the sha256 in its manifest (file changed?)")
+    for role, file in manifest.graphs.items():
+        if not (bundle_dir / file).is_file():
+            raise ManifestError(f"{bundle_dir / file} named by the manifest as graph {role!r} does not exist")
     return manifest
 
 
