@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from rnnserve.server import metrics
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument
 from rnnserve.server.repository import LoadedModel, ModelRepository
-from rnnserve.server.runtime import Outputs, State
+from rnnserve.server.runtime import Outputs
 from rnnserve.server.sampling import Sampler, SamplingParams, log_softmax, top_candidates
-from rnnserve.server.scheduler import Scheduler, SchedulerOptions
+from rnnserve.server.scheduler import LAST_LOGPROBS, Scheduler, SchedulerOptions
 from rnnserve.server.sessions import AppliedInput, Session, SessionLimits, SessionStore
 from rnnserve.server.text import IncrementalDecoder
+
+T = TypeVar("T")
+# A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
+# reader catches up (the tokens it makes are applied to the session whether or not anyone reads them).
+MAX_AHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -130,10 +137,12 @@ class Engine:
         self.repository = repository
         self.sessions = SessionStore(session_limits)
         self.limits = limits or EngineLimits()
-        # One worker thread runs ORT (which is multi-threaded itself); the event loop stays free for I/O.
+        # One worker thread runs ORT (which is multi-threaded itself, see RuntimeOptions.intra_op_threads);
+        # the event loop stays free for gRPC I/O meanwhile. More workers would only make runs of
+        # different models compete for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self.schedulers = {
-            model.key: Scheduler(model.runtime, self._executor, scheduler_options)
+            model.key: Scheduler(model.runtime, self.sessions.slab(model), self._executor, scheduler_options)
             for model, _ in repository.all()
         }
 
@@ -208,7 +217,7 @@ class Engine:
                 f"return_token_logprobs needs a language model; {session.model.key} is a classifier"
             )
         ids = self.resolve_input(session.model, data)
-        async with session.lock:
+        async with session.use():
             replay = self._check_position(session, expected_position, ids)
             if replay is not None:
                 return replay
@@ -252,43 +261,56 @@ class Engine:
             f"{expected}; fetch the session (GetSession) and resend from its position"
         )
 
-    async def _run_chunks(
-        self, model: LoadedModel, state: State, ids: Sequence[int]
-    ) -> AsyncIterator[tuple[np.ndarray, Outputs, State]]:
-        """Run ids from `state` in chunks of at most chunk_tokens; yields (chunk, outputs, state)."""
-        scheduler = self.schedulers[model.key]
-        for start in range(0, len(ids), self.limits.chunk_tokens):
-            chunk = np.asarray(ids[start : start + self.limits.chunk_tokens], dtype=np.int64)  # [seq]
-            outputs, state = await scheduler.step(chunk, state)
-            yield chunk, outputs, state
+    def _chunks(self, ids: Sequence[int]) -> list[np.ndarray]:
+        """ids as steps of at most chunk_tokens tokens, each int64 [seq]."""
+        n = self.limits.chunk_tokens
+        return [np.asarray(ids[i : i + n], dtype=np.int64) for i in range(0, len(ids), n)]
 
     async def _apply(
         self, session: Session, ids: list[int], *, want_token_logprobs: bool = False
     ) -> list[float]:
         """Run ids through the model from the session's state and commit the new state.
 
-        The session changes only once every chunk has run, so a failure leaves it as it was.
+        The session changes all at once when the input has run (a failure leaves it as it was).
         Returns per-token log-probabilities when asked (else []).
         """
-        state, next_logprobs, class_probs = session.state, session.next_logprobs, session.class_probs
-        token_logprobs: list[float] = []
-        async for chunk, outputs, state in self._run_chunks(session.model, session.state, ids):  # noqa: B007
-            if "probs" in outputs:  # a streaming classifier: probabilities of the text so far
-                class_probs = outputs["probs"]  # [classes]
-            elif want_token_logprobs:
-                all_logprobs = log_softmax(outputs["logits"])  # [seq, vocab]
-                previous = [next_logprobs, *all_logprobs[:-1]]
-                token_logprobs += [
-                    math.nan if p is None else float(p[t]) for p, t in zip(previous, chunk, strict=True)
-                ]
-                next_logprobs = all_logprobs[-1]
-            else:
-                next_logprobs = log_softmax(outputs["logits"][-1])  # [vocab]
-        session.state, session.next_logprobs, session.class_probs = state, next_logprobs, class_probs
-        session.position += len(ids)
-        session.recent_tokens.extend(ids)
-        session.touch()
-        return token_logprobs
+        scheduler = self.schedulers[session.model.key]
+        # Only the last position's distribution is needed unless per-token log-probabilities are:
+        # the "last" graph then skips the vocabulary projection of every other position.
+        last = session.model.manifest.task == "lm" and not want_token_logprobs
+        update = _Update(session, ids, want_token_logprobs)
+        chunks = self._chunks(ids)
+        if len(chunks) == 1:
+            # Written in place: the scheduler commits the session as soon as the step ran.
+            await scheduler.step(
+                chunks[0],
+                session.slot,
+                session.slot,
+                last=last,
+                commit=lambda out: update.commit(chunks[0], out),
+            )
+        else:
+            await _finish_even_if_cancelled(self._apply_chunks(session, scheduler, chunks, last, update))
+        return update.token_logprobs
+
+    async def _apply_chunks(
+        self, session: Session, scheduler: Scheduler, chunks: list[np.ndarray], last: bool, update: _Update
+    ) -> None:
+        """A long input: chunks run into a scratch slot, which becomes the session's once all have run."""
+        slab = session.slab
+        scratch = slab.allocate()
+        try:
+            src = session.slot
+            for k, chunk in enumerate(chunks):
+                outputs = await scheduler.step(chunk, src, scratch, last=last)
+                src = scratch
+                if k < len(chunks) - 1:
+                    update.absorb(chunk, outputs)
+                else:
+                    update.commit(chunk, outputs)
+            session.slot, scratch = scratch, session.slot  # the old slot is freed below
+        finally:
+            slab.free(scratch)
 
     # -- classification ---------------------------------------------------------------------------
 
@@ -315,12 +337,21 @@ class Engine:
         return loaded, [Classification.from_probs(p, loaded.manifest.labels) for p in probs]
 
     async def _classify_streaming(self, model: LoadedModel, ids: list[int]) -> np.ndarray:
-        """Run one text through a streaming classifier from a fresh state; probs [classes]."""
-        probs = None
-        async for _, outputs, _ in self._run_chunks(model, model.runtime.initial_state(1), ids):
-            probs = outputs["probs"]
-        assert probs is not None
-        return probs
+        """One text through a streaming classifier from a fresh state (a scratch slot); probs [classes]."""
+        scheduler = self.schedulers[model.key]
+
+        async def run() -> np.ndarray:
+            slot = scheduler.slab.allocate()
+            try:
+                probs = None
+                for chunk in self._chunks(ids):
+                    probs = (await scheduler.step(chunk, slot, slot))["probs"]
+                assert probs is not None
+                return probs
+            finally:
+                scheduler.slab.free(slot)
+
+        return await _finish_even_if_cancelled(run())
 
     def _classify_whole(self, model: LoadedModel, ids: list[list[int]]) -> list[np.ndarray]:
         """Worker thread: padded batches (similar lengths together) through a whole-sequence graph."""
@@ -358,15 +389,21 @@ class Engine:
         if bad:
             raise InvalidArgument(f"stop_token_ids {bad} are out of range for vocabulary size {vocab}")
 
-    async def generate(self, session_id: str, request: GenerateRequest) -> AsyncIterator[GeneratedToken]:
-        """Sample up to max_tokens tokens continuing the session; each is applied to its state."""
+    async def generate(
+        self, session_id: str, request: GenerateRequest
+    ) -> AsyncIterator[list[GeneratedToken]]:
+        """Sample up to max_tokens tokens continuing the session; each is applied to its state.
+
+        Yields the tokens in order, in lists of those ready at once (the session generates in the
+        model's running batch while earlier tokens are being sent).
+        """
         session = self.sessions.get(session_id)
         self._validate_generate(session, request)
         prompt = (
             None if request.prompt is None else self.resolve_input(session.model, request.prompt, "prompt")
         )
         eos = session.model.manifest.special_tokens.get("eos")
-        async with session.lock:
+        async with session.use():
             if request.expected_position is not None and request.expected_position != session.position:
                 raise FailedPrecondition(
                     f"session {session.id} is at position {session.position}, but the request expected "
@@ -380,32 +417,165 @@ class Engine:
                 if eos is None:
                     raise FailedPrecondition("the session is empty and the model has no <eos>: give a prompt")
                 await self._apply(session, [eos])
-            async for token in self._sample_loop(session, request, eos):
-                yield token
+            scheduler = self.schedulers[session.model.key]
+            generation = _Generation(session, request, eos, scheduler)
+            scheduler.add_generation(generation)
+            try:
+                while True:
+                    tokens = await generation.take()
+                    yield tokens
+                    if tokens[-1].finish_reason:
+                        return
+            finally:
+                generation.cancel()
+                await generation.gone  # no run on the session's slot is in flight any more
 
-    async def _sample_loop(
-        self, session: Session, request: GenerateRequest, eos: int | None
-    ) -> AsyncIterator[GeneratedToken]:
-        sampler = Sampler(request.sampling)
-        decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
-        stops = _StopMatcher(request.stop)
-        stop_ids = set(request.stop_token_ids)
-        for n in range(1, request.max_tokens + 1):
-            assert session.next_logprobs is not None
-            token = sampler.choose(session.next_logprobs)
-            logprob = float(session.next_logprobs[token])
-            await self._apply(session, [token])
-            metrics.TOKENS_OUT.labels(session.model.key).inc()
-            text, stopped = stops.push(decoder.push(token))
-            finish = None
-            if stopped or token in stop_ids:
-                finish = FinishReason.STOP
-            elif token == eos and not request.ignore_eos:
-                finish = FinishReason.EOS
-            elif n == request.max_tokens:
-                finish = FinishReason.LENGTH
-            if finish and not stopped:
-                text += stops.flush()
-            yield GeneratedToken(token, text, logprob, session.position, finish)
-            if finish:
-                return
+
+async def _finish_even_if_cancelled(work: Awaitable[T]) -> T:
+    """Await work; if the caller is cancelled meanwhile, let it finish before passing the cancel on.
+
+    Steps already queued write their state slots; cutting them short could free a slot a step is about
+    to write, or leave a session's position behind its state.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait([task])
+        raise
+
+
+class _Update:
+    """What running an input changes in a session, applied to it at once by `commit`."""
+
+    def __init__(self, session: Session, ids: list[int], want_token_logprobs: bool) -> None:
+        self.session = session
+        self.ids = ids
+        self.want_token_logprobs = want_token_logprobs
+        self.next_logprobs = session.next_logprobs
+        self.class_probs = session.class_probs
+        self.token_logprobs: list[float] = []
+
+    def absorb(self, chunk: np.ndarray, outputs: Outputs) -> None:
+        """Take in the outputs of one chunk tokens [seq]."""
+        if "probs" in outputs:  # a streaming classifier: probabilities of the text so far
+            self.class_probs = outputs["probs"]  # [classes]
+        elif LAST_LOGPROBS in outputs:
+            self.next_logprobs = outputs[LAST_LOGPROBS]  # [vocab]
+        else:
+            all_logprobs = log_softmax(outputs["logits"])  # [seq, vocab]
+            previous = [self.next_logprobs, *all_logprobs[:-1]]
+            self.token_logprobs += [
+                math.nan if p is None else float(p[t]) for p, t in zip(previous, chunk, strict=True)
+            ]
+            self.next_logprobs = all_logprobs[-1]
+
+    def commit(self, chunk: np.ndarray, outputs: Outputs) -> None:
+        """Take in the last chunk's outputs and apply the whole input to the session."""
+        self.absorb(chunk, outputs)
+        s = self.session
+        # Own copies: a row of a batch's array would keep the whole batch's array alive.
+        s.next_logprobs = None if self.next_logprobs is None else np.array(self.next_logprobs)
+        s.class_probs = None if self.class_probs is None else np.array(self.class_probs)
+        s.position += len(self.ids)
+        s.recent_tokens.extend(self.ids)
+        s.touch()
+
+
+class _Generation:
+    """One Generate call in the model's running batch (implements scheduler.Generation).
+
+    The scheduler feeds `token` and calls `stepped` with what follows it; this applies the token to the
+    session, decides whether generation ends (stop strings and ids, <eos>, max_tokens) and queues the
+    token for the reader.
+    """
+
+    def __init__(
+        self, session: Session, request: GenerateRequest, eos: int | None, scheduler: Scheduler
+    ) -> None:
+        assert session.next_logprobs is not None
+        self.session = session
+        self.slot = session.slot
+        self.sampling = request.sampling
+        self._request = request
+        self._eos = eos
+        self._scheduler = scheduler
+        self._sampler = Sampler(request.sampling)
+        self.token = self._sampler.choose(session.next_logprobs)
+        self._logprob = float(session.next_logprobs[self.token])
+        self._decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
+        self._stops = _StopMatcher(request.stop)
+        self._stop_ids = set(request.stop_token_ids)
+        self._count = 0
+        self._ready: list[GeneratedToken] = []
+        self._wakeup = asyncio.Event()
+        self._finished = False
+        self._cancelled = False
+        self._tokens_out = metrics.TOKENS_OUT.labels(session.model.key)
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready_at = time.monotonic()
+
+    def draw(self) -> float:
+        return self._sampler.draw()
+
+    @property
+    def active(self) -> bool:
+        return not (self._finished or self._cancelled)
+
+    @property
+    def runnable(self) -> bool:
+        return len(self._ready) < MAX_AHEAD
+
+    def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
+        session, token = self.session, self.token
+        session.position += 1
+        session.recent_tokens.append(token)
+        session.next_logprobs = logprobs  # [vocab]; a row of the batch's array until we leave (see left)
+        self._count += 1
+        self._tokens_out.inc()
+        text, stopped = self._stops.push(self._decoder.push(token))
+        finish = None
+        if stopped or token in self._stop_ids:
+            finish = FinishReason.STOP
+        elif token == self._eos and not self._request.ignore_eos:
+            finish = FinishReason.EOS
+        elif self._count == self._request.max_tokens:
+            finish = FinishReason.LENGTH
+        if finish and not stopped:
+            text += self._stops.flush()
+        self._ready.append(GeneratedToken(token, text, self._logprob, session.position, finish))
+        self._wakeup.set()
+        self.ready_at = time.monotonic()
+        if finish:
+            self._finished = True
+        else:
+            self.token, self._logprob = next_token, float(logprobs[next_token])
+
+    def left(self) -> None:
+        if self.session.next_logprobs is not None:
+            self.session.next_logprobs = np.array(self.session.next_logprobs)  # own copy (see stepped)
+        self.session.touch()
+        if not self.gone.done():
+            self.gone.set_result(None)
+        self._wakeup.set()
+
+    def cancel(self) -> None:
+        """The reader went away: leave the batch at the next run."""
+        if self.active:
+            self._cancelled = True
+        self._scheduler.wake()
+
+    async def take(self) -> list[GeneratedToken]:
+        """The tokens generated since the last call (at least one), in order."""
+        while not self._ready:
+            if self.gone.done():
+                raise RuntimeError(
+                    f"generation on session {self.session.id} stopped: the model failed (see the server log)"
+                )
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        tokens, self._ready = self._ready, []
+        if len(tokens) >= MAX_AHEAD:
+            self._scheduler.wake()  # it was sitting out runs
+        return tokens

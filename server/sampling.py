@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,38 +43,69 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def sample_batch(logprobs: np.ndarray, params: Sequence[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
+    """One token id per row of logprobs [batch, vocab]; returns int64 [batch].
+
+    Row i uses params[i] and the uniform draw uniforms[i] in [0, 1) from that session's own random
+    stream, and its result depends on nothing else: a session gets the same tokens alone or in any
+    batch. Rows that need no sort (greedy, plain temperature) are done together, vectorised; top-k /
+    top-p rows each need their own cut and are done one by one.
+    """
+    tokens = np.empty(len(params), dtype=np.int64)
+    greedy: list[int] = []
+    plain: list[int] = []
+    cut: list[int] = []
+    for i, p in enumerate(params):
+        (greedy if p.temperature == 0.0 else plain if not p.top_k and p.top_p >= 1.0 else cut).append(i)
+    if greedy:
+        tokens[greedy] = np.argmax(logprobs[greedy], axis=-1)
+    if plain:
+        # Inverse CDF over the whole vocabulary, O(vocab) per row.
+        temperature = np.array([params[i].temperature for i in plain])[:, None]  # [rows, 1]
+        scaled = logprobs[plain].astype(np.float64) / temperature  # [rows, vocab]
+        cdf = np.cumsum(np.exp(scaled - scaled.max(axis=-1, keepdims=True)), axis=-1)  # [rows, vocab]
+        target = uniforms[plain][:, None] * cdf[:, -1:]  # [rows, 1]
+        chosen = (cdf <= target).sum(axis=-1)  # = searchsorted(cdf, target, side="right")
+        tokens[plain] = np.minimum(chosen, logprobs.shape[-1] - 1)
+    for i in cut:
+        tokens[i] = _sample_cut(logprobs[i], params[i], float(uniforms[i]))
+    return tokens
+
+
+def _sample_cut(logprobs: np.ndarray, p: SamplingParams, u: float) -> int:
+    """Top-k and/or top-p sampling of one row logprobs [vocab] with the uniform draw u."""
+    scaled = logprobs.astype(np.float64) / p.temperature  # [vocab]
+    if p.top_k:
+        # Only the k best need ordering: partition first (O(vocab)), then sort k of them.
+        best = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+        candidates = best[np.argsort(-scaled[best], kind="stable")]
+    else:
+        candidates = np.argsort(-scaled, kind="stable")  # ids, most likely first
+    probs = np.exp(scaled[candidates] - scaled[candidates[0]])
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+        candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+    cdf = np.cumsum(probs)
+    index = int(np.searchsorted(cdf, u, side="right"))
+    return int(candidates[min(index, len(cdf) - 1)])
+
+
 class Sampler:
-    """Chooses tokens from log-probabilities for one generation; owns its random stream."""
+    """Chooses tokens for one generation; owns its random stream (one uniform draw per token)."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
+    def draw(self) -> float:
+        """The next uniform draw of this generation's stream (drawn for every token, greedy too)."""
+        return float(self._rng.random())
+
     def choose(self, logprobs: np.ndarray) -> int:
-        """One token id from logprobs [vocab]."""
-        p = self.params
-        if p.temperature == 0.0:
-            return int(np.argmax(logprobs))
-        scaled = logprobs.astype(np.float64) / p.temperature  # [vocab]
-        if not p.top_k and p.top_p >= 1.0:
-            # Plain temperature sampling needs no sort: inverse CDF over the whole vocabulary, O(vocab).
-            cdf = np.cumsum(np.exp(scaled - scaled.max()))
-            return int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), len(cdf) - 1))
-        if p.top_k:
-            # Only the k best need ordering: partition first (O(vocab)), then sort k of them.
-            best = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
-            candidates = best[np.argsort(-scaled[best], kind="stable")]
-        else:
-            candidates = np.argsort(-scaled, kind="stable")  # ids, most likely first
-        probs = np.exp(scaled[candidates] - scaled[candidates[0]])
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        cdf = np.cumsum(probs)
-        index = int(np.searchsorted(cdf, self._rng.random(), side="right"))
-        return int(candidates[min(index, len(cdf) - 1)])
+        """One token id from logprobs [vocab] (the batch path with a batch of one)."""
+        return int(sample_batch(logprobs[None, :], [self.params], np.array([self.draw()]))[0])
 
 
 def top_candidates(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -1,10 +1,23 @@
-"""The scheduler: gathers pending steps of many sessions into one ONNX Runtime run.
+"""The scheduler: gathers the pending work of many sessions of one model into one ONNX Runtime run.
 
-Every step is (tokens [seq], state of one session). Steps waiting at the same moment are grouped by
-sequence length (so no padding can leak into any state), stacked along the state's batch axis, run once
-in a worker thread (the event loop keeps serving I/O meanwhile), and scattered back. Steps that arrive
-while a run is in flight form the next batch, so batches grow with load by themselves; `max_wait_s`
-optionally holds the first step a little to let more join.
+Two kinds of work share each run, stacked along the state's batch axis:
+- steps (streamed input, prompts): tokens [seq] of one session, from a state slot to a state slot;
+- generations: a session generating tokens. It stays in the running batch, one token per run, until it
+  finishes: sessions join and leave between any two runs (continuous batching), and the next tokens of
+  all generating sessions are sampled together, vectorised (sampling.sample_batch), each from its own
+  random stream, so a session's tokens never depend on what else is in the batch.
+
+One iteration: take the queued steps and the runnable generations (at most `max_batch` in all; a
+session has at most one step in flight, because a request holds its session's lock, and a generation
+feeds one token per run), group rows of equal length (no padding, so nothing leaks between sessions),
+run each group once, scatter the new states into the slab, then hand the results back on the event
+loop. Work that arrives while a run is in flight forms the next batch, so batches grow with load by
+themselves (low latency when idle, big batches when busy); `max_wait_s` optionally holds a batch that
+starts from idle a little to let more join.
+
+Results are committed by callbacks the scheduler calls on the event loop for every row that ran, even
+if the caller went away meanwhile: the slab already holds the new state, so the session's position
+must follow. A step whose caller left before its run is dropped.
 """
 
 from __future__ import annotations
@@ -12,49 +25,109 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from rnnserve.server import metrics
-from rnnserve.server.runtime import OnnxModel, Outputs, State
+from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, Outputs, SlotRunner
+from rnnserve.server.sampling import SamplingParams, log_softmax, sample_batch
+from rnnserve.server.slab import StateSlab
 
 log = logging.getLogger(__name__)
+
+LAST_LOGPROBS = "logprobs_last"  # log-softmax of the last position, [vocab] per row (language models)
 
 
 @dataclass
 class StepRequest:
     tokens: np.ndarray  # int64 [seq]
-    state: State  # batch 1
-    future: asyncio.Future[tuple[Outputs, State]] = field(repr=False)
+    src: int  # state slot read
+    dst: int  # state slot written (== src, or a scratch slot while a long input is not committed)
+    last: bool  # language model: only the last position's log-probabilities are wanted
+    commit: Callable[[Outputs], None] | None  # called on the loop once the step ran, caller or not
+    future: asyncio.Future[Outputs] = field(repr=False)
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
+
+
+class Generation(Protocol):
+    """A session generating tokens in the running batch (the engine implements it)."""
+
+    slot: int
+    token: int  # the token to feed at the next run (already sampled)
+    sampling: SamplingParams
+    ready_at: float  # time.monotonic() when `token` became ready to run (for the queue-wait metric)
+
+    def draw(self) -> float:
+        """The next uniform draw of this generation's own random stream."""
+        ...
+
+    @property
+    def active(self) -> bool:
+        """False once it finished or was cancelled: it leaves the batch."""
+        ...
+
+    @property
+    def runnable(self) -> bool:
+        """False while its reader is far behind: it sits out runs until they catch up."""
+        ...
+
+    def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
+        """After a run: logprobs [vocab] follow `token`; next_token was sampled from them."""
+        ...
+
+    def left(self) -> None:
+        """It left the batch: no run on its slot is in flight or will be."""
+        ...
 
 
 @dataclass(frozen=True)
 class SchedulerOptions:
-    max_batch: int = 64  # most sessions in one run
-    max_wait_s: float = 0.0  # extra time the first step of a batch waits for company
+    max_batch: int = 64  # most rows (sessions) in one iteration
+    max_wait_s: float = 0.0  # extra time a batch starting from idle waits for company
     # A small batch (at most this many tokens in all) whose runs have lately taken under
     # `inline_max_run_s` runs on the event loop itself: handing it to the worker thread and back costs
     # ~0.2 ms (thread wake-ups, GIL hand-over), more than such a run. Everything else goes to the worker,
-    # so the loop keeps serving I/O while it runs. inline_max_tokens = 0: always the worker.
+    # so the loop keeps serving gRPC I/O while ORT computes (ORT releases the GIL).
+    # inline_max_tokens = 0: always the worker.
     inline_max_tokens: int = 4
     inline_max_run_s: float = 0.0005
 
 
-class Scheduler:
-    """Batches steps for one model version. Start it with `start()`, stop with `stop()`."""
+@dataclass
+class _Batch:
+    steps: list[StepRequest]
+    generations: list[Generation]
 
-    def __init__(self, model: OnnxModel, executor: Executor, options: SchedulerOptions | None = None) -> None:
+
+@dataclass
+class _Result:
+    step_outputs: list[Outputs]  # per step
+    logprobs: np.ndarray | None  # generations: [rows, vocab]
+    next_tokens: np.ndarray | None  # generations: int64 [rows]
+
+
+class Scheduler:
+    """Batches the work of one model version. Start it with `start()`, stop with `stop()`."""
+
+    def __init__(
+        self, model: OnnxModel, slab: StateSlab, executor: Executor, options: SchedulerOptions | None = None
+    ) -> None:
         self.model = model
+        self.slab = slab
+        self.runner = SlotRunner(model, slab)
         self.options = options or SchedulerOptions()
         self._executor = executor
-        self._queue: asyncio.Queue[StepRequest] = asyncio.Queue()
+        self._steps: deque[StepRequest] = deque()
+        self._generations: deque[Generation] = deque()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.batches_run = 0
-        self.steps_run = 0
+        self.batches_run = 0  # ORT runs
+        self.steps_run = 0  # rows run (steps and generated tokens)
         self._small_run_s = float("inf")  # moving average of small batches' run time; inf = not yet seen
 
     def start(self) -> None:
@@ -65,68 +138,140 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for generation in self._generations:
+            generation.left()
+        self._generations.clear()
 
-    async def step(self, tokens: np.ndarray, state: State) -> tuple[Outputs, State]:
-        """Run tokens [seq] from `state` (batch 1); returns (this session's row of every output, new state).
+    def wake(self) -> None:
+        """Something became runnable (a paused generation's reader caught up)."""
+        self._wake.set()
 
-        For a language model the outputs hold logits [seq, vocab]; for a streaming classifier probs [classes].
+    async def step(
+        self,
+        tokens: np.ndarray,
+        src: int,
+        dst: int,
+        *,
+        last: bool = False,
+        commit: Callable[[Outputs], None] | None = None,
+    ) -> Outputs:
+        """Run tokens int64 [seq] from the state in slot `src`, writing the new state to slot `dst`.
+
+        Returns this row's outputs: {"logprobs_last": [vocab]} when `last` (language model), else
+        logits [seq, vocab] (language model) or probs [classes] (streaming classifier).
         """
-        future: asyncio.Future[tuple[Outputs, State]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(StepRequest(tokens, state, future))
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._steps.append(StepRequest(tokens, src, dst, last, commit, future))
+        self._wake.set()
         return await future
 
-    async def _next_batch(self) -> list[StepRequest]:
-        batch = [await self._queue.get()]
-        if self.options.max_wait_s > 0 and self._queue.empty():
-            await asyncio.sleep(self.options.max_wait_s)
-        while len(batch) < self.options.max_batch and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        return [r for r in batch if not r.future.done()]  # drop steps whose caller went away
+    def add_generation(self, generation: Generation) -> None:
+        """Put a generation into the running batch from the next run on."""
+        self._generations.append(generation)
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _next_batch(self) -> _Batch:
+        room = self.options.max_batch
+        steps: list[StepRequest] = []
+        while self._steps and len(steps) < room:
+            request = self._steps.popleft()
+            if not request.future.done():  # its caller went away before it ran: drop it
+                steps.append(request)
+        room -= len(steps)
+        generations: list[Generation] = []
+        for _ in range(len(self._generations)):
+            generation = self._generations[0]
+            if not generation.active:
+                self._generations.popleft()
+                generation.left()
+            elif room and generation.runnable:
+                generations.append(generation)
+                self._generations.rotate(-1)  # round robin when more generate than fit in a batch
+                room -= 1
+            else:
+                self._generations.rotate(-1)
+        return _Batch(steps, generations)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            if not batch:
+            batch = self._next_batch()
+            if not batch.steps and not batch.generations:
+                self._wake.clear()
+                await self._wake.wait()
+                if self.options.max_wait_s > 0:
+                    await asyncio.sleep(self.options.max_wait_s)
                 continue
-            metrics.observe_queue_wait(self.model.key, [r.enqueued_at for r in batch])
-            small = sum(len(r.tokens) for r in batch) <= self.options.inline_max_tokens
+            metrics.observe_queue_wait(
+                self.model.key, [r.enqueued_at for r in batch.steps] + [g.ready_at for g in batch.generations]
+            )
+            tokens = sum(len(r.tokens) for r in batch.steps) + len(batch.generations)
+            small = tokens <= self.options.inline_max_tokens
             started = time.perf_counter()
             try:
                 if small and self._small_run_s < self.options.inline_max_run_s:
-                    results = self._run_groups(batch)
+                    result = self._execute(batch)
+                    await asyncio.sleep(0)  # let gRPC I/O through between inline runs
                 else:
-                    results = await loop.run_in_executor(self._executor, self._run_groups, batch)
+                    result = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:
-                log.exception("model %s failed on a batch of %d steps", self.model.key, len(batch))
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+                log.exception("model %s failed on a batch of %d rows", self.model.key, tokens)
+                self._fail(batch, exc)
                 continue
             if small:
                 elapsed = time.perf_counter() - started
                 seen = self._small_run_s
                 self._small_run_s = elapsed if seen == float("inf") else 0.9 * seen + 0.1 * elapsed
-            for request, result in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
+            self._deliver(batch, result)
 
-    def _run_groups(self, batch: list[StepRequest]) -> list[tuple[Outputs, State]]:
-        """Run each same-length group as one batch (in the worker, or inline); results in request order."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, request in enumerate(batch):
-            groups[len(request.tokens)].append(i)
-        results: list[tuple[Outputs, State] | None] = [None] * len(batch)
-        for indices in groups.values():
-            tokens = np.stack([batch[i].tokens for i in indices])  # [group, seq]
-            state = self.model.concat_states([batch[i].state for i in indices])
+    def _fail(self, batch: _Batch, exc: Exception) -> None:
+        for request in batch.steps:
+            if not request.future.done():
+                request.future.set_exception(exc)
+        for generation in batch.generations:  # its state may be half-written: it cannot go on
+            self._generations.remove(generation)
+            generation.left()
+
+    def _deliver(self, batch: _Batch, result: _Result) -> None:
+        """On the loop: commit every row that ran, then wake its caller."""
+        for request, outputs in zip(batch.steps, result.step_outputs, strict=True):
+            if request.commit is not None:
+                request.commit(outputs)
+            if not request.future.done():
+                request.future.set_result(outputs)
+        if batch.generations:
+            assert result.logprobs is not None and result.next_tokens is not None
+            for i, generation in enumerate(batch.generations):
+                generation.stepped(result.logprobs[i], int(result.next_tokens[i]))
+
+    # -- in the worker (or inline) ------------------------------------------------------------------
+
+    def _execute(self, batch: _Batch) -> _Result:
+        """Run each group of equal-length rows once; log-softmax and sample the generations' next tokens."""
+        # rows: (tokens [seq], src, dst, last); steps first, then generations
+        rows = [(r.tokens, r.src, r.dst, r.last) for r in batch.steps]
+        rows += [(np.array([g.token], dtype=np.int64), g.slot, g.slot, True) for g in batch.generations]
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for i, (tokens, _, _, last) in enumerate(rows):
+            groups[(len(tokens), last)].append(i)
+        outputs: list[Outputs] = [{}] * len(rows)
+        for (_, last), indices in groups.items():
+            tokens = np.stack([rows[i][0] for i in indices])  # [group, seq]
             started = time.perf_counter()
-            outputs, new_state = self.model.run(tokens, state)  # each output [group, ...]
+            out = self.runner.run(tokens, [rows[i][1] for i in indices], [rows[i][2] for i in indices], last)
             metrics.observe_run(self.model.key, len(indices), time.perf_counter() - started)
-            for j, (i, st) in enumerate(
-                zip(indices, self.model.split_state(new_state, len(indices)), strict=True)
-            ):
-                results[i] = ({name: value[j] for name, value in outputs.items()}, st)
+            if LAST_LOGITS in out:
+                out = {LAST_LOGPROBS: log_softmax(out[LAST_LOGITS])}  # [group, vocab]
+            for j, i in enumerate(indices):
+                outputs[i] = {name: value[j] for name, value in out.items()}
             self.batches_run += 1
             self.steps_run += len(indices)
-        return [r for r in results if r is not None]
+        n = len(batch.steps)
+        if not batch.generations:
+            return _Result(outputs, None, None)
+        logprobs = np.stack([o[LAST_LOGPROBS] for o in outputs[n:]])  # [generations, vocab]
+        uniforms = np.array([g.draw() for g in batch.generations])  # [generations]
+        next_tokens = sample_batch(logprobs, [g.sampling for g in batch.generations], uniforms)
+        return _Result(outputs[:n], logprobs, next_tokens)

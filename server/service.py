@@ -199,8 +199,9 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             prompt=prompt_input(request),
             expected_position=request.expected_position if request.HasField("expected_position") else None,
         )
-        async for token in self.engine.generate(request.session_id, params):
-            yield generated_token_pb(token)
+        async for tokens in self.engine.generate(request.session_id, params):
+            for token in tokens:
+                yield generated_token_pb(token)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: aio.ServicerContext

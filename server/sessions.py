@@ -7,9 +7,11 @@ history length), how many tokens it has consumed, and the next-token distributio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +20,12 @@ import numpy as np
 from rnnserve.server import metrics
 from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from rnnserve.server.repository import LoadedModel
-from rnnserve.server.runtime import State
+from rnnserve.server.slab import State, StateSlab
 
 RECENT_TOKENS = 8  # context kept so generated text joins the prompt correctly (e.g. word spacing)
+# Slots beyond max_sessions per model, for work in flight that is not a session yet: a long input runs
+# into a scratch slot before it is committed, a streaming Classify runs each text in one.
+SCRATCH_SLOTS = 2048
 
 
 @dataclass
@@ -32,13 +37,17 @@ class AppliedInput:
     result: Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
-    """Server-side state of one client conversation with one model version."""
+    """Server-side state of one client conversation with one model version.
+
+    Its recurrent state is row `slot` of the model's state slab (see slab.py).
+    """
 
     id: str
     model: LoadedModel
-    state: State  # name -> [layers * directions, 1, hidden]
+    slab: StateSlab = field(repr=False)
+    slot: int
     ttl_seconds: float
     position: int = 0
     # Log-probabilities of the next token after the last consumed one: [vocab]; None before any token.
@@ -51,6 +60,31 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: two streams on one session apply their inputs in turn.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False  # closed or expired; its slot is freed once no request holds the session
+
+    @property
+    def state(self) -> State:
+        """A copy of the session's state in the graph's layout: name -> [layers * directions, 1, hidden]."""
+        return self.slab.read(self.slot)
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Session]:
+        """Hold the session for one request (one at a time); a close meanwhile frees its slot after."""
+        async with self.lock:
+            yield self
+        if self.closed:
+            self._free_slot()
+
+    def close(self) -> None:
+        """Mark closed; the slot goes back to the slab now, or when the request holding it ends."""
+        self.closed = True
+        if not self.lock.locked():
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self.slot >= 0:
+            self.slab.free(self.slot)
+            self.slot = -1
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -77,6 +111,15 @@ class SessionStore:
     def __init__(self, limits: SessionLimits | None = None) -> None:
         self.limits = limits or SessionLimits()
         self._sessions: dict[str, Session] = {}
+        self._slabs: dict[str, StateSlab] = {}
+
+    def slab(self, model: LoadedModel) -> StateSlab:
+        """The state slab of a model version, sized for max_sessions plus scratch slots."""
+        slab = self._slabs.get(model.key)
+        if slab is None:
+            capacity = self.limits.max_sessions + SCRATCH_SLOTS
+            slab = self._slabs[model.key] = StateSlab(model.manifest.state, capacity)
+        return slab
 
     def create(self, model: LoadedModel, ttl_seconds: float = 0) -> Session:
         """A new session at the model's initial state."""
@@ -94,10 +137,12 @@ class SessionStore:
                 f"the server holds its maximum of {self.limits.max_sessions} sessions; "
                 "close sessions you no longer need or retry later"
             )
+        slab = self.slab(model)
         session = Session(
             id=uuid.uuid4().hex,
             model=model,
-            state=model.runtime.initial_state(1),
+            slab=slab,
+            slot=slab.allocate(),
             ttl_seconds=ttl_seconds or self.limits.default_ttl_seconds,
         )
         self._sessions[session.id] = session
@@ -119,6 +164,7 @@ class SessionStore:
     def close(self, session_id: str) -> Session:
         session = self.get(session_id)
         del self._sessions[session_id]
+        session.close()
         metrics.session_closed(session.model.key)
         return session
 
@@ -127,8 +173,9 @@ class SessionStore:
         now = time.monotonic()
         expired = [sid for sid, s in self._sessions.items() if s.expired(now)]
         for sid in expired:
-            metrics.session_evicted(self._sessions[sid].model.key)
-            del self._sessions[sid]
+            session = self._sessions.pop(sid)
+            session.close()
+            metrics.session_evicted(session.model.key)
         return len(expired)
 
     def __len__(self) -> int:

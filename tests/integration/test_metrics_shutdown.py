@@ -130,13 +130,13 @@ def test_a_metrics_port_in_use_is_fatal_only_when_asked_for(tiny_repo: Path) -> 
 def slow_down(server: RnnServeServer, seconds: float) -> None:
     """Make every model run take at least `seconds`, so calls stay in flight long enough to watch."""
     for scheduler in server.engine.schedulers.values():
-        run = scheduler.model.run
+        run = scheduler.runner.run
 
         def slow(*args: Any, run: Any = run) -> Any:
             time.sleep(seconds)
             return run(*args)
 
-        scheduler.model.run = slow  # type: ignore[method-assign]
+        scheduler.runner.run = slow  # type: ignore[method-assign]
 
 
 class Generation(threading.Thread):

@@ -1,72 +1,122 @@
-"""The scheduler batches steps of many sessions into one run, with results equal to each alone."""
+"""The scheduler batches the work of many sessions into one run, with results equal to each alone.
+
+The invariant: running sessions together changes nothing. Checked for steps (every cell type, mixed
+lengths, last-position and full logits), for generation (same seed, same tokens, alone or in a batch of
+many), and for the state slab (sessions created and closed interleaved never see each other's state).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
 from rnnserve.export.manifest import read_manifest
-from rnnserve.server.runtime import OnnxModel
-from rnnserve.server.scheduler import Scheduler, SchedulerOptions
+from rnnserve.server.engine import Engine, EngineLimits, GeneratedToken, GenerateRequest
+from rnnserve.server.repository import ModelRepository
+from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, SlotRunner
+from rnnserve.server.sampling import SamplingParams, log_softmax
+from rnnserve.server.scheduler import LAST_LOGPROBS, Scheduler, SchedulerOptions
+from rnnserve.server.sessions import SessionLimits
+from rnnserve.server.slab import State, StateSlab
+
+T = TypeVar("T")
+Step = tuple[np.ndarray, State]  # tokens [seq], batch-1 state
 
 
-def random_state(model: OnnxModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_state(model: OnnxModel, rng: np.random.Generator) -> State:
     return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.initial_state(1).items()}
 
 
-def test_concurrent_steps_run_as_batches_and_match_single_runs(lm_repo: Path) -> None:
+def run_steps(
+    model: OnnxModel, steps: list[Step], options: SchedulerOptions, last: bool = False
+) -> tuple[list[dict[str, np.ndarray]], list[State], Scheduler]:
+    """Run every step at once through a scheduler: (outputs, new states, the scheduler)."""
+    slab = StateSlab(model.manifest.state, len(steps) + 4)
+    slots = [slab.allocate() for _ in steps]
+    for slot, (_, state) in zip(slots, steps, strict=True):
+        slab.write(slot, state)
+
+    async def go() -> tuple[list[dict[str, np.ndarray]], Scheduler]:
+        with ThreadPoolExecutor(1) as pool:
+            scheduler = Scheduler(model, slab, pool, options)
+            scheduler.start()
+            outputs = await asyncio.gather(
+                *(scheduler.step(t, s, s, last=last) for (t, _), s in zip(steps, slots, strict=True))
+            )
+            await scheduler.stop()
+        return list(outputs), scheduler
+
+    outputs, scheduler = asyncio.run(go())
+    return outputs, [slab.read(s) for s in slots], scheduler
+
+
+def assert_same_as_alone(
+    model: OnnxModel, steps: list[Step], outputs: list[dict[str, np.ndarray]], states: list[State]
+) -> None:
+    for (tokens, state), out, new_state in zip(steps, outputs, states, strict=True):
+        alone, alone_state = model.run(tokens[None, :], state)
+        if LAST_LOGPROBS in out:
+            np.testing.assert_allclose(out[LAST_LOGPROBS], log_softmax(alone["logits"][0, -1]), atol=1e-5)
+        else:
+            np.testing.assert_allclose(out["logits"], alone["logits"][0], atol=1e-5)
+        for name in state:
+            assert new_state[name].shape == state[name].shape
+            np.testing.assert_allclose(new_state[name], alone_state[name], atol=1e-5)
+
+
+def tiny(lm_repo: Path) -> OnnxModel:
     bundle = lm_repo / "tiny" / "1"
-    model = OnnxModel(bundle, read_manifest(bundle))
+    return OnnxModel(bundle, read_manifest(bundle))
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_concurrent_steps_run_as_batches_and_match_single_runs(lm_repo: Path, last: bool) -> None:
+    model = tiny(lm_repo)
     rng = np.random.default_rng(0)
     vocab = model.manifest.vocab_size
     # 12 sessions, two sequence lengths: same-length steps share a run, different lengths never mix.
-    requests = [(rng.integers(0, vocab, size=3 if i % 2 else 5), random_state(model, rng)) for i in range(12)]
-
-    async def run_all() -> tuple[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], Scheduler]:
-        with ThreadPoolExecutor(1) as pool:
-            scheduler = Scheduler(model, pool, SchedulerOptions(max_batch=64, max_wait_s=0.01))
-            scheduler.start()
-            results = await asyncio.gather(*(scheduler.step(t, s) for t, s in requests))
-            await scheduler.stop()
-        return results, scheduler
-
-    results, scheduler = asyncio.run(run_all())
+    steps = [(rng.integers(0, vocab, size=3 if i % 2 else 5), random_state(model, rng)) for i in range(12)]
+    outputs, states, scheduler = run_steps(
+        model, steps, SchedulerOptions(max_batch=64, max_wait_s=0.01), last
+    )
     assert scheduler.steps_run == 12
     assert scheduler.batches_run == 2  # one run per sequence length
-    for (tokens, state), (outputs, new_state) in zip(requests, results, strict=True):
-        alone, alone_state = model.run(tokens[None, :], state)
-        np.testing.assert_allclose(outputs["logits"], alone["logits"][0], atol=1e-5)
-        for name in state:
-            np.testing.assert_allclose(new_state[name], alone_state[name], atol=1e-5)
-            assert new_state[name].shape == state[name].shape
+    assert_same_as_alone(model, steps, outputs, states)
+
+
+def test_last_position_graph_equals_the_step_graphs_last_position(lm_repo: Path) -> None:
+    model = tiny(lm_repo)
+    assert model.last is not None, "the exporter writes a 'last' graph for language models"
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, model.manifest.vocab_size, size=(4, 7))
+    state = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.initial_state(4).items()}
+    full, full_state = model.run(tokens, state)
+    logits, last_state = model.run_last(tokens, state)
+    np.testing.assert_allclose(logits, full["logits"][:, -1], atol=1e-5)
+    for name in state:
+        np.testing.assert_allclose(last_state[name], full_state[name], atol=1e-5)
 
 
 def test_max_batch_caps_a_run(lm_repo: Path) -> None:
-    bundle = lm_repo / "tiny" / "1"
-    model = OnnxModel(bundle, read_manifest(bundle))
+    model = tiny(lm_repo)
     rng = np.random.default_rng(1)
-
-    async def run_all() -> Scheduler:
-        with ThreadPoolExecutor(1) as pool:
-            scheduler = Scheduler(model, pool, SchedulerOptions(max_batch=4, max_wait_s=0.01))
-            scheduler.start()
-            await asyncio.gather(
-                *(scheduler.step(np.array([1, 2]), random_state(model, rng)) for _ in range(10))
-            )
-            await scheduler.stop()
-        return scheduler
-
-    scheduler = asyncio.run(run_all())
+    steps = [(np.array([1, 2]), random_state(model, rng)) for _ in range(10)]
+    _, _, scheduler = run_steps(model, steps, SchedulerOptions(max_batch=4, max_wait_s=0.01))
     assert scheduler.steps_run == 10 and scheduler.batches_run == 3
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
 def test_running_sessions_together_changes_nothing_for_every_cell(cell: str, tmp_path: Path) -> None:
-    """The batching invariant, per cell type: each session's outputs and state are what it gets alone."""
+    """The batching invariant, per cell type: each session's outputs and state are what it gets alone.
+
+    These bundles have no "last" graph: last-position steps fall back to the step graph.
+    """
     import torch
 
     from rnnserve.export.manifest import Manifest, TensorSpec, lm_state_specs
@@ -93,20 +143,195 @@ def test_running_sessions_together_changes_nothing_for_every_cell(cell: str, tmp
         state=lm_state_specs(cell, 2, 24),
     )
     model = OnnxModel(tmp_path, manifest)
+    assert model.last is None
     rng = np.random.default_rng(2)
-    requests = [(rng.integers(0, 50, size=1 + i % 3), random_state(model, rng)) for i in range(9)]
-
-    async def run_all() -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        with ThreadPoolExecutor(1) as pool:
-            scheduler = Scheduler(model, pool, SchedulerOptions(max_wait_s=0.01))
-            scheduler.start()
-            results = await asyncio.gather(*(scheduler.step(t, s) for t, s in requests))
-            await scheduler.stop()
+    steps = [(rng.integers(0, 50, size=1 + i % 3), random_state(model, rng)) for i in range(9)]
+    for last in (False, True):
+        outputs, states, scheduler = run_steps(model, steps, SchedulerOptions(max_wait_s=0.01), last)
         assert scheduler.batches_run == 3  # three sequence lengths
-        return list(results)
+        assert_same_as_alone(model, steps, outputs, states)
 
-    for (tokens, state), (outputs, new_state) in zip(requests, asyncio.run(run_all()), strict=True):
-        alone, alone_state = model.run(tokens[None, :], state)
-        np.testing.assert_allclose(outputs["logits"], alone["logits"][0], atol=1e-5)
-        for name in state:
-            np.testing.assert_allclose(new_state[name], alone_state[name], atol=1e-5)
+
+# -- the engine: generation and the slab ------------------------------------------------------------
+
+
+def with_engine(lm_repo: Path, work: Callable[[Engine], Awaitable[T]], **limits: int) -> T:
+    """Run `work` against a started engine over the `tiny` model (no gRPC)."""
+
+    async def go() -> T:
+        engine = Engine(
+            ModelRepository.load(lm_repo),
+            SessionLimits(max_sessions=limits.pop("max_sessions", 100)),
+            SchedulerOptions(max_wait_s=0.002),
+            EngineLimits(**limits),
+        )
+        engine.start()
+        try:
+            return await work(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
+async def generate(engine: Engine, request: GenerateRequest) -> list[GeneratedToken]:
+    session = engine.create_session("tiny")
+    out = [t async for tokens in engine.generate(session.id, request) for t in tokens]
+    engine.sessions.close(session.id)
+    return out
+
+
+SAMPLINGS = [
+    SamplingParams(temperature=1.0, seed=5),
+    SamplingParams(temperature=0.8, top_k=5, seed=6),
+    SamplingParams(temperature=1.2, top_p=0.9, seed=7),
+    SamplingParams(temperature=0.0),
+]
+
+
+def test_generation_with_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_many(lm_repo: Path) -> None:
+    def request(sampling: SamplingParams, prompt: str) -> GenerateRequest:
+        return GenerateRequest(sampling, max_tokens=30, ignore_eos=True, prompt=prompt)
+
+    prompts = ["def add(a, b):\n", "class P", "x = 1\n"]
+    cases = [(s, p) for s in SAMPLINGS for p in prompts]  # 12 generations, prompts of different lengths
+
+    async def alone(engine: Engine) -> list[list[GeneratedToken]]:
+        return [await generate(engine, request(s, p)) for s, p in cases]
+
+    async def together(engine: Engine) -> tuple[list[list[GeneratedToken]], int]:
+        results = await asyncio.gather(*(generate(engine, request(s, p)) for s, p in cases))
+        return list(results), engine.schedulers["tiny@1"].batches_run
+
+    expected = with_engine(lm_repo, alone)
+    got, runs = with_engine(lm_repo, together)
+    for a, b in zip(expected, got, strict=True):
+        assert [t.token_id for t in a] == [t.token_id for t in b]
+        assert [t.position for t in a] == [t.position for t in b]
+        np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=1e-4)
+        assert b[-1].finish_reason == "length" and len(b) == 30
+    # They really ran together: far fewer runs than the 12 * 31 they take one at a time.
+    assert runs < 12 * 31 / 3
+
+
+def test_sessions_join_and_leave_the_running_batch(lm_repo: Path) -> None:
+    """Generations of different lengths, started at different times, each equal to itself alone."""
+
+    def request(n: int, seed: int) -> GenerateRequest:
+        return GenerateRequest(
+            SamplingParams(temperature=1.0, seed=seed), max_tokens=n, ignore_eos=True, prompt="de"
+        )
+
+    plan = [(0.0, 40, 1), (0.0, 5, 2), (0.01, 25, 3), (0.02, 3, 4), (0.03, 30, 5)]
+
+    async def alone(engine: Engine) -> list[list[int]]:
+        return [[t.token_id for t in await generate(engine, request(n, s))] for _, n, s in plan]
+
+    async def staggered(engine: Engine) -> list[list[int]]:
+        async def one(delay: float, n: int, seed: int) -> list[int]:
+            await asyncio.sleep(delay)
+            return [t.token_id for t in await generate(engine, request(n, seed))]
+
+        return list(await asyncio.gather(*(one(*p) for p in plan)))
+
+    assert with_engine(lm_repo, alone) == with_engine(lm_repo, staggered)
+
+
+def test_mixed_lengths_and_long_inputs_batched_equal_alone(lm_repo: Path) -> None:
+    """Feeds of different lengths (some longer than a chunk) at once: each ends where it does alone."""
+    texts = ["a", "def add(a, b):\n    return a + b\n", "class Point:", "x", "    return a - b\n" * 3]
+
+    async def feed_all(engine: Engine, concurrently: bool) -> list[tuple[int, list[int], list[float]]]:
+        sessions = [engine.create_session("tiny") for _ in texts]
+
+        async def one(i: int) -> tuple[int, list[int], list[float]]:
+            result = await engine.feed(sessions[i].id, texts[i], top_k=5, token_logprobs=i % 2 == 1)
+            return result.position, [c[0] for c in result.top], [c[2] for c in result.top]
+
+        if concurrently:
+            return list(await asyncio.gather(*(one(i) for i in range(len(texts)))))
+        return [await one(i) for i in range(len(texts))]
+
+    def check(engine_limits: dict[str, int]) -> None:
+        alone = with_engine(lm_repo, lambda e: feed_all(e, False), **engine_limits)
+        together = with_engine(lm_repo, lambda e: feed_all(e, True), **engine_limits)
+        for (pos_a, ids_a, lp_a), (pos_b, ids_b, lp_b) in zip(alone, together, strict=True):
+            assert pos_a == pos_b and ids_a == ids_b
+            np.testing.assert_allclose(lp_a, lp_b, atol=1e-5)
+
+    check({"chunk_tokens": 4})  # long inputs run as several chunks through a scratch slot
+    check({})
+
+
+def test_slab_sessions_created_and_closed_interleaved_never_see_each_others_state(lm_repo: Path) -> None:
+    async def work(engine: Engine) -> None:
+        reference = engine.create_session("tiny")
+        ref = await engine.feed(reference.id, "def f(x):")
+        fresh = await engine.feed(engine.create_session("tiny").id, "x")
+        live = []
+        for round_ in range(6):
+            # open a few, feed them different text, close every other one: their slots get reused
+            opened = [engine.create_session("tiny") for _ in range(4)]
+            await asyncio.gather(
+                *(engine.feed(s.id, f"noise {round_} {i}" * 3) for i, s in enumerate(opened))
+            )
+            for s in opened[::2]:
+                engine.sessions.close(s.id)
+            live += opened[1::2]
+            # a new session on a reused slot starts from the initial state
+            new = engine.create_session("tiny")
+            assert all(not v.any() for v in new.state.values())
+            again = await engine.feed(new.id, "x")
+            assert [c[0] for c in again.top] == [c[0] for c in fresh.top]
+            np.testing.assert_allclose([c[2] for c in again.top], [c[2] for c in fresh.top], atol=1e-5)
+            engine.sessions.close(new.id)
+        # a long-lived session was never disturbed
+        assert (await engine.feed(reference.id, "x")).position == ref.position + 1
+        expect = await engine.feed(engine.create_session("tiny").id, "def f(x):x")
+        got = engine.sessions.get(reference.id).next_logprobs
+        assert got is not None
+        np.testing.assert_allclose(got[[c[0] for c in expect.top]], [c[2] for c in expect.top], atol=1e-5)
+        assert engine.sessions.slab(reference.model).in_use == len(engine.sessions)
+
+    with_engine(lm_repo, work)
+
+
+def test_a_session_closed_while_generating_frees_its_slot_after(lm_repo: Path) -> None:
+    async def work(engine: Engine) -> None:
+        session = engine.create_session("tiny")
+        slab = session.slab
+        request = GenerateRequest(
+            SamplingParams(temperature=1.0, seed=1), max_tokens=20, ignore_eos=True, prompt="a"
+        )
+        stream = engine.generate(session.id, request)
+        first = await anext(stream)
+        engine.sessions.close(session.id)
+        assert session.slot >= 0 and slab.in_use == 1  # still generating on it
+        rest = [t for tokens in [tok async for tok in stream] for t in tokens]
+        assert len(first) + len(rest) == 20
+        assert session.slot == -1 and slab.in_use == 0
+
+    with_engine(lm_repo, work)
+
+
+def test_slot_runner_gathers_and_scatters_by_slot(lm_repo: Path) -> None:
+    model = tiny(lm_repo)
+    slab = StateSlab(model.manifest.state, 8)
+    runner = SlotRunner(model, slab)
+    rng = np.random.default_rng(4)
+    slots = [slab.allocate() for _ in range(5)]
+    states = [random_state(model, rng) for _ in slots]
+    for slot, state in zip(slots, states, strict=True):
+        slab.write(slot, state)
+    picked = [slots[3], slots[0], slots[4]]
+    tokens = rng.integers(0, model.manifest.vocab_size, size=(3, 1))
+    out = runner.run(tokens, picked, picked, last=True)
+    batch = {k: np.concatenate([states[3][k], states[0][k], states[4][k]], axis=1) for k in states[0]}
+    logits, new_state = model.run_last(tokens, batch)
+    np.testing.assert_allclose(out[LAST_LOGITS], logits, atol=1e-5)
+    for j, slot in enumerate(picked):
+        for k in new_state:
+            np.testing.assert_allclose(slab.read(slot)[k], new_state[k][:, j : j + 1], atol=1e-6)
+    for untouched in (slots[1], slots[2]):
+        for k in states[0]:
+            np.testing.assert_array_equal(slab.read(untouched)[k], states[slots.index(untouched)][k])
