@@ -47,8 +47,30 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
         return f"(default: {d[name]})"
 
     p.add_argument("--config", help="TOML file whose keys are TrainConfig fields; flags given here win")
-    p.add_argument("--data", help="text file or directory of .txt files (default: the Python stdlib)")
-    p.add_argument("--tokenizer", choices=["char", "word"], help=dflt("tokenizer"))
+    p.add_argument(
+        "--data",
+        help="a directory with train/valid/test files (train.txt, wiki.train.tokens, ptb.train.txt...), "
+        "a text file, or a directory of .txt files (default: the Python stdlib)",
+    )
+    p.add_argument("--train-file", help="explicit training text (instead of --data)")
+    p.add_argument(
+        "--valid-file", help="explicit validation text (default: hold out --val-fraction of train)"
+    )
+    p.add_argument("--test-file", help="explicit test text (tokenized with the training vocabulary)")
+    p.add_argument(
+        "--corpus-format",
+        choices=["auto", "text", "tokenized"],
+        help="text: a file is one document; tokenized: WikiText/PTB, one document per line, words split at "
+        f"spaces, <unk> applied {dflt('corpus_format')}",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, help=f"held out when the data has no valid split {dflt('val_fraction')}"
+    )
+    p.add_argument("--split-seed", type=int, help=f"seed of that held-out split {dflt('split_seed')}")
+    p.add_argument("--tokenizer", choices=["char", "word", "bpe"], help=dflt("tokenizer"))
+    p.add_argument(
+        "--max-vocab", type=int, help=f"word vocabulary cap / BPE size, 0 = no cap {dflt('max_vocab')}"
+    )
     p.add_argument("--cell", choices=CELL_CHOICES, help=dflt("cell"))
     p.add_argument("--layers", type=int, help=dflt("layers"))
     p.add_argument("--hidden", type=int, help=dflt("hidden"))
@@ -198,12 +220,19 @@ def run_sample(args: argparse.Namespace) -> int:
 def _register_data(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="download public data sets (sha256-checked, cached)")
     cmds = data.add_subparsers(dest="data_command", required=True, metavar="{fetch,list}")
-    fetch = cmds.add_parser("fetch", help="download a data set into the cache (or find it there)")
+    fetch = cmds.add_parser(
+        "fetch",
+        help="download a data set into the cache (or find it there), check its sha256, unpack it",
+        description="Offline? Train on a local copy with `rnnserve train lm --data DIR`, or copy the files "
+        "into the cache folder ($RNNSERVE_DATA_DIR/NAME/) and rerun fetch, or point $RNNSERVE_DATA_URL at a "
+        "mirror.",
+    )
     fetch.add_argument("name", help="a data set name (see `rnnserve data list`)")
     fetch.add_argument("--cache-dir", help="default: $RNNSERVE_DATA_DIR or ~/.cache/rnnserve/data")
     fetch.add_argument(
         "--url", help="mirror base URL laid out as BASE/NAME/FILE (default: $RNNSERVE_DATA_URL)"
     )
+    fetch.add_argument("--no-progress", action="store_true", help="no progress bar")
     fetch.set_defaults(func=run_data_fetch)
     cmds.add_parser("list", help="the data sets `fetch` knows").set_defaults(func=run_data_list)
 
@@ -213,20 +242,22 @@ def run_data_fetch(args: argparse.Namespace) -> int:
     from rnnserve.training.datasets import REGISTRY, DataFetchError, fetch
 
     try:
-        folder = fetch(args.name, args.cache_dir, args.url)
+        folder = fetch(args.name, args.cache_dir, args.url, progress=not args.no_progress)
     except DataFetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(folder)
-    print(f"train on it with: rnnserve train lm --data {folder / REGISTRY[args.name].train_hint} ...")
+    print(f"train on it with: {REGISTRY[args.name].usage.format(folder=folder)} ...")
     return 0
 
 
 def run_data_list(args: argparse.Namespace) -> int:
+    """Each data set: name, description, files and where its checksums come from."""
     from rnnserve.training.datasets import REGISTRY
 
     for d in REGISTRY.values():
-        print(f"{d.name}: {d.description} ({', '.join(f.path for f in d.files)})")
+        files = ", ".join(f.path + (" (unpacked)" if f.unpack else "") for f in d.files)
+        print(f"{d.name}: {d.description}\n  files: {files}\n  {d.checksums}")
     return 0
 
 

