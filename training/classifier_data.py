@@ -6,6 +6,10 @@
   `sentence` in train.tsv and `content` in dev.tsv) unless given.
 - **Directory per label** (IMDB's `pos/`, `neg/`): every subdirectory is a label, every file in it
   (recursively, hidden files skipped) is one text. IMDB's unlabelled `unsup/` is skipped by default.
+- **A data set folder with splits** (`resolve_splits`): SST-2's `train.tsv` + `dev.tsv`, IMDB's
+  `aclImdb/` with `train/` + `test/` label trees, or any `train`/`dev` (`valid`, `validation`, `val`)
+  /`test` files or label trees. Its train split trains and its dev split (if any) validates; with no dev
+  split one is held out from train (`split_holdout`, seeded), so a test split stays untouched.
 
 Every loader returns `(texts, labels, label_names)`: labels are class ids into `label_names`. Label names
 are ordered numerically when every label is an integer, else alphabetically, so class ids are stable.
@@ -146,6 +150,45 @@ def load_labelled(
     if label_names is None and len(names) < 2:
         raise DataError(f"{p} has a single label {names}: a classifier needs at least two")
     return texts, [index[r] for r in raw], names
+
+
+SPLIT_STEMS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "dev": ("dev", "valid", "validation", "val"),
+    "test": ("test",),
+}
+TABLE_SUFFIXES = (".tsv", ".tab", ".csv")
+
+
+def find_splits(folder: str | Path) -> dict[str, Path]:
+    """{"train": ..., "dev": ..., "test": ...}: the split files (TSV/CSV) or label trees (subdirectories)
+    directly in `folder`; empty when `folder` has no train split (e.g. it is itself a label tree)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(root.iterdir()):
+        is_table = entry.is_file() and entry.suffix.lower() in TABLE_SUFFIXES
+        stem = entry.stem.lower() if is_table else entry.name.lower() if entry.is_dir() else None
+        for split, stems in SPLIT_STEMS.items():
+            if stem in stems:
+                found.setdefault(split, []).append(entry)
+    if "train" not in found:
+        return {}
+    for split, entries in found.items():
+        if len(entries) > 1:
+            raise DataError(f"{root} has several {split} splits: {[e.name for e in entries]}")
+    return {split: entries[0] for split, entries in found.items()}
+
+
+def resolve_splits(train: str | Path, dev: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(train, dev) paths to load: `train` itself, or its train split when it is a data set folder with
+    splits (module docstring); `dev` is the given one, else the folder's dev split, else None (hold one
+    out)."""
+    splits = find_splits(train)
+    if not splits:
+        return Path(train), Path(dev) if dev is not None else None
+    return splits["train"], Path(dev) if dev is not None else splits.get("dev")
 
 
 def display_names(raw_names: Sequence[str], given: Sequence[str] | None = None) -> list[str]:

@@ -31,6 +31,7 @@ from rnnserve.training.classifier_data import (
     display_names,
     length_buckets,
     load_labelled,
+    resolve_splits,
     split_holdout,
     subsample,
 )
@@ -191,9 +192,12 @@ def _prepare(
     if not config.train:
         raise ValueError("no training data: set `train` (--train) to a TSV/CSV file or a label directory")
     cols = {"text_column": config.text_column, "label_column": config.label_column}
-    texts, labels, raw_names = load_labelled(config.train, **cols)
-    if config.dev is not None:
-        dev_texts, dev_labels, _ = load_labelled(config.dev, label_names=raw_names, **cols)
+    train_path, dev_path = resolve_splits(config.train, config.dev)  # a data set folder: its splits
+    if config.progress:
+        print(f"train: {train_path}; dev: {dev_path or f'{config.dev_fraction:.0%} held out of train'}")
+    texts, labels, raw_names = load_labelled(train_path, **cols)
+    if dev_path is not None:
+        dev_texts, dev_labels, _ = load_labelled(dev_path, label_names=raw_names, **cols)
     else:
         (texts, labels), (dev_texts, dev_labels) = split_holdout(
             texts, labels, config.dev_fraction, config.seed

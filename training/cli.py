@@ -263,7 +263,12 @@ def run_data_list(args: argparse.Namespace) -> int:
 
 def _add_classifier_arguments(p: argparse.ArgumentParser) -> None:
     d = _CLF_DEFAULTS
-    p.add_argument("--train", required=True, help="TSV/CSV file or directory-per-label tree")
+    p.add_argument(
+        "--train",
+        required=True,
+        help="TSV/CSV file, directory-per-label tree, or a data set folder with train/dev splits (SST-2's "
+        "train.tsv + dev.tsv, IMDB's aclImdb/ with train/ + test/)",
+    )
     p.add_argument("--dev", help="dev split, same layouts (default: hold out --dev-fraction of train)")
     p.add_argument("--dev-fraction", type=float, default=d["dev_fraction"])
     p.add_argument(

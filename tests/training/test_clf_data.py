@@ -12,8 +12,10 @@ from tokenizers import Tokenizer
 from rnnserve.training.classifier_data import (
     DataError,
     display_names,
+    find_splits,
     length_buckets,
     load_labelled,
+    resolve_splits,
     split_holdout,
     subsample,
 )
@@ -22,6 +24,8 @@ from rnnserve.training.tokenizer import (
     build_classifier_tokenizer,
     special_token_ids,
 )
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def test_tsv_with_header_keeps_raw_quotes(tmp_path: Path) -> None:
@@ -125,3 +129,42 @@ def test_word_vocabulary_limits() -> None:
     assert build_classifier_tokenizer("word", ["a a a b b c"], vocab_size=3).get_vocab_size() == 3
     with pytest.raises(ValueError, match="not one of"):
         build_classifier_tokenizer("char", ["x"])
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_data_set_folders_resolve_to_their_splits(tmp_path: Path) -> None:
+    sst = _tree(
+        tmp_path / "SST-2", {"train.tsv": "sentence\tlabel\na\t1\nb\t0\n", "dev.tsv": "x", "test.tsv": "y"}
+    )
+    assert resolve_splits(sst) == (sst / "train.tsv", sst / "dev.tsv")
+    assert resolve_splits(sst, tmp_path / "mine.tsv") == (
+        sst / "train.tsv",
+        tmp_path / "mine.tsv",
+    )  # given wins
+    imdb = _tree(
+        tmp_path / "aclImdb",
+        {"train/pos/0_9.txt": "great", "train/neg/1_2.txt": "dull", "train/unsup/2_0.txt": "?",
+         "test/pos/3_8.txt": "fine", "test/neg/4_1.txt": "bad", "imdb.vocab": "great\n"},
+    )  # fmt: skip
+    assert resolve_splits(imdb) == (imdb / "train", None)  # no dev split: one is held out; test untouched
+    assert load_labelled(resolve_splits(imdb)[0]) == (["dull", "great"], [0, 1], ["neg", "pos"])
+    tree = _tree(tmp_path / "labels", {"pos/a.txt": "good", "neg/b.txt": "bad"})
+    assert find_splits(tree) == {} and resolve_splits(tree) == (tree, None)  # a plain label tree
+    _tree(sst, {"train.csv": "text,label\n"})
+    with pytest.raises(DataError, match="several train splits"):
+        resolve_splits(sst)
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED / "sst-2" / "dev.tsv").is_file(), reason="../shared/data/sst-2 is absent")
+def test_shared_sst2_folder_resolves_to_train_and_dev() -> None:
+    train, dev = resolve_splits(SHARED / "sst-2")
+    assert (train.name, dev.name if dev else None) == ("train.tsv", "dev.tsv")
+    texts, _, names = load_labelled(dev) if dev else ([], [], [])
+    assert len(texts) == 872 and names == ["0", "1"]
