@@ -20,7 +20,13 @@ from grpc import aio
 
 from rnnserve.client.client import DEFAULT_URL
 from rnnserve.client.errors import RnnserveError, from_rpc_error
-from rnnserve.client.requests import channel_options, classify_request, feed_request, generate_request
+from rnnserve.client.requests import (
+    TOKENS_PER_MESSAGE,
+    channel_options,
+    classify_request,
+    feed_request,
+    generate_request,
+)
 from rnnserve.client.types import Classification, FeedOutput, GeneratedToken, ModelInfo, SessionInfo
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -138,6 +144,7 @@ class AsyncSession:
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
         expected_position: int | None = None,
+        max_tokens_per_message: int = TOKENS_PER_MESSAGE,
     ) -> AsyncIterator[GeneratedToken]:
         """Sampled tokens as they are made (see `Session.generate`)."""
         request = generate_request(
@@ -152,13 +159,14 @@ class AsyncSession:
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
             expected_position=expected_position,
+            max_tokens_per_message=max_tokens_per_message,
         )
         call = self.client.stub.Generate(request)
         try:
             async for response in call:
-                token = GeneratedToken.from_pb(response)
-                self.position = token.position
-                yield token
+                for token in GeneratedToken.all_from_pb(response):
+                    self.position = token.position
+                    yield token
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:

@@ -17,7 +17,13 @@ from typing import Any
 import grpc
 
 from rnnserve.client.errors import RnnserveError, from_rpc_error
-from rnnserve.client.requests import channel_options, classify_request, feed_request, generate_request
+from rnnserve.client.requests import (
+    TOKENS_PER_MESSAGE,
+    channel_options,
+    classify_request,
+    feed_request,
+    generate_request,
+)
 from rnnserve.client.types import (
     Classification,
     FeedOutput,
@@ -183,11 +189,14 @@ class Session:
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
         expected_position: int | None = None,
+        max_tokens_per_message: int = TOKENS_PER_MESSAGE,
         timeout: float | None = None,
     ) -> GenerateStream:
         """Continue the session by sampling; iterate the result to get tokens as they are made.
 
         temperature 0 is greedy. With a `seed`, the same session state gives the same tokens.
+        `max_tokens_per_message` lets the server send tokens made meanwhile in one message under load
+        (1 = one message per token); iteration yields one token at a time either way.
         """
         request = generate_request(
             self.id,
@@ -201,6 +210,7 @@ class Session:
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
             expected_position=expected_position,
+            max_tokens_per_message=max_tokens_per_message,
         )
         return GenerateStream(self, self.client.stub.Generate(request, timeout=timeout))
 
@@ -250,12 +260,12 @@ class GenerateStream:
     def __iter__(self) -> Iterator[GeneratedToken]:
         try:
             for response in self._call:
-                token = GeneratedToken.from_pb(response)
-                self.tokens.append(token)
-                self._session.position = token.position
-                if token.finish_reason:
-                    self.finish_reason = token.finish_reason
-                yield token
+                for token in GeneratedToken.all_from_pb(response):
+                    self.tokens.append(token)
+                    self._session.position = token.position
+                    if token.finish_reason:
+                        self.finish_reason = token.finish_reason
+                    yield token
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                 return

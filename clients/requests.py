@@ -7,6 +7,10 @@ from collections.abc import Sequence
 from rnnserve.client.types import input_fields
 from rnnserve.v1 import rnnserve_pb2 as pb
 
+# What the clients ask for by default: the server may pack up to this many tokens made meanwhile into
+# one Generate message (older servers ignore it and send one per message; both are read the same way).
+TOKENS_PER_MESSAGE = 64
+
 
 def feed_request(
     session_id: str,
@@ -40,6 +44,7 @@ def generate_request(
     stop_token_ids: Sequence[int],
     ignore_eos: bool,
     expected_position: int | None,
+    max_tokens_per_message: int = 1,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
@@ -51,6 +56,7 @@ def generate_request(
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
+        max_tokens_per_message=max_tokens_per_message,
         **({} if prompt is None else input_fields(prompt, "prompt_text", "prompt_tokens")),
     )
     if expected_position is not None:

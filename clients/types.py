@@ -149,8 +149,15 @@ class GeneratedToken:
     finish_reason: str | None
 
     @classmethod
-    def from_pb(cls, r: pb.GenerateResponse) -> GeneratedToken:
+    def from_pb(cls, r: pb.GenerateResponse | pb.SampledToken) -> GeneratedToken:
         return cls(r.token_id, r.text, r.logprob, r.position, FINISH_REASONS[r.finish_reason])
+
+    @classmethod
+    def all_from_pb(cls, r: pb.GenerateResponse) -> list[GeneratedToken]:
+        """The tokens of one response: several (`tokens`) or one (the response's own fields)."""
+        if r.tokens:
+            return [cls.from_pb(t) for t in r.tokens]
+        return [cls.from_pb(r)]
 
 
 def input_fields(data: str | Sequence[int], text_field: str, tokens_field: str) -> dict[str, Any]:

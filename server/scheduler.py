@@ -109,6 +109,7 @@ class _Result:
     step_outputs: list[Outputs]  # per step
     logprobs: np.ndarray | None  # generations: [rows, vocab]
     next_tokens: np.ndarray | None  # generations: int64 [rows]
+    seconds: float = 0.0  # how long _execute took
 
 
 class Scheduler:
@@ -208,10 +209,11 @@ class Scheduler:
                 self.model.key, [r.enqueued_at for r in batch.steps] + [g.ready_at for g in batch.generations]
             )
             tokens = sum(len(r.tokens) for r in batch.steps) + len(batch.generations)
-            small = tokens <= self.options.inline_max_tokens
-            started = time.perf_counter()
+            inline = (
+                tokens <= self.options.inline_max_tokens and self._small_run_s < self.options.inline_max_run_s
+            )
             try:
-                if small and self._small_run_s < self.options.inline_max_run_s:
+                if inline:
                     result = self._execute(batch)
                     await asyncio.sleep(0)  # let gRPC I/O through between inline runs
                 else:
@@ -220,10 +222,11 @@ class Scheduler:
                 log.exception("model %s failed on a batch of %d rows", self.model.key, tokens)
                 self._fail(batch, exc)
                 continue
-            if small:
-                elapsed = time.perf_counter() - started
-                seen = self._small_run_s
-                self._small_run_s = elapsed if seen == float("inf") else 0.9 * seen + 0.1 * elapsed
+            if tokens <= self.options.inline_max_tokens:
+                seen = self._small_run_s  # the run itself, not the hop to the worker and back
+                self._small_run_s = (
+                    result.seconds if seen == float("inf") else 0.9 * seen + 0.1 * result.seconds
+                )
             self._deliver(batch, result)
 
     def _fail(self, batch: _Batch, exc: Exception) -> None:
@@ -250,6 +253,7 @@ class Scheduler:
 
     def _execute(self, batch: _Batch) -> _Result:
         """Run each group of equal-length rows once; log-softmax and sample the generations' next tokens."""
+        started = time.perf_counter()
         # rows: (tokens [seq], src, dst, last); steps first, then generations
         rows = [(r.tokens, r.src, r.dst, r.last) for r in batch.steps]
         rows += [(np.array([g.token], dtype=np.int64), g.slot, g.slot, True) for g in batch.generations]
@@ -259,9 +263,9 @@ class Scheduler:
         outputs: list[Outputs] = [{}] * len(rows)
         for (_, last), indices in groups.items():
             tokens = np.stack([rows[i][0] for i in indices])  # [group, seq]
-            started = time.perf_counter()
+            run_started = time.perf_counter()
             out = self.runner.run(tokens, [rows[i][1] for i in indices], [rows[i][2] for i in indices], last)
-            metrics.observe_run(self.model.key, len(indices), time.perf_counter() - started)
+            metrics.observe_run(self.model.key, len(indices), time.perf_counter() - run_started)
             if LAST_LOGITS in out:
                 out = {LAST_LOGPROBS: log_softmax(out[LAST_LOGITS])}  # [group, vocab]
             for j, i in enumerate(indices):
@@ -270,8 +274,8 @@ class Scheduler:
             self.steps_run += len(indices)
         n = len(batch.steps)
         if not batch.generations:
-            return _Result(outputs, None, None)
+            return _Result(outputs, None, None, time.perf_counter() - started)
         logprobs = np.stack([o[LAST_LOGPROBS] for o in outputs[n:]])  # [generations, vocab]
         uniforms = np.array([g.draw() for g in batch.generations])  # [generations]
         next_tokens = sample_batch(logprobs, [g.sampling for g in batch.generations], uniforms)
-        return _Result(outputs[:n], logprobs, next_tokens)
+        return _Result(outputs[:n], logprobs, next_tokens, time.perf_counter() - started)

@@ -107,6 +107,27 @@ def generated_token_pb(token: GeneratedToken) -> pb.GenerateResponse:
     )
 
 
+def generate_responses(tokens: list[GeneratedToken], per_message: int) -> list[pb.GenerateResponse]:
+    """Tokens ready at once as messages: one each, or up to `per_message` in `tokens` when allowed."""
+    if per_message <= 1:
+        return [generated_token_pb(t) for t in tokens]
+    return [
+        pb.GenerateResponse(
+            tokens=[
+                pb.SampledToken(
+                    token_id=t.token_id,
+                    text=t.text,
+                    logprob=t.logprob,
+                    position=t.position,
+                    finish_reason=_FINISH_REASONS[t.finish_reason],
+                )
+                for t in tokens[i : i + per_message]
+            ]
+        )
+        for i in range(0, len(tokens), per_message)
+    ]
+
+
 def stream_input(request: pb.StreamRequest) -> str | list[int] | None:
     """The text or token ids a Stream message carries, or None if neither."""
     which = request.WhichOneof("input")
@@ -200,8 +221,9 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             expected_position=request.expected_position if request.HasField("expected_position") else None,
         )
         async for tokens in self.engine.generate(request.session_id, params):
-            for token in tokens:
-                yield generated_token_pb(token)
+            # Tokens made while the previous message was being written go out together when allowed.
+            for response in generate_responses(tokens, request.max_tokens_per_message):
+                yield response
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: aio.ServicerContext

@@ -87,3 +87,39 @@ def test_empty_session_starts_a_new_document(client: Client) -> None:
     with client.session("tiny") as session:
         tokens = list(session.generate(max_tokens=5, ignore_eos=True))
         assert len(tokens) == 5 and tokens[-1].position == 6  # <eos> first, then 5 sampled
+
+
+def test_several_tokens_per_message_change_the_packaging_not_the_tokens(client: Client) -> None:
+    kwargs: dict[str, object] = {"max_tokens": 120, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    one_each = generate_tokens(client, max_tokens_per_message=1, **kwargs)
+    packed = generate_tokens(client, max_tokens_per_message=64, **kwargs)
+    assert one_each == packed and len(packed) == 120
+
+
+def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(client: Client) -> None:
+    import time
+
+    from rnnserve.v1 import rnnserve_pb2 as pb
+
+    def responses(per_message: int) -> list[pb.GenerateResponse]:
+        with client.session("tiny") as session:
+            request = pb.GenerateRequest(
+                session_id=session.id,
+                max_tokens=200,
+                ignore_eos=True,
+                prompt_text=PROMPT,
+                max_tokens_per_message=per_message,
+            )
+            call = client.stub.Generate(request)
+            first = next(call)
+            time.sleep(0.5)  # the server keeps generating meanwhile
+            return [first, *call]
+
+    packed = responses(16)
+    tokens = [t for r in packed for t in r.tokens]
+    assert [t.position for t in tokens] == list(range(len(PROMPT) + 1, len(PROMPT) + 201))
+    assert all(1 <= len(r.tokens) <= 16 for r in packed) and len(packed) < 200
+    assert tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    old_style = responses(0)  # what an older client asks: one token per message, in the message itself
+    assert len(old_style) == 200 and not any(r.tokens for r in old_style)
+    assert [r.token_id for r in old_style] == [t.token_id for t in tokens]  # greedy: the same tokens

@@ -711,6 +711,7 @@ class GenerateRequest(_message.Message):
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     EXPECTED_POSITION_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_tokens: _builtins.int
     """required, >= 1"""
@@ -719,6 +720,12 @@ class GenerateRequest(_message.Message):
     prompt_text: _builtins.str
     expected_position: _builtins.int
     """as in StreamRequest, checked before the prompt"""
+    max_tokens_per_message: _builtins.int
+    """Most tokens one response may carry. 0 or 1: one token per message, in fields 1-5 of
+    GenerateResponse (what older clients get). More: the server may put the tokens made while it was
+    writing the previous message into one message (GenerateResponse.tokens), which saves per-message
+    cost under load. Tokens are never held back to fill a message.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     @_builtins.property
@@ -743,10 +750,11 @@ class GenerateRequest(_message.Message):
         prompt_text: _builtins.str = ...,
         prompt_tokens: Global___TokenIds | None = ...,
         expected_position: _builtins.int | None = ...,
+        max_tokens_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_position: _TypeAlias = _typing.Literal["expected_position"]  # noqa: Y015
     _WhichOneofArgType__expected_position: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position"]  # noqa: Y015
@@ -768,6 +776,7 @@ class GenerateResponse(_message.Message):
     LOGPROB_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
     """Text newly made visible by this token. May be empty while a possible stop string is held back;
@@ -779,6 +788,46 @@ class GenerateResponse(_message.Message):
     """session position after this token"""
     finish_reason: Global___FinishReason.ValueType
     """set on the last message only"""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampledToken]:
+        """Only when the request allowed max_tokens_per_message > 1: the tokens of this message, in order
+        (fields 1-5 are then unset).
+        """
+
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.int = ...,
+        text: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        position: _builtins.int = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        tokens: _abc.Iterable[Global___SampledToken] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprob", b"logprob", "position", b"position", "text", b"text", "token_id", b"token_id", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class SampledToken(_message.Message):
+    """One generated token (an element of GenerateResponse.tokens; fields as in GenerateResponse)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.int
+    text: _builtins.str
+    logprob: _builtins.float
+    position: _builtins.int
+    finish_reason: Global___FinishReason.ValueType
     def __init__(
         self,
         *,
@@ -794,4 +843,4 @@ class GenerateResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+Global___SampledToken: _TypeAlias = SampledToken  # noqa: Y015
