@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import random
 import sysconfig
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -364,11 +363,3 @@ def prepare_lm_data(config: TrainConfig) -> LMData:
     )
     test = encode_documents(tok, corpus.test) if corpus.test is not None else None
     return LMData(tok, encode_documents(tok, corpus.train), encode_documents(tok, corpus.valid), test, corpus)
-
-
-def split_stream(stream: Sequence[int], val_fraction: float = 0.1) -> tuple[list[int], list[int]]:
-    """(train, validation): the last `val_fraction` of the token stream is validation."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError("val_fraction must be in (0, 1)")
-    cut = len(stream) - max(1, round(len(stream) * val_fraction))
-    return list(stream[:cut]), list(stream[cut:])

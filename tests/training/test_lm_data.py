@@ -16,7 +16,6 @@ from rnnserve.training.data import (
     load_corpus,
     load_documents,
     prepare_lm_data,
-    split_stream,
     stdlib_module_paths,
 )
 from rnnserve.training.tokenizer import build_char_tokenizer
@@ -44,11 +43,6 @@ def test_load_documents_file_and_directory(tmp_path: Path) -> None:
     assert load_documents(tmp_path / "a.txt") == ["first"]
     with pytest.raises(FileNotFoundError):
         load_documents(tmp_path / "missing")
-
-
-def test_split_stream_last_tenth_is_validation() -> None:
-    train, val = split_stream(list(range(100)))
-    assert train == list(range(90)) and val == list(range(90, 100))
 
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
