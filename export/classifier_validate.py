@@ -5,7 +5,7 @@ lengths in [1, seq] whose padding positions hold random *non-pad* tokens (so any
 PyTorch; then each text of a padded batch alone (`padded_vs_alone.probs`).
 
 Streaming graphs (`tokens`, `state_in.*` -> `probs`, `state_out.*`): for every (batch, seq) pair, random
-tokens and random states against PyTorch's `stream`; then, from the initial state (running max -inf), the
+tokens and random states against PyTorch's `stream`; and, from the initial state (running max -inf), the
 text fed in uneven chunks against the text fed at once (`chunked_vs_whole.<output>`), and the text fed at
 once against PyTorch's packed whole-text `forward` (`stream_vs_forward.probs`, what `predict_proba` gives).
 
@@ -22,15 +22,24 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rnnserve.export.validate import Arrays, ExportValidationError, max_abs_diff, raise_if_over
+from rnnserve.export.validate import (
+    Arrays,
+    ExportValidationError,
+    max_abs_diff,
+    merge_case,
+    ort_session,
+    raise_if_over,
+)
 from rnnserve.training.classifier_model import STATE_INITIAL, RNNClassifier, stream_state_shapes
 
 __all__ = [
     "ExportValidationError",
+    "stream_case_diffs",
     "stream_input_names",
     "stream_output_names",
     "validate_stream_export",
     "validate_whole_export",
+    "whole_case_diffs",
 ]
 
 
@@ -44,20 +53,11 @@ def stream_output_names(model: RNNClassifier) -> list[str]:
     return ["probs", *(f"state_out.{n}" for n in model.args.state_names)]
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def _random_tokens(model: RNNClassifier, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Random ids, never the pad id (so padding filled with them would show if it leaked)."""
     a = model.args
     ids = rng.integers(0, a.vocab_size - 1, size=shape, dtype=np.int64)
     return np.where(ids >= a.pad_id, ids + 1, ids) if a.vocab_size > 1 else ids
-
-
-def _update(diffs: dict[str, float], where: dict[str, str], key: str, d: float, at: str) -> None:
-    if key not in diffs or d >= diffs[key] or np.isnan(d):
-        diffs[key], where[key] = d, at
 
 
 # -- whole-text graphs -----------------------------------------------------------------------------------
@@ -67,6 +67,28 @@ def _update(diffs: dict[str, float], where: dict[str, str], key: str, d: float, 
 def _torch_probs(model: RNNClassifier, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     logits = model(torch.from_numpy(tokens), torch.from_numpy(lengths))
     return torch.softmax(logits, dim=-1).numpy()
+
+
+def whole_case_diffs(
+    model: RNNClassifier, sess: ort.InferenceSession, batch: int, seq: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """One (batch, seq) case of a whole-text graph: random tokens, random lengths in [1, seq], padding
+    filled with random non-pad tokens. `probs` against PyTorch, and `padded_vs_alone.probs`: the padded
+    batch against each text run alone (padding must never leak into a result)."""
+    tokens = _random_tokens(model, (batch, seq), rng)  # padding is random tokens: must not leak
+    lengths = rng.integers(1, seq + 1, size=batch, dtype=np.int64)
+    (got,) = sess.run(["probs"], {"tokens": tokens, "lengths": lengths})
+    alone = np.concatenate(
+        [
+            sess.run(["probs"], {"tokens": tokens[b : b + 1, : lengths[b]], "lengths": lengths[b : b + 1]})[0]
+            for b in range(batch)
+        ]
+    )
+    at = f"batch {batch}, seq {seq}, lengths {lengths.tolist()}"
+    return {
+        "probs": max_abs_diff(got, _torch_probs(model, tokens, lengths), f"probs at {at}"),
+        "padded_vs_alone.probs": max_abs_diff(got, alone, f"padded_vs_alone.probs at {at}"),
+    }
 
 
 def validate_whole_export(
@@ -79,29 +101,15 @@ def validate_whole_export(
 ) -> dict[str, float]:
     """Max abs differences of `probs` and `padded_vs_alone.probs`; raises ExportValidationError."""
     model.eval()
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
     diffs: dict[str, float] = {}
     where: dict[str, str] = {}
     for batch in batch_sizes:
         for seq in seq_lens:
-            tokens = _random_tokens(model, (batch, seq), rng)  # padding is random tokens: must not leak
-            lengths = rng.integers(1, seq + 1, size=batch, dtype=np.int64)
-            at = f"batch {batch}, seq {seq}, lengths {lengths.tolist()}"
-            (got,) = sess.run(["probs"], {"tokens": tokens, "lengths": lengths})
-            _update(
-                diffs, where, "probs", max_abs_diff(got, _torch_probs(model, tokens, lengths), "probs"), at
+            merge_case(
+                diffs, where, whole_case_diffs(model, sess, batch, seq, rng), f"batch {batch}, seq {seq}"
             )
-            alone = np.concatenate(
-                [
-                    sess.run(
-                        ["probs"], {"tokens": tokens[b : b + 1, : lengths[b]], "lengths": lengths[b : b + 1]}
-                    )[0]
-                    for b in range(batch)
-                ]
-            )
-            key = "padded_vs_alone.probs"
-            _update(diffs, where, key, max_abs_diff(got, alone, key), at)
     raise_if_over(diffs, where, atol)
     return diffs
 
@@ -156,6 +164,33 @@ def _chunked(sess: ort.InferenceSession, model: RNNClassifier, tokens: np.ndarra
     return result
 
 
+def stream_case_diffs(
+    model: RNNClassifier, sess: ort.InferenceSession, batch: int, seq: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """One (batch, seq) case of a streaming graph: each output against PyTorch's `stream` from random
+    states; from the initial state, the text fed in several uneven splits (incl. one token at a time)
+    against fed at once (`chunked_vs_whole.<output>`), and fed at once against PyTorch's packed
+    whole-text `forward` (`stream_vs_forward.probs`)."""
+    outs = stream_output_names(model)
+    feeds = {"tokens": _random_tokens(model, (batch, seq), rng), **_random_state(model, batch, rng)}
+    got, want = _run(sess, outs, feeds), _torch_stream(model, feeds)
+    diffs = {n: max_abs_diff(got[n], want[n], f"{n} at batch {batch}, seq {seq}") for n in outs}
+    tokens = _random_tokens(model, (batch, seq), rng)
+    whole = _chunked(sess, model, tokens, [])
+    for cuts in ([1], [seq // 2], [1, 2, seq - 1], list(range(1, seq))):
+        cuts = sorted({c for c in cuts if 0 < c < seq})
+        chunked = _chunked(sess, model, tokens, cuts)
+        for name in outs:
+            key = f"chunked_vs_whole.{name}"
+            diffs[key] = max(
+                diffs.get(key, 0.0), max_abs_diff(chunked[name], whole[name], f"{key} cuts {cuts}")
+            )
+    lengths = np.full(batch, seq, dtype=np.int64)
+    key = "stream_vs_forward.probs"
+    diffs[key] = max_abs_diff(whole["probs"], _torch_probs(model, tokens, lengths), key)
+    return diffs
+
+
 def validate_stream_export(
     model: RNNClassifier,
     onnx_path: Path,
@@ -164,42 +199,17 @@ def validate_stream_export(
     atol: float = 1e-4,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Max abs differences per output, `chunked_vs_whole.<output>` and `stream_vs_forward.probs`.
-
-    Raises ExportValidationError when any is over `atol`.
-    """
+    """Max abs differences per output, `chunked_vs_whole.<output>` and `stream_vs_forward.probs` over
+    every (batch, seq) case; raises ExportValidationError when any is over `atol`."""
     model.eval()
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
-    outs = stream_output_names(model)
     diffs: dict[str, float] = {}
     where: dict[str, str] = {}
     for batch in batch_sizes:
         for seq in seq_lens:
-            feeds = {"tokens": _random_tokens(model, (batch, seq), rng), **_random_state(model, batch, rng)}
-            got, want = _run(sess, outs, feeds), _torch_stream(model, feeds)
-            for name in outs:
-                d = max_abs_diff(got[name], want[name], f"{name} at batch {batch}, seq {seq}")
-                _update(diffs, where, name, d, f"batch {batch}, seq {seq}")
-    batch, seq = max(batch_sizes), max(seq_lens)
-    tokens = _random_tokens(model, (batch, seq), rng)
-    whole = _chunked(sess, model, tokens, [])
-    splits = [[1], [seq // 2], [1, 2, seq - 1], list(range(1, seq))]  # incl. one token at a time
-    for cuts in splits:
-        cuts = sorted({c for c in cuts if 0 < c < seq})
-        chunked = _chunked(sess, model, tokens, cuts)
-        for name in outs:
-            key = f"chunked_vs_whole.{name}"
-            _update(
-                diffs,
-                where,
-                key,
-                max_abs_diff(chunked[name], whole[name], key),
-                f"batch {batch}, cuts {cuts}",
+            merge_case(
+                diffs, where, stream_case_diffs(model, sess, batch, seq, rng), f"batch {batch}, seq {seq}"
             )
-    lengths = np.full(batch, seq, dtype=np.int64)
-    key = "stream_vs_forward.probs"
-    d = max_abs_diff(whole["probs"], _torch_probs(model, tokens, lengths), key)
-    _update(diffs, where, key, d, f"batch {batch}, seq {seq}")
     raise_if_over(diffs, where, atol)
     return diffs

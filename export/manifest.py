@@ -2,6 +2,14 @@
 
 The server trusts only this file and the ONNX graph, never Python objects from training. This module is
 torch-free so the server can import it.
+
+The schema is the dataclasses below (field names, annotations, defaults; checked by `rnnserve.export.schema`)
+plus `Manifest.validate`'s consistency rules. It is checked when a manifest is written and when it is read.
+`schema_version` history:
+  1  the first release.
+  2  adds `precision` and `graphs` (the export/serving contract). A version-1 manifest reads as fp32 with
+     only a "step" graph; a manifest newer than SCHEMA_VERSION is refused (NewerSchemaError) rather than
+     half understood.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -38,7 +46,18 @@ GRAPH_ROLES: tuple[str, ...] = ("step", "last")
 
 
 class ManifestError(ValueError):
-    """A manifest is missing, malformed, or does not describe its bundle."""
+    """A manifest is missing, malformed, or does not describe its bundle.
+
+    `problems` lists each thing wrong in plain words (the message joins them).
+    """
+
+    def __init__(self, message: str | list[str]) -> None:
+        self.problems = [message] if isinstance(message, str) else list(message)
+        super().__init__("; ".join(self.problems))
+
+
+class NewerSchemaError(ManifestError):
+    """The manifest was written by a newer rnnserve (schema_version above SCHEMA_VERSION)."""
 
 
 @dataclass(frozen=True)
@@ -122,25 +141,27 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         """Build and validate a manifest from parsed JSON; raises ManifestError saying what is wrong."""
+        from rnnserve.export.schema import check_dataclass
+
         if not isinstance(data, dict):
-            raise ManifestError("manifest must be a JSON object")
+            raise ManifestError("the manifest must be a JSON object")
         schema = data.get("schema_version")
-        if schema != SCHEMA_VERSION:
-            raise ManifestError(
-                f"manifest schema_version {schema!r} is not supported (this rnnserve reads {SCHEMA_VERSION})"
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+            raise ManifestError(f"schema_version: must be a positive integer, got {schema!r}")
+        if schema > SCHEMA_VERSION:
+            raise NewerSchemaError(
+                f"schema_version {schema} is newer than this rnnserve reads ({SCHEMA_VERSION}): "
+                "the bundle was exported by a newer rnnserve; upgrade rnnserve to load it"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ManifestError(f"manifest has unknown fields {unknown}")
-        try:
-            kwargs = dict(data)
-            kwargs["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
-            kwargs["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
-            kwargs["state"] = [StateSpec(**s) for s in data["state"]]
-            manifest = cls(**kwargs)
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"manifest is malformed: {exc}") from exc
+        data = {**data, "schema_version": SCHEMA_VERSION}  # 1 -> 2: the new fields take their defaults
+        problems = check_dataclass(cls, data)
+        if problems:
+            raise ManifestError(problems)
+        kwargs = dict(data)
+        kwargs["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+        kwargs["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+        kwargs["state"] = [StateSpec(**s) for s in data["state"]]
+        manifest = cls(**kwargs)
         manifest.validate()
         return manifest
 
@@ -163,12 +184,45 @@ class Manifest:
                     f"state {spec.name!r} has initial {spec.initial!r}: not a number"
                 ) from exc
         self._validate_variants()
+        self._validate_io()
         recurrent = ["h", "c"] if self.cell == "lstm" else ["h"]
         names = [s.name for s in self.state]
         if self.task == "lm" and names != recurrent:
             raise ManifestError(f"a {self.cell} language model must carry state {recurrent}")
         if self.task == "classifier":
             self._validate_classifier(names[: len(recurrent)] == recurrent)
+
+    def _validate_io(self) -> None:
+        """The file digest, and the state specs against the graph inputs/outputs the manifest lists."""
+        if len(self.model_sha256) != 64 or set(self.model_sha256) - set("0123456789abcdef"):
+            raise ManifestError(f"model_sha256: must be the model file's sha256 (64 hex digits), got "
+                                f"{self.model_sha256!r}")  # fmt: skip
+        if self.num_directions not in (1, 2):
+            raise ManifestError(f"num_directions: must be 1 or 2, got {self.num_directions}")
+        first_output = "logits" if self.task == "lm" else "probs"
+        if not self.inputs or self.inputs[0].name != "tokens":
+            raise ManifestError("inputs: the first graph input must be 'tokens'")
+        if not self.outputs or self.outputs[0].name != first_output:
+            raise ManifestError(f"outputs: the first graph output of a {self.task} must be {first_output!r}")
+        inputs = {t.name: t for t in self.inputs}
+        outputs = {t.name: t for t in self.outputs}
+        for i, spec in enumerate(self.state):
+            where = f"state[{i}] ({spec.name!r})"
+            if not 0 <= spec.batch_axis < len(spec.shape) or spec.shape[spec.batch_axis] != -1:
+                raise ManifestError(
+                    f"{where}: batch_axis {spec.batch_axis} must index the -1 in {spec.shape}"
+                )
+            for name, tensors, kind in ((spec.input_name, inputs, "inputs"), (spec.output_name, outputs,
+                                                                                "outputs")):  # fmt: skip
+                tensor = tensors.get(name)
+                if tensor is None:
+                    raise ManifestError(f"{where}: {name!r} is not among the graph's {kind}")
+                if not _state_fits(spec, tensor):
+                    raise ManifestError(f"{where}: shape {spec.shape} does not match {kind} {name!r} "
+                                        f"{tensor.shape}")  # fmt: skip
+        extra = {t.name for t in self.inputs[1:]} - {s.input_name for s in self.state} - {"lengths"}
+        if extra:
+            raise ManifestError(f"inputs: {sorted(extra)} are neither state nor 'lengths'")
 
     def _validate_variants(self) -> None:
         if self.precision not in PRECISIONS:
@@ -207,6 +261,16 @@ class Manifest:
         raise KeyError(name)
 
 
+def _state_fits(spec: StateSpec, tensor: TensorSpec) -> bool:
+    """A state's shape (-1 on its batch axis) against a graph tensor's (a named, dynamic axis there)."""
+    if len(spec.shape) != len(tensor.shape):
+        return False
+    return all(
+        isinstance(t, str) if i == spec.batch_axis else t == d
+        for i, (d, t) in enumerate(zip(spec.shape, tensor.shape, strict=True))
+    )
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -216,33 +280,64 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(manifest: Manifest, bundle_dir: Path) -> Path:
-    """Validate and write `manifest.json` into bundle_dir (atomically)."""
-    manifest.validate()
+    """Validate and write `manifest.json` into bundle_dir (atomically).
+
+    The JSON is validated exactly as a reader will see it (schema and consistency), so a manifest that
+    would be refused at load is never written.
+    """
+    text = manifest.to_json()
+    Manifest.from_dict(json.loads(text))
     path = bundle_dir / MANIFEST_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.to_json())
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
 
-def read_manifest(bundle_dir: Path, *, verify_sha256: bool = True) -> Manifest:
-    """Read and validate a bundle's manifest; optionally check the model file's sha256."""
+def load_manifest_json(bundle_dir: Path) -> Manifest:
+    """Read and validate `manifest.json` (schema and consistency), without looking at the other files."""
     path = bundle_dir / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(f"{path} does not exist")
+        raise ManifestError(f"{MANIFEST_FILE} is missing")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
-    manifest = Manifest.from_dict(data)
-    model_path = bundle_dir / manifest.model_file
-    if not model_path.is_file():
-        raise ManifestError(f"{model_path} named by the manifest does not exist")
-    if verify_sha256 and manifest.model_sha256 and sha256_file(model_path) != manifest.model_sha256:
-        raise ManifestError(f"{model_path} does not match the sha256 in its manifest (file changed?)")
-    for role, file in manifest.graphs.items():
-        if not (bundle_dir / file).is_file():
-            raise ManifestError(f"{bundle_dir / file} named by the manifest as graph {role!r} does not exist")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{MANIFEST_FILE} is not valid JSON: {exc}") from exc
+    return Manifest.from_dict(data)
+
+
+def file_problems(bundle_dir: Path, manifest: Manifest, *, verify_sha256: bool = True) -> list[str]:
+    """What is wrong with the files the manifest names: missing ones, and sha256 mismatches (the model
+    file's `model_sha256`, and the other graphs' sha256 where the export recorded them)."""
+    problems = []
+    files = {manifest.model_file: "model file", manifest.tokenizer_file: "tokenizer file"}
+    for role, name in manifest.graphs.items():
+        files.setdefault(name, f"{role!r} graph")
+    for name, what in files.items():
+        if not (bundle_dir / name).is_file():
+            problems.append(f"{name} ({what} named by the manifest) is missing")
+    if not verify_sha256:
+        return problems
+    # The export records every graph's sha256 under export.variants.graphs_sha256 (export/variants.py).
+    recorded = dict(manifest.export.get("variants", {}).get("graphs_sha256", {}))
+    recorded[manifest.model_file] = manifest.model_sha256
+    for name, digest in recorded.items():
+        if (bundle_dir / name).is_file() and sha256_file(bundle_dir / name) != digest:
+            problems.append(
+                f"{name} does not match its sha256 in the manifest (the file changed after export)"
+            )
+    return problems
+
+
+def read_manifest(bundle_dir: Path, *, verify_sha256: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest, check that its files exist and (by default) their sha256.
+
+    Raises ManifestError (NewerSchemaError for a newer schema) listing every problem.
+    """
+    manifest = load_manifest_json(bundle_dir)
+    problems = file_problems(bundle_dir, manifest, verify_sha256=verify_sha256)
+    if problems:
+        raise ManifestError(problems)
     return manifest
 
 

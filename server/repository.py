@@ -1,7 +1,10 @@
 """The model repository: `<repo>/<name>/<version>/{model.onnx, manifest.json, tokenizer.json}`.
 
 Every valid bundle is loaded at start; a bundle that fails to load is logged and skipped, so one bad
-upload never takes the whole server down.
+upload never takes the whole server down. A bundle is refused when its manifest does not fit the schema
+or comes from a newer rnnserve, when a file it names is missing or does not match its sha256, or when
+its graph's inputs/outputs are not the ones its manifest (and state spec) describes. `rnnserve models
+validate REPO` reports the same problems offline.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from rnnserve.export.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest
+from rnnserve.export.bundle_check import bundle_dirs, graph_problems
+from rnnserve.export.manifest import Manifest, ManifestError, read_manifest
 from rnnserve.server.errors import NotFound
 from rnnserve.server.runtime import OnnxModel, RuntimeOptions
 from rnnserve.server.text import TextCodec
@@ -34,6 +38,13 @@ class LoadedModel:
         return self.runtime.key
 
 
+def _codec(bundle: Path, manifest: Manifest) -> TextCodec:
+    try:
+        return TextCodec.from_file(bundle / manifest.tokenizer_file, manifest.special_tokens)
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
+        raise ManifestError(f"{manifest.tokenizer_file}: not a readable tokenizer ({exc})") from exc
+
+
 def _version_order(version: str) -> tuple[int, int | str]:
     """Numeric versions sort numerically and after non-numeric ones."""
     return (1, int(version)) if version.isdigit() else (0, version)
@@ -53,21 +64,23 @@ class ModelRepository:
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist or is not a directory")
         models = []
-        for manifest_path in sorted(root.glob(f"*/*/{MANIFEST_FILE}")):
-            bundle = manifest_path.parent
-            if bundle.name.startswith(".") or bundle.parent.name.startswith("."):
-                continue  # a bundle being written (exports build in a hidden directory, then rename)
+        for bundle in bundle_dirs(root):  # hidden directories are exports being written: skipped
             try:
                 manifest = read_manifest(bundle)
                 if (bundle.parent.name, bundle.name) != (manifest.name, manifest.version):
                     raise ManifestError(
-                        f"manifest says {manifest.name}/{manifest.version} but the bundle lives in "
+                        f"the manifest says {manifest.name}/{manifest.version} but the bundle lives in "
                         f"{bundle.parent.name}/{bundle.name}"
                     )
                 runtime = OnnxModel(bundle, manifest, options)
-                codec = TextCodec.from_file(bundle / manifest.tokenizer_file, manifest.special_tokens)
+                mismatch = graph_problems(
+                    manifest, "step", runtime.session.get_inputs(), runtime.session.get_outputs()
+                )
+                if mismatch:
+                    raise ManifestError(mismatch)
+                codec = _codec(bundle, manifest)
             except (ManifestError, OSError, RuntimeError, ValueError) as exc:
-                log.error("skipping bundle %s: %s", bundle, exc)
+                log.error("refusing bundle %s: %s", bundle, exc)
                 continue
             models.append(LoadedModel(runtime, codec))
         if not models:
