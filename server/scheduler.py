@@ -96,6 +96,10 @@ class SchedulerOptions:
     # inline_max_tokens = 0: always the worker.
     inline_max_tokens: int = 4
     inline_max_run_s: float = 0.0005
+    # A small step arriving when the scheduler has had nothing to do for this long runs at once in its
+    # caller (no queue, no task switch): at low load there is nobody to batch with. Under load steps
+    # arrive closer together than this and go through the queue, where they batch.
+    direct_after_idle_s: float = 0.0002
 
 
 @dataclass
@@ -130,6 +134,8 @@ class Scheduler:
         self.batches_run = 0  # ORT runs
         self.steps_run = 0  # rows run (steps and generated tokens)
         self._small_run_s = float("inf")  # moving average of small batches' run time; inf = not yet seen
+        self._busy = False  # a batch is being run by the loop (inline or in the worker)
+        self._idle_since = 0.0  # perf_counter() when the last run ended
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler {self.model.key}")
@@ -162,9 +168,31 @@ class Scheduler:
         logits [seq, vocab] (language model) or probs [classes] (streaming classifier).
         """
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._steps.append(StepRequest(tokens, src, dst, last, commit, future))
+        request = StepRequest(tokens, src, dst, last, commit, future)
+        if self._may_run_directly(len(tokens)):
+            # Low load: run it here and now; the trip through the queue and the scheduler's task
+            # would cost more than the run, and there is nobody to batch with.
+            batch = _Batch([request], [])
+            metrics.observe_queue_wait(self.model.key, [request.enqueued_at])
+            try:
+                result = self._execute_small(batch)
+            finally:
+                self._idle_since = time.perf_counter()
+            self._deliver(batch, result)
+            return future.result()
+        self._steps.append(request)
         self._wake.set()
         return await future
+
+    def _may_run_directly(self, tokens: int) -> bool:
+        return (
+            not self._busy
+            and not self._steps
+            and not self._generations
+            and tokens <= self.options.inline_max_tokens
+            and self._small_run_s < self.options.inline_max_run_s
+            and time.perf_counter() - self._idle_since > self.options.direct_after_idle_s
+        )
 
     def add_generation(self, generation: Generation) -> None:
         """Put a generation into the running batch from the next run on."""
@@ -212,22 +240,34 @@ class Scheduler:
             inline = (
                 tokens <= self.options.inline_max_tokens and self._small_run_s < self.options.inline_max_run_s
             )
+            self._busy = True
             try:
                 if inline:
-                    result = self._execute(batch)
+                    result = self._execute_small(batch)
                     await asyncio.sleep(0)  # let gRPC I/O through between inline runs
                 else:
                     result = await loop.run_in_executor(self._executor, self._execute, batch)
+                    if tokens <= self.options.inline_max_tokens:
+                        self._observe_small(result.seconds)
             except Exception as exc:
                 log.exception("model %s failed on a batch of %d rows", self.model.key, tokens)
                 self._fail(batch, exc)
                 continue
-            if tokens <= self.options.inline_max_tokens:
-                seen = self._small_run_s  # the run itself, not the hop to the worker and back
-                self._small_run_s = (
-                    result.seconds if seen == float("inf") else 0.9 * seen + 0.1 * result.seconds
-                )
+            finally:
+                self._busy = False
+                self._idle_since = time.perf_counter()
             self._deliver(batch, result)
+
+    def _execute_small(self, batch: _Batch) -> _Result:
+        """Run a small batch on the event loop itself."""
+        result = self._execute(batch)
+        self._observe_small(result.seconds)
+        return result
+
+    def _observe_small(self, seconds: float) -> None:
+        """Track how long small batches take to run (the run itself, not the hop to the worker)."""
+        seen = self._small_run_s
+        self._small_run_s = seconds if seen == float("inf") else 0.9 * seen + 0.1 * seconds
 
     def _fail(self, batch: _Batch, exc: Exception) -> None:
         for request in batch.steps:
