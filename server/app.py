@@ -56,7 +56,11 @@ class RnnServeServer:
         self.engine = Engine(
             ModelRepository.load(config.repo, runtime),
             SessionLimits(max_sessions=config.max_sessions, default_ttl_seconds=config.session_ttl_s),
-            SchedulerOptions(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000),
+            SchedulerOptions(
+                max_batch=config.max_batch,
+                max_wait_s=config.max_wait_ms / 1000,
+                inline_max_tokens=config.inline_max_tokens,
+            ),
             EngineLimits(),
         )
         self.health = health.aio.HealthServicer()

@@ -18,6 +18,9 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     max_batch: int = 64
     max_wait_ms: float = 0.0
+    # Batches of at most this many tokens whose runs are fast run on the event loop (0 = always the
+    # ORT worker thread); see SchedulerOptions.
+    inline_max_tokens: int = 4
     max_sessions: int = 10_000
     session_ttl_s: float = 600.0
     grace_s: float = 10.0  # on SIGTERM: how long calls in flight may take to finish

@@ -35,7 +35,10 @@ class RuntimeOptions:
     """How ONNX Runtime runs. `device`: "auto" (CUDA when it works), "cuda" or "cpu"."""
 
     device: str = "auto"
-    # Threads for one ORT run. On a small CPU the gRPC event loop needs a core too; 0 = ORT's default.
+    # Threads for one ORT run (0 = ORT's default, one per core). The server passes
+    # default_intra_op_threads(): the gRPC event loop (protobuf, sampling, detokenising: all Python,
+    # under the GIL) needs a core of its own while ORT computes in the worker thread, or each run
+    # would stall the I/O of every other session.
     intra_op_threads: int = 0
 
 
@@ -46,6 +49,10 @@ def _session_options(options: RuntimeOptions, precision: str = "fp32") -> ort.Se
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if options.intra_op_threads > 0:
         so.intra_op_num_threads = options.intra_op_threads
+    # The recurrent graphs are a chain of dependent nodes: nothing to run in parallel between nodes,
+    # so no inter-op pool (its threads would only compete for the cores).
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # errors only; the provider choice is logged by us
     return so
 
@@ -273,6 +280,8 @@ class SlotRunner:
 
 
 def default_intra_op_threads() -> int:
-    """Leave one core to the gRPC event loop when there are few cores."""
+    """Leave one core to the gRPC event loop when there are few cores (two for it and its neighbours
+    on bigger machines). On 2 cores: 1 thread, ORT runs on the calling worker thread alone, measured
+    faster for these small recurrent steps than 2 threads fighting the event loop for the cores."""
     cores = os.cpu_count() or 1
     return max(1, cores - 1) if cores <= 4 else cores - 2
