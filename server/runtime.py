@@ -192,10 +192,13 @@ class SlotRunner:
     the slab (the slab's `before_host_access` hook), so the host copy is never read stale.
     """
 
-    def __init__(self, model: OnnxModel, slab: StateSlab) -> None:
+    def __init__(self, model: OnnxModel, slab: StateSlab, io_binding: bool | None = None) -> None:
         self.model = model
         self.slab = slab
-        self.io_binding = model.on_cuda
+        # On CUDA by default. Forced on a CPU model (tests), the same bookkeeping runs with the
+        # "resident" states in host OrtValues.
+        self.io_binding = model.on_cuda if io_binding is None else io_binding
+        self._device = "cuda" if model.on_cuda else "cpu"
         self._resident: dict[tuple[int, ...], list[ort.OrtValue]] = {}  # dst slots -> state on device
         self._owner: dict[int, tuple[int, ...]] = {}  # slot -> key of the entry holding it
         self._lock = threading.RLock()  # the worker runs while the event loop may allocate slots
@@ -245,7 +248,7 @@ class SlotRunner:
         for name in wanted:
             binding.bind_output(name, "cpu")
         for spec in specs:
-            binding.bind_output(spec.output_name, "cuda")
+            binding.bind_output(spec.output_name, self._device)
         session.run_with_iobinding(binding)
         values = binding.get_outputs()  # in binding order: wanted outputs, then states
         outputs = {name: values[i].numpy() for i, name in enumerate(wanted)}

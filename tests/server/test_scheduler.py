@@ -155,8 +155,14 @@ def test_running_sessions_together_changes_nothing_for_every_cell(cell: str, tmp
 # -- the engine: generation and the slab ------------------------------------------------------------
 
 
-def with_engine(lm_repo: Path, work: Callable[[Engine], Awaitable[T]], **limits: int) -> T:
-    """Run `work` against a started engine over the `tiny` model (no gRPC)."""
+def with_engine(
+    lm_repo: Path, work: Callable[[Engine], Awaitable[T]], bound: bool = False, **limits: int
+) -> T:
+    """Run `work` against a started engine over the `tiny` model (no gRPC).
+
+    bound: run with the I/O-binding runner (what CUDA uses: states stay in ORT values between runs on
+    the same slots, copied back to the slab on any other use), here with host ORT values.
+    """
 
     async def go() -> T:
         engine = Engine(
@@ -165,6 +171,9 @@ def with_engine(lm_repo: Path, work: Callable[[Engine], Awaitable[T]], **limits:
             SchedulerOptions(max_wait_s=0.002),
             EngineLimits(**limits),
         )
+        if bound:
+            for scheduler in engine.schedulers.values():
+                scheduler.runner = SlotRunner(scheduler.model, scheduler.slab, io_binding=True)
         engine.start()
         try:
             return await work(engine)
@@ -189,7 +198,10 @@ SAMPLINGS = [
 ]
 
 
-def test_generation_with_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_many(lm_repo: Path) -> None:
+@pytest.mark.parametrize("bound", [False, True])
+def test_generation_with_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_many(
+    lm_repo: Path, bound: bool
+) -> None:
     def request(sampling: SamplingParams, prompt: str) -> GenerateRequest:
         return GenerateRequest(sampling, max_tokens=30, ignore_eos=True, prompt=prompt)
 
@@ -201,10 +213,12 @@ def test_generation_with_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_man
 
     async def together(engine: Engine) -> tuple[list[list[GeneratedToken]], int]:
         results = await asyncio.gather(*(generate(engine, request(s, p)) for s, p in cases))
+        runner = engine.schedulers["tiny@1"].runner
+        assert not bound or runner.resident_hits > 0  # states stayed put between runs
         return list(results), engine.schedulers["tiny@1"].batches_run
 
     expected = with_engine(lm_repo, alone)
-    got, runs = with_engine(lm_repo, together)
+    got, runs = with_engine(lm_repo, together, bound)
     for a, b in zip(expected, got, strict=True):
         assert [t.token_id for t in a] == [t.token_id for t in b]
         assert [t.position for t in a] == [t.position for t in b]
@@ -214,7 +228,8 @@ def test_generation_with_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_man
     assert runs < 12 * 31 / 3
 
 
-def test_sessions_join_and_leave_the_running_batch(lm_repo: Path) -> None:
+@pytest.mark.parametrize("bound", [False, True])
+def test_sessions_join_and_leave_the_running_batch(lm_repo: Path, bound: bool) -> None:
     """Generations of different lengths, started at different times, each equal to itself alone."""
 
     def request(n: int, seed: int) -> GenerateRequest:
@@ -234,7 +249,7 @@ def test_sessions_join_and_leave_the_running_batch(lm_repo: Path) -> None:
 
         return list(await asyncio.gather(*(one(*p) for p in plan)))
 
-    assert with_engine(lm_repo, alone) == with_engine(lm_repo, staggered)
+    assert with_engine(lm_repo, alone) == with_engine(lm_repo, staggered, bound)
 
 
 def test_mixed_lengths_and_long_inputs_batched_equal_alone(lm_repo: Path) -> None:
@@ -263,7 +278,10 @@ def test_mixed_lengths_and_long_inputs_batched_equal_alone(lm_repo: Path) -> Non
     check({})
 
 
-def test_slab_sessions_created_and_closed_interleaved_never_see_each_others_state(lm_repo: Path) -> None:
+@pytest.mark.parametrize("bound", [False, True])
+def test_slab_sessions_created_and_closed_interleaved_never_see_each_others_state(
+    lm_repo: Path, bound: bool
+) -> None:
     async def work(engine: Engine) -> None:
         reference = engine.create_session("tiny")
         ref = await engine.feed(reference.id, "def f(x):")
@@ -293,7 +311,7 @@ def test_slab_sessions_created_and_closed_interleaved_never_see_each_others_stat
         np.testing.assert_allclose(got[[c[0] for c in expect.top]], [c[2] for c in expect.top], atol=1e-5)
         assert engine.sessions.slab(reference.model).in_use == len(engine.sessions)
 
-    with_engine(lm_repo, work)
+    with_engine(lm_repo, work, bound)
 
 
 def test_a_session_closed_while_generating_frees_its_slot_after(lm_repo: Path) -> None:
@@ -335,3 +353,29 @@ def test_slot_runner_gathers_and_scatters_by_slot(lm_repo: Path) -> None:
     for untouched in (slots[1], slots[2]):
         for k in states[0]:
             np.testing.assert_array_equal(slab.read(untouched)[k], states[slots.index(untouched)][k])
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_input_after_generation_continues_from_the_generated_state(lm_repo: Path, bound: bool) -> None:
+    """Generated tokens are applied to the state (bound: the state left on the device is found again)."""
+
+    async def work(engine: Engine) -> tuple[list[int], list[int], list[float]]:
+        session = engine.create_session("tiny")
+        request = GenerateRequest(
+            SamplingParams(temperature=1.0, seed=9), max_tokens=12, ignore_eos=True, prompt="de"
+        )
+        generated = [t.token_id async for tokens in engine.generate(session.id, request) for t in tokens]
+        after = await engine.feed(session.id, "x", top_k=5)
+        return generated, [c[0] for c in after.top], [c[2] for c in after.top]
+
+    async def replay(engine: Engine, generated: list[int]) -> tuple[list[int], list[float]]:
+        session = engine.create_session("tiny")
+        await engine.feed(session.id, "de")
+        await engine.feed(session.id, generated)
+        after = await engine.feed(session.id, "x", top_k=5)
+        return [c[0] for c in after.top], [c[2] for c in after.top]
+
+    generated, ids, logprobs = with_engine(lm_repo, work, bound)
+    ids_b, logprobs_b = with_engine(lm_repo, lambda e: replay(e, generated))
+    assert ids == ids_b
+    np.testing.assert_allclose(logprobs, logprobs_b, atol=1e-5)
