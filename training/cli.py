@@ -104,6 +104,15 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument(
+        "--time-budget-min",
+        type=float,
+        help="train for at most this many minutes (then evaluate and save); the cosine schedule follows "
+        "the clock when it runs ahead of the step count",
+    )
+    p.add_argument(
+        "--max-eval-tokens", type=int, help="validation tokens per evaluation, 0 = all (default: 100000)"
+    )
+    p.add_argument(
         "--max-steps", type=int, help="stop after this many steps in all (resumable with --resume)"
     )
     p.add_argument("--save-every", type=int, help=f"write last.pt every this many steps {dflt('save_every')}")
@@ -115,6 +124,10 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=dflt("seed"))
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", help=f"cpu, cuda or auto {dflt('device')}")
+    p.add_argument(
+        "--amp", choices=["auto", "off", "bf16", "fp16"], help=f"mixed precision on CUDA {dflt('amp')}"
+    )
+    p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN/cuBLAS kernels")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample", type=int, default=300, help="print this many sampled tokens at the end")
     p.add_argument("--out", help="output directory (checkpoint.pt, last.pt, tokenizer.json, metrics.jsonl)")
@@ -145,7 +158,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         if name in _NEGATED:
             if value:
                 values[_NEGATED[name]] = False
-        elif name in ("tie_weights", "resume"):
+        elif name in ("tie_weights", "resume", "deterministic"):
             if value:
                 values[name] = True
         elif _RENAMED.get(name, name) in _DEFAULTS:  # not --config, --sample, func, command...
@@ -157,6 +170,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 
 def run_train_lm(args: argparse.Namespace) -> int:
     """Train, print the checkpoint path, its metrics and a short sample; returns the exit code."""
+    from rnnserve.training.distributed import launched_rank
     from rnnserve.training.sample import sample_text
     from rnnserve.training.train import (
         TrainingStopped,
@@ -177,9 +191,13 @@ def run_train_lm(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as stop:
+        if launched_rank() != 0:
+            return 130 if stop.reason == "interrupted" else 0  # rank 0 reports for the whole job
         print(f"{stop.reason} at step {stop.step}; the run's state is saved in {stop.last}", file=sys.stderr)
         print(f"continue it with: rnnserve train lm --out {config.out_dir} --resume", file=sys.stderr)
         return 130 if stop.reason == "interrupted" else 0
+    if launched_rank() != 0:
+        return 0  # under torchrun, rank 0 alone reports
     model, tok, ckpt = load_checkpoint(path)
     m = ckpt["metrics"]
     print(f"checkpoint: {path}")

@@ -35,15 +35,18 @@ class TrainConfig:
     patience: int | None = None  # early stopping: epochs without a better val loss; None = never stop
     max_steps_per_epoch: int | None = None  # bound an epoch (demo/tests); None = the whole stream
     max_steps: int | None = None  # stop (saving last.pt) after this many steps in all; `resume` continues
+    time_budget_min: float | None = None  # end the run (evaluate, save) after this many minutes of training
     save_every: int = 200  # write last.pt every this many steps (and at each epoch end)
     log_every: int = 10  # append a step row to metrics.jsonl every this many steps
     resume: bool = False  # continue from out_dir/last.pt (model, optimiser, schedule, RNG, data position)
     plot: bool = True  # write learning_curves.png at the end (needs matplotlib)
-    max_eval_tokens: int | None = 100_000  # cap on validation tokens per evaluation; None = all
+    max_eval_tokens: int | None = 100_000  # cap on validation tokens per evaluation; None or 0 = all
     eval_batch_size: int = 16  # parallel streams when evaluating
     seed: int = 1234  # torch seed (data order is deterministic)
     threads: int | None = None  # torch.set_num_threads; None = leave torch's default
     device: str = "cpu"  # "cpu", "cuda", or "auto"
+    amp: str = "auto"  # mixed precision: auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    deterministic: bool = False  # deterministic kernels (cuDNN/cuBLAS); a little slower on CUDA
     progress: bool = True  # show a tqdm bar (loss, ppl, tokens/s)
     out_dir: str = "runs/lm"  # checkpoint.pt and tokenizer.json are written here
     # Corpus files and splits (rnnserve.training.data; `data` picks up a DIR's train/valid/test layout).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -26,8 +27,19 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm import tqdm
 
+from rnnserve.training.amp import MixedPrecision
 from rnnserve.training.config import TrainConfig
 from rnnserve.training.data import encode_documents, prepare_lm_data
+from rnnserve.training.distributed import (
+    DistInfo,
+    any_rank,
+    gather_to_main,
+    init_distributed,
+    shard_rows,
+    shutdown_distributed,
+    sum_across_ranks,
+    wrap_model,
+)
 from rnnserve.training.model import ModelArgs, RNNLanguageModel, State, detach_state
 
 __all__ = ["TrainConfig", "TrainingStopped", "encode_documents", "load_checkpoint", "train_language_model"]
@@ -107,7 +119,7 @@ def _model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "plateau")
-StepHook = Callable[[int], None]
+StepHook = Callable[[int, torch.nn.Module], None]  # (global step, the model being trained)
 
 
 class TrainingStopped(Exception):
@@ -129,6 +141,7 @@ class _Progress:
     epoch_tokens: int = 0
     best: float = math.inf
     bad_epochs: int = 0  # epochs since the best val loss (early stopping)
+    train_seconds: float = 0.0  # wall time spent training and evaluating, summed over resumed sessions
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -144,18 +157,28 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
 
 
-def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
-    """Multiplier of the peak lr before optimiser step `step` (0-based): linear warm-up, then cosine to 0."""
+def lr_factor(step: int, warmup: int, total: int, cosine: bool, time_fraction: float = 0.0) -> float:
+    """Multiplier of the peak lr before optimiser step `step` (0-based): linear warm-up, then cosine to 0.
+
+    With a time budget, `time_fraction` (the share of it used so far) drives the cosine when it is ahead
+    of the step count, so a run cut short by the clock still ends annealed.
+    """
     if step < warmup:
         return (step + 1) / warmup
     if not cosine:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
-    """LambdaLR (stepped per batch) for warm-up/cosine, ReduceLROnPlateau (per epoch), or None."""
+def make_scheduler(
+    opt: torch.optim.Optimizer,
+    config: TrainConfig,
+    total_steps: int,
+    time_fraction: Callable[[], float] | None = None,
+) -> Any:
+    """LambdaLR (stepped per batch) for warm-up/cosine, ReduceLROnPlateau (per epoch), or None.
+    `time_fraction()`: the share of the time budget used so far (cosine follows it when it is ahead)."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
     if config.schedule == "plateau":
@@ -165,7 +188,8 @@ def make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total_steps:
     if config.schedule == "none" and not config.warmup_steps:
         return None
     warmup, cosine = config.warmup_steps, config.schedule == "cosine"
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, cosine))
+    used = time_fraction or (lambda: 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, cosine, used()))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -200,8 +224,10 @@ def save_last(
     config: TrainConfig,
     progress: _Progress,
     hidden: State,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write `last.pt` atomically: everything `resume` needs to continue exactly where the run is."""
+    """Write `last.pt` atomically: everything `resume` needs to continue exactly where the run is
+    (`extra`: more entries, e.g. the fp16 gradient scaler and every rank's RNG streams)."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "kind": "lm-last",
@@ -213,6 +239,7 @@ def save_last(
         "rng": _rng_state(),
         "progress": asdict(progress),
         "hidden": [h.detach().cpu() for h in hidden],
+        **(extra or {}),
     }
     tmp = path.with_suffix(".pt.tmp")
     torch.save(ckpt, tmp)
@@ -271,79 +298,114 @@ def train_language_model(config: TrainConfig, on_step: StepHook | None = None) -
 
     `last.pt` (the whole run state) is written every `save_every` steps and at each epoch end; with
     `config.resume` the run continues from it and ends with the weights an uninterrupted run would have.
-    Ctrl-C or reaching `max_steps` writes `last.pt` and raises `TrainingStopped`. `on_step(global_step)`
-    is called after each optimiser step (tests use it to interrupt a run).
+    Ctrl-C or reaching `max_steps` writes `last.pt` and raises `TrainingStopped`. `on_step(global_step,
+    model)` is called after each optimiser step (tests use it to interrupt a run or inspect weights).
+    Under torchrun the run is data-parallel (see `rnnserve.training.distributed`): only rank 0 writes.
     """
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
+    dist_info, device = init_distributed(device_for(config.device))
+    try:
+        return _train(config, on_step, dist_info, device)
+    finally:
+        shutdown_distributed(dist_info)
+
+
+def _seed_everything(config: TrainConfig, device: torch.device, rank: int = 0) -> None:
+    # Each rank draws its own dropout masks (seed + rank); initial weights come from rank 0 via DDP anyway.
+    seed = config.seed + rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = device_for(config.device)
+    if config.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; cuDNN's RNN kernels are once benchmarking is off
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # cuDNN picks the fastest RNN kernels for our fixed shapes
+
+
+def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, device: torch.device) -> Path:
+    _seed_everything(config, device, dist_info.rank)
+    main = dist_info.is_main
+    show = config.progress and main
     out = Path(config.out_dir)
     last_path = out / LAST_FILE
     if config.resume and not last_path.is_file():
         raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    tok, train_ids, val_ids = _prepare_data(config)
-    tok.save(str(out / TOKENIZER_FILE))
-    train_data = batchify(train_ids, config.batch_size).to(device)  # (batch, time)
-    val_data = batchify(val_ids, config.eval_batch_size).to(device)  # (eval_batch, time)
+    tok, train_ids, val_ids = _prepare_data(config, report=main)
+    if main:
+        tok.save(str(out / TOKENIZER_FILE))
+    # Every rank lays out the same `batch_size` streams and trains on its own block of them.
+    train_data = shard_rows(batchify(train_ids, config.batch_size), dist_info).to(device)  # (batch/world, T)
+    val_data = batchify(val_ids, config.eval_batch_size).to(device)  # (eval_batch, time), whole on every rank
     args = _model_args(config, tok.get_vocab_size())
     model = RNNLanguageModel(args).to(device)
+    ddp_model = wrap_model(model, dist_info, device)  # what forward/backward go through
     opt = make_optimizer(model, config)
+    amp = MixedPrecision.for_config(config.amp, device)
     batches = windows(train_data, config.bptt)
     if config.max_steps_per_epoch is not None:
         batches = batches[: config.max_steps_per_epoch]
-    scheduler = make_scheduler(opt, config, total_steps=len(batches) * config.epochs)
-    progress = _Progress()
+    last = torch.load(last_path, map_location="cpu", weights_only=True) if config.resume else None
+    progress = _Progress(**last["progress"]) if last is not None else _Progress()
+    clock = _RunClock(progress, config.time_budget_min)
+    scheduler = make_scheduler(opt, config, len(batches) * config.epochs, clock.budget_fraction)
     hidden: State = model.init_state(train_data.shape[0], device)
     metrics_path = out / METRICS_FILE
-    if config.resume:
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
+    if last is not None:
         if last.get("model_args") != asdict(args):
             raise ValueError(f"cannot resume: {last_path} holds a different model ({last.get('model_args')})")
         model.load_state_dict(last["state_dict"])
         opt.load_state_dict(last["optimizer"])
         if scheduler is not None and last["scheduler"] is not None:
             scheduler.load_state_dict(last["scheduler"])
-        progress = _Progress(**last["progress"])
-        hidden = tuple(h.to(device) for h in last["hidden"])
-        _set_rng_state(last["rng"])
-        _trim_metrics(metrics_path, progress.global_step)
-    elif metrics_path.exists():
+        amp.load_state_dict(last.get("grad_scaler"))
+        # last.pt holds all `batch_size` streams' state; each rank continues its own block of them.
+        hidden = tuple(shard_rows(h, dist_info, dim=1).to(device) for h in last["hidden"])
+        _set_rng_state(_rank_rng(last, dist_info))
+        if main:
+            _trim_metrics(metrics_path, progress.global_step)
+    elif main and metrics_path.exists():
         metrics_path.unlink()
     path = out / CHECKPOINT_FILE
+
+    def save() -> None:
+        _save_last_all_ranks(last_path, model, opt, scheduler, amp, config, progress, hidden, dist_info)
+
     stop_reason: str | None = None
+    out_of_time = False
+    clock.restart()
     with _InterruptFlag() as interrupt:
         while progress.epoch <= config.epochs and stop_reason is None:
             epoch = progress.epoch
-            model.train()
+            ddp_model.train()
             if progress.step_in_epoch == 0:
                 hidden = model.init_state(train_data.shape[0], device)
             start, tokens_seen = time.perf_counter(), 0
             bar = tqdm(
-                batches, desc=f"epoch {epoch}", disable=not config.progress, unit="step",
-                initial=progress.step_in_epoch,
+                batches, desc=f"epoch {epoch}", disable=not show, unit="step", initial=progress.step_in_epoch
             )  # fmt: skip
             for x, y in batches[progress.step_in_epoch :]:
                 x = x[:, : y.shape[1]]
                 hidden = detach_state(hidden)  # truncated BPTT: no gradient into the previous window
-                logits, hidden = model(x, hidden)
-                loss = _loss(logits, y)
+                with amp.autocast():
+                    logits, hidden = ddp_model(x, hidden)
+                    loss = _loss(logits, y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                amp.backward_and_step(loss, opt, model.parameters(), config.clip)
                 lr = opt.param_groups[0]["lr"]
-                opt.step()
                 if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                     scheduler.step()
                 progress.step_in_epoch += 1
                 progress.global_step += 1
-                step_loss = loss.item()
+                step_loss = loss.item()  # this rank's share; the ranks' shares are equal-sized
                 progress.epoch_loss_sum += step_loss * y.numel()
                 progress.epoch_tokens += y.numel()
-                tokens_seen += y.numel()
+                tokens_seen += y.numel() * dist_info.world_size
                 mean = progress.epoch_loss_sum / progress.epoch_tokens
                 tok_s = tokens_seen / max(time.perf_counter() - start, 1e-9)
                 bar.update(1)
@@ -351,43 +413,120 @@ def train_language_model(config: TrainConfig, on_step: StepHook | None = None) -
                     loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}", tok_s=f"{tok_s:.0f}"
                 )
                 step = progress.global_step
-                if config.log_every > 0 and step % config.log_every == 0:
+                if main and config.log_every > 0 and step % config.log_every == 0:
                     ppl = math.exp(min(step_loss, 50))
                     row = {"step": step, "epoch": epoch, "loss": step_loss, "ppl": ppl, "lr": lr,
                            "tokens_per_s": tok_s}  # fmt: skip
                     _append_jsonl(metrics_path, row)
                 if on_step is not None:
-                    on_step(step)
-                if interrupt.raised:
+                    on_step(step, model)
+                if any_rank(interrupt.raised, dist_info, device):
                     stop_reason = "interrupted"
                 elif config.max_steps is not None and step >= config.max_steps:
                     stop_reason = "max_steps reached"
-                if stop_reason is not None:
+                out_of_time = any_rank(clock.out_of_time(), dist_info, device)
+                if stop_reason is not None or out_of_time:
                     break
                 if (
                     config.save_every > 0
                     and step % config.save_every == 0
                     and progress.step_in_epoch < len(batches)  # the epoch end saves after its evaluation
                 ):
-                    save_last(last_path, model, opt, scheduler, config, progress, hidden)
+                    save()
             bar.close()
             if stop_reason is not None and progress.step_in_epoch < len(batches):
                 break
-            _end_epoch(model, val_data, config, progress, scheduler, path, metrics_path)
+            if out_of_time and show:
+                tqdm.write(f"time budget of {config.time_budget_min} min used: evaluating and stopping")
+            clock.tick()
+            # The epoch's training loss over all ranks' streams (each rank saw its own block).
+            progress.epoch_loss_sum, progress.epoch_tokens = sum_across_ranks(
+                (progress.epoch_loss_sum, progress.epoch_tokens), dist_info, device
+            )
+            _end_epoch(model, val_data, config, progress, scheduler, path, metrics_path, main)
+            clock.tick()
             if config.patience is not None and progress.bad_epochs >= config.patience:
-                if config.progress:
+                if show:
                     tqdm.write(f"early stopping: no better val loss for {config.patience} epoch(s)")
                 progress.epoch = config.epochs + 1
+            if out_of_time:
+                progress.epoch = config.epochs + 1  # the time budget ends the run (normally, not "stopped")
             hidden = model.init_state(train_data.shape[0], device)
-            save_last(last_path, model, opt, scheduler, config, progress, hidden)
-            if interrupt.raised and stop_reason is None and progress.epoch <= config.epochs:
+            save()
+            interrupted = any_rank(interrupt.raised, dist_info, device)
+            if interrupted and stop_reason is None and progress.epoch <= config.epochs:
                 stop_reason = "interrupted"  # Ctrl-C during the evaluation
+    clock.tick()
     if stop_reason is not None:
-        save_last(last_path, model, opt, scheduler, config, progress, hidden)
+        save()
         raise TrainingStopped(last_path, progress.global_step, stop_reason)
-    if config.plot:
+    if config.plot and main:
         plot_learning_curves(metrics_path, out / PLOT_FILE)
     return path
+
+
+def _rank_rng(last: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+    """This rank's RNG state from last.pt: its own when the run had as many ranks, else rank 0's (the
+    continuation is then correct but not bit-identical to an uninterrupted run)."""
+    per_rank = last.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == info.world_size:
+        return dict(per_rank[info.rank])
+    if info.world_size > 1 or per_rank is not None:
+        warnings.warn(
+            "resuming with a different number of processes: RNG streams (dropout) restart from rank 0's, "
+            "so the run will not be bit-identical to an uninterrupted one",
+            stacklevel=2,
+        )
+    return dict(last["rng"])
+
+
+def _save_last_all_ranks(
+    path: Path,
+    model: RNNLanguageModel,
+    opt: torch.optim.Optimizer,
+    scheduler: Any,
+    amp: MixedPrecision,
+    config: TrainConfig,
+    progress: _Progress,
+    hidden: State,
+    info: DistInfo,
+) -> None:
+    """Collect every rank's carried state and RNG streams; rank 0 writes `last.pt` (a collective call)."""
+    hiddens = gather_to_main([h.detach().cpu() for h in hidden], info)
+    rngs = gather_to_main(_rng_state(), info)
+    if hiddens is None or rngs is None:
+        return  # not rank 0
+    whole = tuple(torch.cat(parts, dim=1) for parts in zip(*hiddens, strict=True))  # (layers, batch, hidden)
+    extra = {"grad_scaler": amp.state_dict(), "rng_ranks": rngs if info.enabled else None}
+    save_last(path, model, opt, scheduler, config, progress, whole, extra)
+
+
+class _RunClock:
+    """Adds wall time to `progress.train_seconds` at each tick, so a resumed run reports its total, and
+    tells how much of the time budget (minutes; None = no budget) is used."""
+
+    def __init__(self, progress: _Progress, budget_min: float | None = None) -> None:
+        self._progress, self._last = progress, time.perf_counter()
+        self._budget_s = budget_min * 60.0 if budget_min else None
+
+    def restart(self) -> None:
+        """Start counting from now (set-up time before the first step is not training time)."""
+        self._last = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self._progress.train_seconds += now - self._last
+        self._last = now
+
+    def elapsed(self) -> float:
+        return self._progress.train_seconds + (time.perf_counter() - self._last)
+
+    def budget_fraction(self) -> float:
+        """Share of the time budget used (0 without a budget)."""
+        return min(1.0, self.elapsed() / self._budget_s) if self._budget_s else 0.0
+
+    def out_of_time(self) -> bool:
+        return self._budget_s is not None and self.elapsed() >= self._budget_s
 
 
 def _end_epoch(
@@ -398,9 +537,11 @@ def _end_epoch(
     scheduler: Any,
     path: Path,
     metrics_path: Path,
+    main: bool = True,
 ) -> None:
-    """Evaluate, log, step the plateau schedule, save the best checkpoint; move `progress` to the next
-    epoch."""
+    """Evaluate, log, step the plateau schedule, save the best checkpoint (rank 0 only: `main`); move
+    `progress` to the next epoch. Every rank evaluates the whole validation set, so all take the same
+    schedule and early-stopping decisions without communicating."""
     epoch = progress.epoch
     train_loss = progress.epoch_loss_sum / max(progress.epoch_tokens, 1)
     val_loss = evaluate(model, val_data, config.bptt)
@@ -409,19 +550,23 @@ def _end_epoch(
         "val_ppl": math.exp(min(val_loss, 50)),
         "train_loss": train_loss,
         "epoch": epoch,
+        "elapsed_s": round(progress.train_seconds, 1),
     }
     progress.history.append(metrics)
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_loss)
-    _append_jsonl(metrics_path, {"step": progress.global_step, **metrics})
-    if config.progress:
+    if main:
+        _append_jsonl(metrics_path, {"step": progress.global_step, **metrics})
+    if config.progress and main:
         tqdm.write(
             f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
             f"val ppl {metrics['val_ppl']:.2f}"
         )
-    if val_loss < progress.best or not path.exists():
-        progress.best, progress.bad_epochs = val_loss, 0
+    improved = val_loss < progress.best
+    if main and (improved or not path.exists()):
         save_checkpoint(path, model, config, metrics, progress.history)
+    if improved:
+        progress.best, progress.bad_epochs = val_loss, 0
     else:
         progress.bad_epochs += 1
     progress.epoch += 1

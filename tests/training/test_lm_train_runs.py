@@ -8,6 +8,7 @@ import math
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,14 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
+def _history(checkpoint: Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics of a checkpoint without their wall times (the only thing a resume changes)."""
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+
+
 def _interrupt_at(step: int) -> Any:
-    def hook(global_step: int) -> None:
+    def hook(global_step: int, model: torch.nn.Module) -> None:
         if global_step == step:
             signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: finish this step, save, stop
 
@@ -77,10 +84,7 @@ def test_resumed_runs_end_with_the_uninterrupted_weights(tmp_path: Path) -> None
         resumed = train_language_model(_config(tmp_path, run, resume=True))
         _assert_same_weights(full, resumed)
         _assert_same_weights(tmp_path / "a" / LAST_FILE, tmp_path / run / LAST_FILE)
-        assert (
-            torch.load(resumed, weights_only=True)["history"]
-            == torch.load(full, weights_only=True)["history"]
-        )
+        assert _history(resumed) == _history(full)
         steps = [(r["step"], r.get("loss"), r["lr"]) for r in _rows(tmp_path / run) if "lr" in r]
         assert steps == [(r["step"], r.get("loss"), r["lr"]) for r in _rows(tmp_path / "a") if "lr" in r]
 
@@ -207,3 +211,16 @@ def test_ppl_in_step_rows_is_exp_loss(tmp_path: Path) -> None:
     train_language_model(_config(tmp_path, "p", epochs=1, max_steps_per_epoch=2))
     row = _rows(tmp_path / "p")[0]
     assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
+
+
+def test_time_budget_ends_the_run_normally_with_an_annealed_schedule(tmp_path: Path) -> None:
+    # A budget of 0.12 s with steps slowed to >= 50 ms runs out within the first epoch: the run evaluates,
+    # saves and returns (no TrainingStopped), having trained fewer than its 2 epochs x 6 steps.
+    config = _config(tmp_path, "budget", time_budget_min=0.002, warmup_steps=0)
+    path = train_language_model(config, on_step=lambda step, model: time.sleep(0.05))
+    ckpt = torch.load(path, weights_only=True)
+    assert len(ckpt["history"]) == 1 and ckpt["metrics"]["elapsed_s"] >= 0.1
+    steps = [r["step"] for r in _rows(tmp_path / "budget") if "lr" in r]
+    assert 1 <= len(steps) < 6
+    assert lr_factor(5, 0, 100, cosine=True, time_fraction=1.0) == 0.0  # the clock, ahead of the steps, wins
+    assert lr_factor(5, 0, 100, cosine=True, time_fraction=0.0) > 0.99
