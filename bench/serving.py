@@ -88,7 +88,11 @@ def build_model(preset: str, root: Path) -> tuple[Path, Path]:
 
 
 def ceiling(repo: Path, concurrencies: list[int], steps: int) -> list[Row]:
-    """A raw ONNX Runtime loop: one token per sequence per step, state carried, no server."""
+    """A raw ONNX Runtime loop: one token per sequence per step, state carried, no server.
+
+    It runs the graph the server runs for a one-token step (the last-position graph when the bundle
+    has one) and does nothing else: no sampling, no softmax, no copies.
+    """
     from rnnserve.export.manifest import read_manifest
     from rnnserve.server.runtime import OnnxModel, RuntimeOptions, default_intra_op_threads
 
@@ -104,7 +108,7 @@ def ceiling(repo: Path, concurrencies: list[int], steps: int) -> list[Row]:
         for i in range(steps + 5):
             tokens = rng.integers(0, model.manifest.vocab_size, size=(batch, 1))
             start = time.perf_counter()
-            _, state = model.run(tokens, state)
+            _, state = model.run_last(tokens, state)
             if i >= 5:  # warm-up
                 times.append(time.perf_counter() - start)
         p50, p90, p99 = percentiles(times)
@@ -199,10 +203,11 @@ def rss_bytes(pid: int) -> int:
 
 
 def idle_sessions(url: str, pid: int, count: int, state_bytes: int) -> dict[str, float]:
-    """Memory of `count` idle sessions held at once, and create+close latency."""
+    """Memory of `count` idle sessions held at once, and create+close latency (two unary round trips
+    through the sync client, as a user does it)."""
     with Client(url) as client:
         pairs = []
-        for _ in range(1000):
+        for _ in range(2000):
             start = time.perf_counter()
             client.session("bench").close()
             pairs.append(time.perf_counter() - start)
@@ -218,10 +223,69 @@ def idle_sessions(url: str, pid: int, count: int, state_bytes: int) -> dict[str,
         "rss_per_session_bytes": (after - before) / count,
         "rss_bound_mb(1.5x state + 300MB)": (1.5 * state_bytes * count) / 2**20 + 300,
         "create_close_p50_ms": float(np.percentile(pairs, 50) * 1000),
+        "create_close_p99_ms": float(np.percentile(pairs, 99) * 1000),
     }
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def engine_create_close(repo: Path, count: int = 20_000) -> float:
+    """p50 of create+close inside the engine (no gRPC): the server's own share of the round trips."""
+    from rnnserve.server.engine import Engine
+    from rnnserve.server.repository import ModelRepository
+
+    engine = Engine(ModelRepository.load(repo))
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        engine.sessions.close(engine.create_session("bench").id)
+        times.append(time.perf_counter() - start)
+    return float(np.percentile(times, 50) * 1000)
+
+
+def goals(rows: list[Row], idle: dict[str, float]) -> list[tuple[str, str, bool]]:
+    """Issue 6's goals against this run: (goal, measured, met)."""
+
+    def row(system: str, workload: str, c: int) -> Row | None:
+        return next((r for r in rows if (r.system, r.workload, r.concurrency) == (system, workload, c)), None)
+
+    out = []
+    one, ort1 = row("rnnserve", "stream", 1), row("ort-ceiling", "stream", 1)
+    if one and ort1:
+        extra = one.p50_ms - ort1.p50_ms
+        out.append(
+            ("1 streaming session: p50 <= ORT step + 0.3 ms", f"ORT step + {extra:.2f} ms", extra <= 0.3)
+        )
+    g64, ort64 = row("rnnserve", "generate", 64), row("ort-ceiling", "generate", 64)
+    g1, naive64 = row("rnnserve", "generate", 1), row("naive-torch", "generate", 64)
+    if g64 and ort64:
+        share = g64.tokens_per_s / ort64.tokens_per_s
+        out.append(("64 generating: >= 80% of raw ORT at batch 64", f"{share:.0%}", share >= 0.8))
+    if g64 and g1:
+        ratio = g64.tokens_per_s / g1.tokens_per_s
+        out.append(("64 generating: >= 6x one session", f"{ratio:.1f}x", ratio >= 6))
+    if g64 and naive64:
+        ratio = g64.tokens_per_s / naive64.tokens_per_s
+        out.append(("64 generating: >= 10x the naive server", f"{ratio:.1f}x", ratio >= 10))
+    if idle:
+        growth, bound = idle["rss_growth_mb"], idle["rss_bound_mb(1.5x state + 300MB)"]
+        out.append(
+            (
+                f"{idle['sessions']:.0f} idle sessions: RSS <= 1.5 x state + 300 MB",
+                f"{growth:.0f} MB of {bound:.0f} MB",
+                growth <= bound,
+            )
+        )
+        p50 = idle["create_close_p50_ms"]
+        out.append(
+            (
+                "create+close p50 <= 1 ms",
+                f"{p50:.2f} ms (engine alone {idle.get('engine_create_close_p50_ms', float('nan')):.3f} ms)",
+                p50 <= 1,
+            )
+        )
+    return out
+
+
+def plot(rows: list[Row], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,6 +309,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -307,14 +373,34 @@ def main() -> None:
             cli += ["--max-sessions", str(args.idle_sessions + 1000)]
             with server_process(cli, f"127.0.0.1:{port}") as proc:
                 idle = idle_sessions(f"127.0.0.1:{port}", proc.pid, args.idle_sessions, state_bytes)
+            idle["engine_create_close_p50_ms"] = engine_create_close(repo)
     print_table(rows)
     if idle:
         print("\nidle sessions: " + ", ".join(f"{k} {v:.3g}" for k, v in idle.items()))
-    (args.out / "serving.json").write_text(
-        json.dumps({"preset": args.preset, "rows": [asdict(r) for r in rows], "idle": idle}, indent=2)
+    verdicts = goals(rows, idle)
+    print("\ngoals (issue 6):")
+    for goal, measured, met in verdicts:
+        print(f"  [{'met' if met else 'MISSED'}] {goal}: {measured}")
+    name = f"serving-{args.preset}" if args.preset != "demo" else "serving"
+    (args.out / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "command": " ".join(sys.argv),
+                "cores": os.cpu_count(),
+                "rows": [asdict(r) for r in rows],
+                "idle": idle,
+                "goals": [{"goal": g, "measured": m, "met": ok} for g, m, ok in verdicts],
+            },
+            indent=2,
+        )
     )
-    plot(rows, args.out / "serving.png")
-    print(f"\nwrote {args.out / 'serving.json'} and {args.out / 'serving.png'}")
+    plot(
+        rows,
+        args.out / f"{name}.png",
+        f"{args.preset} model: {manifest.num_layers}x{manifest.hidden_size} LSTM, vocab {vocab}",
+    )
+    print(f"\nwrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ class _StopMatcher:
 
     def push(self, delta: str) -> tuple[str, bool]:
         """Add delta; returns (text safe to send now, whether a stop string was found)."""
+        if not self.stops:
+            return delta, False  # nothing to find or hold back (the common case, once per token)
         self.text += delta
         hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
         if hits:
@@ -507,7 +509,8 @@ class _Generation:
         self._decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
         self._stops = _StopMatcher(request.stop)
         self._stop_ids = set(request.stop_token_ids)
-        self._count = 0
+        self._count = 0  # tokens generated
+        self._counted = 0  # of them, counted in the metric
         self._ready: list[GeneratedToken] = []
         self._wakeup = asyncio.Event()
         self._finished = False
@@ -533,7 +536,6 @@ class _Generation:
         session.recent_tokens.append(token)
         session.next_logprobs = logprobs  # [vocab]; a row of the batch's array until we leave (see left)
         self._count += 1
-        self._tokens_out.inc()
         text, stopped = self._stops.push(self._decoder.push(token))
         finish = None
         if stopped or token in self._stop_ids:
@@ -552,7 +554,14 @@ class _Generation:
         else:
             self.token, self._logprob = next_token, float(logprobs[next_token])
 
+    def _count_out(self) -> None:
+        """The tokens-out metric, updated per hand-over to the reader rather than per token."""
+        if self._count > self._counted:
+            self._tokens_out.inc(self._count - self._counted)
+            self._counted = self._count
+
     def left(self) -> None:
+        self._count_out()
         if self.session.next_logprobs is not None:
             self.session.next_logprobs = np.array(self.session.next_logprobs)  # own copy (see stepped)
         self.session.touch()
@@ -576,6 +585,7 @@ class _Generation:
             self._wakeup.clear()
             await self._wakeup.wait()
         tokens, self._ready = self._ready, []
+        self._count_out()
         if len(tokens) >= MAX_AHEAD:
             self._scheduler.wake()  # it was sitting out runs
         return tokens
