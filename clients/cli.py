@@ -6,6 +6,7 @@
     rnnserve generate --model demo --prompt "def main("
     rnnserve classify --model sst2 "a gorgeous, witty film" "a dull mess"
     rnnserve models
+    rnnserve models validate model_repo        # offline: what is wrong with each bundle
     rnnserve demo                                # all of the above, end to end
 
 Subcommands register their flags without importing torch or ONNX Runtime; those load only when the
@@ -80,9 +81,14 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("models", help="list the models a server has loaded")
+    from rnnserve.export.cli import register_models_validate
+
+    p = subparsers.add_parser(
+        "models", help="list the models a server has loaded; `models validate REPO` checks bundles offline"
+    )
     p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
     p.set_defaults(func=run_models)
+    register_models_validate(p.add_subparsers(dest="models_command", metavar="{validate}"))
 
 
 def run_models(args: argparse.Namespace) -> int:

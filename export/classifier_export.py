@@ -43,12 +43,14 @@ from rnnserve.export.manifest import (
     write_manifest,
 )
 from rnnserve.export.onnx_export import (
+    DEFAULT_EXPORTER,
     VALIDATION_ATOL,
     VALIDATION_BATCH_SIZES,
     VALIDATION_SEQ_LENS,
     BundleWriter,
     export_info,
     onnx_export_quietly,
+    recurrent_stack_for,
 )
 from rnnserve.training.classifier_model import STATE_INITIAL, RNNClassifier
 from rnnserve.training.classifier_train import load_classifier_checkpoint
@@ -78,6 +80,22 @@ class _Whole(nn.Module):
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         return torch.softmax(self.model(tokens, lengths), dim=-1)
+
+
+class _WholeUnpacked(nn.Module):
+    """`RNNClassifier.forward` without packing (the dynamo exporter cannot trace packed sequences): the
+    custom-op stack (`dynamo_ops`) takes the lengths itself, as ONNX `sequence_lens`."""
+
+    def __init__(self, model: RNNClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        m = self.model
+        x = m.emb_drop(m.embedding(tokens))  # (batch, seq, emb)
+        y, final = m.rnn(x, None, lengths)  # y (batch, seq, dirs * hidden), zeros past each length
+        h_n = final[0] if isinstance(final, tuple) else final  # (layers * dirs, batch, hidden)
+        return torch.softmax(m.classifier(m.drop(m._pool(y, lengths, h_n))), dim=-1)
 
 
 def _state_dims(model: RNNClassifier, name: str, batch: int | str) -> list[int | str]:
@@ -121,16 +139,18 @@ def classifier_io_specs(model: RNNClassifier) -> tuple[list[TensorSpec], list[Te
     return ins, outs
 
 
-def export_classifier_to_onnx(model: RNNClassifier, path: Path) -> Path:
+def export_classifier_to_onnx(model: RNNClassifier, path: Path, exporter: str = DEFAULT_EXPORTER) -> Path:
     """Write `model` (put in eval mode) as its streaming or whole-text ONNX graph at `path`."""
     model.eval()
     path = Path(path)
     ins, outs = classifier_io_specs(model)
     tokens = torch.ones(2, 3, dtype=torch.long)  # (batch, seq); not 1 so no axis is specialised
-    if model.args.bidirectional:
-        return onnx_export_quietly(_Whole(model), (tokens, torch.tensor([3, 2])), path, ins, outs)
-    state = model.init_stream_state(2, "cpu")
-    return onnx_export_quietly(_Streaming(model), (tokens, *state), path, ins, outs)
+    with recurrent_stack_for(model, exporter):
+        if model.args.bidirectional:
+            whole = _WholeUnpacked(model) if exporter == "dynamo" else _Whole(model)
+            return onnx_export_quietly(whole, (tokens, torch.tensor([3, 2])), path, ins, outs, exporter)
+        state = model.init_stream_state(2, "cpu")
+        return onnx_export_quietly(_Streaming(model), (tokens, *state), path, ins, outs, exporter)
 
 
 def validate_classifier_export(model: RNNClassifier, onnx_path: Path, **kwargs: Any) -> dict[str, float]:
@@ -153,6 +173,7 @@ def classifier_manifest(
     special_tokens: dict[str, int],
     diffs: dict[str, float],
     onnx_path: Path,
+    exporter: str = DEFAULT_EXPORTER,
 ) -> Manifest:
     """The manifest of an exported classifier (validation figures and dev evaluation included)."""
     a = model.args
@@ -184,15 +205,20 @@ def classifier_manifest(
                 "batch_sizes": list(VALIDATION_BATCH_SIZES),
                 "seq_lens": list(VALIDATION_SEQ_LENS),
                 "max_abs_diff": diffs,
-            }
+            },
+            exporter,
         ),
         evaluation={"dev": report} if report else {},
         model_sha256=sha256_file(onnx_path),
     )
 
 
-def classifier_bundle_writer(checkpoint: Path, name: str) -> BundleWriter:
+def classifier_bundle_writer(
+    checkpoint: Path, name: str, precision: str = "fp32", exporter: str = DEFAULT_EXPORTER
+) -> BundleWriter:
     """Load the classifier checkpoint; the returned writer exports, validates and writes the bundle."""
+    from rnnserve.export.variants import finish_graphs
+
     model, tok, ckpt = load_classifier_checkpoint(checkpoint)
     if tok.get_vocab_size() != model.args.vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but the model {model.args.vocab_size}")
@@ -203,12 +229,14 @@ def classifier_bundle_writer(checkpoint: Path, name: str) -> BundleWriter:
         )
 
     def write(tmp: Path, version: str) -> None:
-        onnx_path = export_classifier_to_onnx(model, tmp / MODEL_FILE)
+        onnx_path = export_classifier_to_onnx(model, tmp / MODEL_FILE, exporter)
         diffs = validate_classifier_export(
             model, onnx_path, batch_sizes=VALIDATION_BATCH_SIZES, seq_lens=VALIDATION_SEQ_LENS,
             atol=VALIDATION_ATOL,
         )  # fmt: skip
         shutil.copyfile(checkpoint.parent / TRAIN_TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        write_manifest(classifier_manifest(name, version, model, ckpt, specials, diffs, onnx_path), tmp)
+        manifest = classifier_manifest(name, version, model, ckpt, specials, diffs, onnx_path, exporter)
+        finish_graphs(tmp, manifest, precision, {})  # optimised, at `precision`
+        write_manifest(manifest, tmp)
 
     return write

@@ -6,19 +6,32 @@
 the shared machinery (exporter call, bundle publishing), `classifier_export` the classifier graphs.
 Language model graph: inputs `tokens` int64 (batch, seq), `state_in.h` [and `state_in.c`] float32
 (layers, batch, hidden); outputs `logits` float32 (batch, seq, vocab), `state_out.h` [and `state_out.c`].
-Batch and seq are dynamic. Uses the TorchScript exporter (`dynamo=False`, opset 17), which maps
-nn.RNN/LSTM/GRU to the native ONNX ops (the dynamo exporter fixed batch and seq to the example sizes for
-these modules).
+Batch and seq are dynamic.
+
+Two exporters, both mapping each recurrent layer to the native ONNX LSTM/GRU/RNN op (`--exporter`):
+- "torchscript" (the default): `torch.onnx.export(dynamo=False)`, opset 17. Deprecated upstream, but it
+  maps nn.RNN/LSTM/GRU (and packed sequences) to the native ops by itself.
+- "dynamo": `torch.onnx.export(dynamo=True)`, opset 18, with each layer swapped for a custom op that the
+  exporter translates to the native op (`dynamo_ops`); left alone, dynamo would silently fix batch and
+  seq to the example's sizes for these modules.
+Both pass the same validation matrix (tests/export/test_matrix.py) with the same figures (the native ops
+compute the same thing whichever exporter wrote them: bench/export_parity.py). The default stays
+"torchscript": it is exact too, exports the user's modules as they are (no substitute recurrent stack to
+keep in step with PyTorch) and takes ~0.1 s where dynamo takes ~2-3 s for a small model. "dynamo" is
+ready for the day the TorchScript exporter leaves PyTorch (torch is pinned, so that day is chosen).
 Every export is checked by `onnx.checker` and validated numerically before the bundle appears.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +56,9 @@ from rnnserve.training.tokenizer import special_token_ids
 from rnnserve.training.train import TOKENIZER_FILE as TRAIN_TOKENIZER_FILE
 from rnnserve.training.train import load_checkpoint, read_checkpoint_kind
 
-OPSET = 17
-EXPORTER = "torchscript"
+EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+DEFAULT_EXPORTER = "torchscript"  # why: see the module docstring
+OPSETS: dict[str, int] = {"torchscript": 17, "dynamo": 18}
 VALIDATION_BATCH_SIZES = (1, 3, 8)
 VALIDATION_SEQ_LENS = (1, 5, 17)
 VALIDATION_ATOL = 1e-4
@@ -73,21 +87,41 @@ def io_specs(model: RNNLanguageModel) -> tuple[list[TensorSpec], list[TensorSpec
     return ins, outs
 
 
-def export_lm_to_onnx(model: RNNLanguageModel, path: Path) -> Path:
-    """Write `model` (put in eval mode) as an ONNX graph at `path`; returns `path`."""
+def export_lm_to_onnx(model: RNNLanguageModel, path: Path, exporter: str = DEFAULT_EXPORTER) -> Path:
+    """Write `model` (put in eval mode) as an ONNX graph at `path` with `exporter`; returns `path`."""
     model.eval()
     path = Path(path)
     ins, outs = io_specs(model)
     tokens = torch.zeros(2, 3, dtype=torch.long)  # (batch, seq); not 1 so no axis is specialised
     state = model.init_state(2, "cpu")
-    return onnx_export_quietly(_StatefulLM(model), (tokens, *state), path, ins, outs)
+    with recurrent_stack_for(model, exporter):
+        return onnx_export_quietly(_StatefulLM(model), (tokens, *state), path, ins, outs, exporter)
 
 
-def export_info(validation: dict[str, Any]) -> dict[str, Any]:
+@contextlib.contextmanager
+def recurrent_stack_for(model: nn.Module, exporter: str) -> Iterator[None]:
+    """For the dynamo exporter, swap `model.rnn` for its custom-op twin while exporting (see dynamo_ops)."""
+    check_exporter(exporter)
+    if exporter != "dynamo":
+        yield
+        return
+    from rnnserve.export.dynamo_ops import recurrent_stack_for_dynamo
+
+    with recurrent_stack_for_dynamo(model):
+        yield
+
+
+def check_exporter(exporter: str) -> None:
+    """Raise ValueError naming the choices when `exporter` is not one of EXPORTERS."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter {exporter!r} is not one of {EXPORTERS}")
+
+
+def export_info(validation: dict[str, Any], exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
     """The manifest's `export` record: exporter, opset, library versions and the validation figures."""
     return {
-        "exporter": EXPORTER,
-        "opset": OPSET,
+        "exporter": exporter,
+        "opset": OPSETS[exporter],
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -96,8 +130,68 @@ def export_info(validation: dict[str, Any]) -> dict[str, Any]:
 
 
 def onnx_export_quietly(module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: list[TensorSpec],
-                        outs: list[TensorSpec]) -> Path:  # fmt: skip
-    """torch.onnx.export with the TorchScript exporter, opset 17, dynamic axes from the specs' names."""
+                        outs: list[TensorSpec], exporter: str = DEFAULT_EXPORTER) -> Path:  # fmt: skip
+    """torch.onnx.export with `exporter`, dynamic axes from the specs' names; checked by onnx.checker.
+
+    For "dynamo", `module` must already hold the custom-op recurrent stack (`recurrent_stack_for`).
+    """
+    check_exporter(exporter)
+    module.eval()  # the export wrappers are fresh modules (training mode); eval is what is served
+    if exporter == "dynamo":
+        _dynamo_export(module, args, path, ins, outs)
+    else:
+        _torchscript_export(module, args, path, ins, outs)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _dynamo_export(module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: list[TensorSpec],
+                   outs: list[TensorSpec]) -> None:  # fmt: skip
+    from rnnserve.export.dynamo_ops import OPSET as DYNAMO_OPSET
+    from rnnserve.export.dynamo_ops import TRANSLATIONS
+
+    dims: dict[str, Any] = {}  # one torch.export.Dim per axis name, shared by every input using it
+    shapes: list[Any] = [
+        {i: dims.setdefault(d, torch.export.Dim(d)) for i, d in enumerate(s.shape) if isinstance(d, str)}
+        for s in ins
+    ]
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params[-1].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(tokens, *state): state is one tuple
+        shapes = [*shapes[: len(params) - 1], tuple(shapes[len(params) - 1 :])]
+    with _quiet_dynamo():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[s.name for s in ins],
+            output_names=[s.name for s in outs],
+            dynamic_shapes=tuple(shapes),
+            custom_translation_table=TRANSLATIONS,
+            opset_version=DYNAMO_OPSET,
+            external_data=False,  # one self-contained model file (the manifest's sha256 covers it all)
+            verbose=False,
+            dynamo=True,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_dynamo() -> Iterator[None]:
+    """Silence the dynamo exporter's chatter (optional torchvision ops, pytree deprecations, axis renames):
+    none of it concerns our graphs, which are validated numerically anyway."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _torchscript_export(module: nn.Module, args: tuple[Tensor, ...], path: Path, ins: list[TensorSpec],
+                        outs: list[TensorSpec]) -> None:  # fmt: skip
     dynamic_axes = {
         s.name: {i: str(d) for i, d in enumerate(s.shape) if isinstance(d, str)} for s in ins + outs
     }
@@ -115,11 +209,9 @@ def onnx_export_quietly(module: nn.Module, args: tuple[Tensor, ...], path: Path,
             input_names=[s.name for s in ins],
             output_names=[s.name for s in outs],
             dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
+            opset_version=OPSETS["torchscript"],
             dynamo=False,
         )
-    onnx.checker.check_model(str(path))
-    return path
 
 
 def _lm_manifest(
@@ -129,6 +221,7 @@ def _lm_manifest(
     ckpt: dict[str, Any],
     diffs: dict[str, float],
     onnx_path: Path,
+    exporter: str = DEFAULT_EXPORTER,
 ) -> Manifest:
     a = model.args
     ins, outs = io_specs(model)
@@ -154,7 +247,8 @@ def _lm_manifest(
                 "batch_sizes": list(VALIDATION_BATCH_SIZES),
                 "seq_lens": list(VALIDATION_SEQ_LENS),
                 "max_abs_diff": diffs,
-            }
+            },
+            exporter,
         ),
         model_sha256=sha256_file(onnx_path),
     )
@@ -163,40 +257,54 @@ def _lm_manifest(
 BundleWriter = Callable[[Path, str], None]  # (temporary bundle dir, version) -> writes the bundle files
 
 
-def export_checkpoint(checkpoint: Path, repo: Path, name: str, version: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: Path,
+    repo: Path,
+    name: str,
+    version: str | None = None,
+    precision: str = "fp32",
+    exporter: str = DEFAULT_EXPORTER,
+) -> Path:
     """Export, validate and publish `<repo>/<name>/<version>/`; returns the bundle directory.
 
     Language models and classifiers alike (dispatch on the checkpoint's `kind`; see
     `rnnserve.export.classifier_export` for the classifier graphs). `version=None` takes the next integer
     after the highest numeric version ("1" first). The bundle is assembled in a hidden temporary
     directory beside it and renamed into place, so a half-written bundle never appears; an existing
-    version is never overwritten (FileExistsError).
+    version is never overwritten (FileExistsError). `precision` ("fp32", "int8" or "fp16") is that of
+    the bundle's graphs (`rnnserve.export.variants`). `exporter` is "torchscript" or "dynamo" (see above).
     """
     checkpoint, repo = Path(checkpoint), Path(repo)
     check_version_name(name)
+    check_exporter(exporter)
     writer: BundleWriter
     if read_checkpoint_kind(checkpoint) == "classifier":
         from rnnserve.export.classifier_export import classifier_bundle_writer
 
-        writer = classifier_bundle_writer(checkpoint, name)
+        writer = classifier_bundle_writer(checkpoint, name, precision, exporter)
     else:
-        writer = _lm_bundle_writer(checkpoint, name)
+        writer = _lm_bundle_writer(checkpoint, name, precision, exporter)
     return publish_bundle(repo, name, version, writer)
 
 
-def _lm_bundle_writer(checkpoint: Path, name: str) -> BundleWriter:
+def _lm_bundle_writer(
+    checkpoint: Path, name: str, precision: str = "fp32", exporter: str = DEFAULT_EXPORTER
+) -> BundleWriter:
+    from rnnserve.export.variants import finish_lm_graphs
+
     model, tok, ckpt = load_checkpoint(checkpoint)
     if tok.get_vocab_size() != model.args.vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but the model {model.args.vocab_size}")
 
     def write(tmp: Path, version: str) -> None:
-        onnx_path = export_lm_to_onnx(model, tmp / MODEL_FILE)
+        onnx_path = export_lm_to_onnx(model, tmp / MODEL_FILE, exporter)
         diffs = validate_lm_export(
             model, onnx_path, VALIDATION_BATCH_SIZES, VALIDATION_SEQ_LENS, atol=VALIDATION_ATOL
         )
         shutil.copyfile(checkpoint.parent / TRAIN_TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        manifest = _lm_manifest(name, version, model, ckpt, diffs, onnx_path)
+        manifest = _lm_manifest(name, version, model, ckpt, diffs, onnx_path, exporter)
         manifest.special_tokens = special_token_ids(tok)
+        finish_lm_graphs(model, tmp, manifest, precision)  # last-position graph, optimised, precision
         write_manifest(manifest, tmp)
 
     return write
