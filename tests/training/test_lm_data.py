@@ -12,6 +12,7 @@ from rnnserve.training import cli
 from rnnserve.training.config import TrainConfig
 from rnnserve.training.data import (
     default_corpus_documents,
+    encode_documents,
     find_split_files,
     load_corpus,
     load_documents,
@@ -191,3 +192,11 @@ def test_wikitext2_valid_and_test_as_train_and_valid() -> None:
     data = prepare_lm_data(config)
     assert data.corpus.tokenized
     assert (len(data.train), len(data.valid)) == (217_646, 245_569)  # WikiText-2's published token counts
+
+
+def test_encode_documents_ends_every_document_with_eos_in_any_chunking() -> None:
+    tok = build_char_tokenizer("abc")
+    docs = ["ab", "", "c", "abc"]
+    expected = [2, 3, 1, 1, 4, 1, 2, 3, 4, 1]  # a=2 b=3 c=4 (counts tie: by character), <eos>=1
+    assert tok.token_to_id("a") == 2 and tok.token_to_id("c") == 4
+    assert encode_documents(tok, docs) == encode_documents(tok, docs, chunk=1) == expected
