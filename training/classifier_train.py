@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import random
 import sys
-import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,13 @@ from rnnserve.training.tokenizer import (
 from rnnserve.training.train import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
+    LAST_FILE,
     TOKENIZER_FILE,
+    TrainingStopped,
+    _InterruptFlag,
+    _rng_state,
+    _RunClock,
+    _set_rng_state,
     device_for,
     read_checkpoint,
 )
@@ -239,86 +245,207 @@ def _model_args(config: ClassifierTrainConfig, tok: Tokenizer, num_classes: int)
     )
 
 
+@dataclass
+class _ClassifierProgress:
+    """Where a classifier run is: what `last.pt` restores besides the model, optimiser and RNG."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0  # batches of this epoch already trained on
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # example-weighted training loss so far this epoch
+    epoch_examples: int = 0
+    best: float = -1.0  # best dev accuracy so far
+    stale: int = 0  # evaluations since the best (early stopping)
+    train_seconds: float = 0.0  # summed over resumed sessions
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _save_classifier_last(
+    path: Path,
+    model: RNNClassifier,
+    opt: torch.optim.Optimizer,
+    config: ClassifierTrainConfig,
+    progress: _ClassifierProgress,
+    epoch_order: object,
+) -> None:
+    """Write `last.pt` atomically. `epoch_order` is the data-order RNG state at the start of this epoch,
+    from which `resume` rebuilds the same batches and skips the ones already trained on."""
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "classifier-last",
+        "model_args": asdict(model.args),
+        "config": asdict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "rng": _rng_state(),
+        "epoch_order": epoch_order,
+        "progress": asdict(progress),
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def read_classifier_run_config(out_dir: str | Path) -> dict[str, Any]:
+    """The config a classifier run in `out_dir` saved in its last.pt, ready to resume."""
+    path = Path(out_dir) / LAST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    config = dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
+    config.update(resume=True, max_steps=None, out_dir=str(out_dir))
+    return config
+
+
 def train_classifier(config: ClassifierTrainConfig) -> Path:
-    """Train as configured; returns the best checkpoint's path (tokenizer.json is beside it)."""
-    start_time = time.perf_counter()
+    """Train as configured; returns the best checkpoint's path (tokenizer.json is beside it).
+
+    `last.pt` is written every `save_every` steps and after each evaluation; with `config.resume` the run
+    continues from it and ends with the weights an uninterrupted run would have. Ctrl-C or `max_steps`
+    writes `last.pt` and raises `TrainingStopped`.
+    """
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed)  # data order
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = device_for(config.device)
     out = Path(config.out_dir)
+    last_path = out / LAST_FILE
+    if config.resume and not last_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     tok, train_ids, train_labels, dev_ids, dev_labels, raw_names, names = _prepare(config)
     tok.save(str(out / TOKENIZER_FILE))
     args = _model_args(config, tok, len(names))
     model = RNNClassifier(args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    progress = _ClassifierProgress()
+    if config.resume:
+        last = torch.load(last_path, map_location="cpu", weights_only=True)
+        if last.get("model_args") != asdict(args):
+            raise ValueError(f"cannot resume: {last_path} holds a different model ({last.get('model_args')})")
+        model.load_state_dict(last["state_dict"])
+        opt.load_state_dict(last["optimizer"])
+        progress = _ClassifierProgress(**last["progress"])
+        _set_rng_state(last["rng"])
+        version, internal, gauss = last["epoch_order"]
+        rng.setstate((version, tuple(internal), gauss))
     if config.progress:
         tqdm.write(
             f"{len(train_ids)} training / {len(dev_ids)} dev examples, labels {names}, "
             f"vocabulary {args.vocab_size}, {sum(p.numel() for p in model.parameters())} parameters"
         )
     path = out / CHECKPOINT_FILE
-    best, stale, evals = -1.0, 0, 0
-    history: list[dict[str, float]] = []
     lengths = [len(s) for s in train_ids]
-    for epoch in range(1, config.epochs + 1):
-        batches = length_buckets(lengths, config.batch_size, rng)
-        per_eval = max(1, math.ceil(len(batches) / max(1, config.evals_per_epoch)))
-        bar = tqdm(
-            batches,
-            desc=f"epoch {epoch}",
-            disable=not config.progress,
-            unit="batch",
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
-        )  # fmt: skip  (a log file stays short)
-        total, seen = 0.0, 0
-        for step, idx in enumerate(bar, start=1):
-            model.train()
-            tokens, lens = pad_batch([train_ids[i] for i in idx], args.pad_id)
-            target = torch.tensor([train_labels[i] for i in idx], device=device)
-            loss = F.cross_entropy(model(tokens.to(device), lens), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
-            if step % per_eval and step != len(batches):
-                continue
-            evals += 1
-            report = evaluate(model, dev_ids, dev_labels, names)
-            record = {
-                "epoch": epoch + step / len(batches) - 1,
-                "train_loss": total / seen,
-                "dev_loss": report["loss"],
-                **flat_metrics(report),
-                "train_seconds": time.perf_counter() - start_time,
-            }
-            history.append(record)
-            improved = report["accuracy"] > best
-            if config.progress:
-                best_mark = "  (best)" if improved else ""
-                tqdm.write(
-                    f"epoch {record['epoch']:.2f}: train loss {record['train_loss']:.4f}, dev loss "
-                    f"{report['loss']:.4f}, dev accuracy {report['accuracy']:.4f}{best_mark}"
+    stop_reason: str | None = None
+    clock = _RunClock(progress)
+
+    def save_last(epoch_order: object) -> None:
+        clock.tick()
+        _save_classifier_last(last_path, model, opt, config, progress, epoch_order)
+
+    def save_best(metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
+        save_classifier_checkpoint(path, model, config, tok, names, raw_names, metrics, history)
+
+    with _InterruptFlag() as interrupt:
+        while progress.epoch <= config.epochs and stop_reason is None:
+            epoch = progress.epoch
+            epoch_order = rng.getstate()
+            batches = length_buckets(lengths, config.batch_size, rng)
+            per_eval = max(1, math.ceil(len(batches) / max(1, config.evals_per_epoch)))
+            bar = tqdm(
+                batches,
+                desc=f"epoch {epoch}",
+                disable=not config.progress,
+                unit="batch",
+                initial=progress.step_in_epoch,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            )  # fmt: skip  (a log file stays short)
+
+            for idx in batches[progress.step_in_epoch :]:
+                model.train()
+                tokens, lens = pad_batch([train_ids[i] for i in idx], args.pad_id)
+                target = torch.tensor([train_labels[i] for i in idx], device=device)
+                loss = F.cross_entropy(model(tokens.to(device), lens), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                opt.step()
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                progress.epoch_loss_sum += loss.item() * len(idx)
+                progress.epoch_examples += len(idx)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{progress.epoch_loss_sum / progress.epoch_examples:.4f}", refresh=False
                 )
-            if improved:
-                best, stale = report["accuracy"], 0
-                metrics = {**record, "report": report}
-                save_classifier_checkpoint(path, model, config, tok, names, raw_names, metrics, history)
-            else:
-                stale += 1
-            if stale >= config.patience:
+                step = progress.step_in_epoch
+                if step % per_eval == 0 or step == len(batches):
+                    clock.tick()
+                    dev = (dev_ids, dev_labels, names)
+                    _evaluate_and_keep_best(model, config, progress, dev, len(batches), save_best)
+                    if progress.stale >= config.patience:
+                        progress.epoch = config.epochs + 1  # early stop: the run is over
+                        if config.progress:
+                            tqdm.write(f"early stop: no better dev accuracy in {config.patience} evaluations")
+                        break
+                if interrupt.raised:
+                    stop_reason = "interrupted"
+                elif config.max_steps is not None and progress.global_step >= config.max_steps:
+                    stop_reason = "max_steps reached"
+                if stop_reason is not None:
+                    break
+                if (
+                    step < len(batches)
+                    and config.save_every > 0
+                    and progress.global_step % config.save_every == 0
+                ):
+                    save_last(epoch_order)
+            bar.close()
+            if stop_reason is not None and progress.step_in_epoch < len(batches):
+                save_last(epoch_order)
                 break
-        if stale >= config.patience:
-            if config.progress:
-                tqdm.write(f"early stop: no better dev accuracy in {config.patience} evaluations")
-            break
-    _finish_history(path, history, time.perf_counter() - start_time)
+            if progress.epoch == epoch:  # the epoch ran to its end
+                progress.epoch += 1
+                progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_examples = 0, 0.0, 0
+            epoch_order = rng.getstate()  # the next epoch's order starts from here
+            save_last(epoch_order)
+    if stop_reason is not None:
+        raise TrainingStopped(last_path, progress.global_step, stop_reason)
+    clock.tick()
+    _finish_history(path, progress.history, progress.train_seconds)
     return path
+
+
+def _evaluate_and_keep_best(
+    model: RNNClassifier,
+    config: ClassifierTrainConfig,
+    progress: _ClassifierProgress,
+    dev: tuple[list[list[int]], list[int], list[str]],
+    epoch_batches: int,
+    save_best: Callable[[dict[str, Any], list[dict[str, float]]], None],
+) -> None:
+    """Evaluate on dev, record it in the history, save the checkpoint if it is the best so far."""
+    report = evaluate(model, *dev)  # dev: (token ids, labels, label names)
+    record = {
+        "epoch": progress.epoch + progress.step_in_epoch / epoch_batches - 1,
+        "train_loss": progress.epoch_loss_sum / max(progress.epoch_examples, 1),
+        "dev_loss": report["loss"],
+        **flat_metrics(report),
+        "train_seconds": progress.train_seconds,
+    }
+    progress.history.append(record)
+    improved = report["accuracy"] > progress.best
+    if config.progress:
+        best_mark = "  (best)" if improved else ""
+        tqdm.write(
+            f"epoch {record['epoch']:.2f}: train loss {record['train_loss']:.4f}, dev loss "
+            f"{report['loss']:.4f}, dev accuracy {report['accuracy']:.4f}{best_mark}"
+        )
+    if improved:
+        progress.best, progress.stale = report["accuracy"], 0
+        save_best({**record, "report": report}, progress.history)
+    else:
+        progress.stale += 1
 
 
 def _finish_history(path: Path, history: list[dict[str, float]], seconds: float) -> None:

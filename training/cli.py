@@ -283,9 +283,8 @@ def _add_classifier_arguments(p: argparse.ArgumentParser) -> None:
     d = _CLF_DEFAULTS
     p.add_argument(
         "--train",
-        required=True,
         help="TSV/CSV file, directory-per-label tree, or a data set folder with train/dev splits (SST-2's "
-        "train.tsv + dev.tsv, IMDB's aclImdb/ with train/ + test/)",
+        "train.tsv + dev.tsv, IMDB's aclImdb/ with train/ + test/); required unless --resume",
     )
     p.add_argument("--dev", help="dev split, same layouts (default: hold out --dev-fraction of train)")
     p.add_argument("--dev-fraction", type=float, default=d["dev_fraction"])
@@ -325,7 +324,14 @@ def _add_classifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads")
     p.add_argument("--device", default=d["device"], help="cpu, cuda or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output directory (checkpoint.pt, tokenizer.json)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint.pt, last.pt, tokenizer.json)")
+    p.add_argument("--save-every", type=int, default=d["save_every"], help="write last.pt every N steps")
+    p.add_argument(
+        "--max-steps", type=int, help="stop after this many steps in all (resumable with --resume)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last.pt (its saved config)"
+    )
 
 
 def classifier_config_from_args(args: argparse.Namespace) -> ClassifierTrainConfig:
@@ -364,19 +370,37 @@ def classifier_config_from_args(args: argparse.Namespace) -> ClassifierTrainConf
         device=args.device,
         progress=not args.no_progress,
         out_dir=args.out,
+        save_every=args.save_every,
+        max_steps=args.max_steps,
     )
 
 
 def run_train_classifier(args: argparse.Namespace) -> int:
     """Train, then print the checkpoint path and the dev report of the best checkpoint."""
     from rnnserve.training.classifier_data import DataError
-    from rnnserve.training.classifier_train import format_report, load_classifier_checkpoint, train_classifier
+    from rnnserve.training.classifier_train import (
+        format_report,
+        load_classifier_checkpoint,
+        read_classifier_run_config,
+        train_classifier,
+    )
+    from rnnserve.training.train import TrainingStopped
 
     try:
-        path = train_classifier(classifier_config_from_args(args))
+        if args.resume:  # the run's own config, from its last.pt
+            config = ClassifierTrainConfig(**read_classifier_run_config(args.out))
+        elif not args.train:
+            raise ValueError("--train is required (or --resume to continue the run in --out)")
+        else:
+            config = classifier_config_from_args(args)
+        path = train_classifier(config)
     except (ValueError, FileNotFoundError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        print(f"{stop.reason} at step {stop.step}; the run's state is saved in {stop.last}", file=sys.stderr)
+        print(f"continue it with: rnnserve train classifier --out {args.out} --resume", file=sys.stderr)
+        return 130 if stop.reason == "interrupted" else 0
     _, _, ckpt = load_classifier_checkpoint(path)
     m = ckpt["metrics"]
     print(f"checkpoint: {path}")

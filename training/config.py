@@ -93,3 +93,6 @@ class ClassifierTrainConfig:
     device: str = "cpu"  # "cpu", "cuda", or "auto"
     progress: bool = True  # tqdm bar and per-evaluation lines
     out_dir: str = "runs/classifier"  # checkpoint.pt and tokenizer.json are written here
+    save_every: int = 200  # write last.pt every this many steps (and after each evaluation)
+    max_steps: int | None = None  # stop (saving last.pt) after this many steps in all; `resume` continues
+    resume: bool = False  # continue from out_dir/last.pt (model, optimiser, RNG, data order and position)

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -501,11 +501,15 @@ def _save_last_all_ranks(
     save_last(path, model, opt, scheduler, config, progress, whole, extra)
 
 
+class _TimedProgress(Protocol):
+    train_seconds: float
+
+
 class _RunClock:
     """Adds wall time to `progress.train_seconds` at each tick, so a resumed run reports its total, and
     tells how much of the time budget (minutes; None = no budget) is used."""
 
-    def __init__(self, progress: _Progress, budget_min: float | None = None) -> None:
+    def __init__(self, progress: _TimedProgress, budget_min: float | None = None) -> None:
         self._progress, self._last = progress, time.perf_counter()
         self._budget_s = budget_min * 60.0 if budget_min else None
 

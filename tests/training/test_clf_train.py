@@ -19,7 +19,7 @@ from rnnserve.training.classifier_train import (
     predict_proba,
     train_classifier,
 )
-from rnnserve.training.train import load_checkpoint
+from rnnserve.training.train import LAST_FILE, TrainingStopped, load_checkpoint
 
 GOOD = ["great", "superb", "fun", "moving"]
 BAD = ["awful", "dull", "tedious", "clumsy"]
@@ -131,3 +131,36 @@ def test_cli_train_classifier(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_cli_defaults_match_config() -> None:
     args = _parser().parse_args(["train", "classifier", "--train", "t.tsv", "--out", "x"])
     assert cli.classifier_config_from_args(args) == ClassifierTrainConfig(train="t.tsv", out_dir="x")
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_resumed_classifier_run_ends_with_the_uninterrupted_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 400 examples / 16 = 25 batches per epoch, 2 evaluations per epoch, dropout on (RNG restored too).
+    for run in "abc":
+        (tmp_path / run).mkdir()
+    full = train_classifier(_config(tmp_path / "a", epochs=2, dropout=0.3, save_every=7))
+    # Stopped mid-epoch 1 between evaluations, and mid-epoch 2 right after an evaluation, then resumed
+    # through the CLI (which reads the run's config from last.pt).
+    for run, stop_at in (("b", 9), ("c", 38)):
+        with pytest.raises(TrainingStopped, match="max_steps") as stop:
+            train_classifier(_config(tmp_path / run, epochs=2, dropout=0.3, save_every=7, max_steps=stop_at))
+        assert stop.value.last == tmp_path / run / "run" / LAST_FILE
+        args = _parser().parse_args(["train", "classifier", "--out", str(tmp_path / run / "run"), "--resume"])
+        assert args.func(args) == 0
+        _same_weights(full, tmp_path / run / "run" / "checkpoint.pt")
+        _same_weights(full.parent / LAST_FILE, tmp_path / run / "run" / LAST_FILE)
+        resumed = torch.load(tmp_path / run / "run" / "checkpoint.pt", weights_only=True)
+        history = [{k: v for k, v in r.items() if k != "train_seconds"} for r in resumed["history"]]
+        expected = torch.load(full, weights_only=True)["history"]
+        assert history == [{k: v for k, v in r.items() if k != "train_seconds"} for r in expected]
+    assert "checkpoint:" in capsys.readouterr().out
+    missing = _parser().parse_args(["train", "classifier", "--out", str(tmp_path / "none"), "--resume"])
+    assert missing.func(missing) == 2 and "cannot resume" in capsys.readouterr().err
