@@ -184,15 +184,17 @@ class DynamoRecurrentStack(nn.Module):
         self.dirs = 2 if rnn.bidirectional else 1
         order = _TO_ONNX_GATES[self.kind]
         for k in range(self.num_layers):
-            sfx = ["", "_reverse"][: self.dirs]
-            p = {name: [getattr(rnn, f"{name}_l{k}{s}").detach() for s in sfx]
-                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}  # fmt: skip
-            # ONNX layout: W (dirs, gates * hidden, input), R (dirs, gates * hidden, hidden),
-            # B (dirs, 2 * gates * hidden) = [input biases, recurrent biases]
-            self.register_buffer(f"w{k}", torch.stack([_reorder(t, order) for t in p["weight_ih"]]))
-            self.register_buffer(f"r{k}", torch.stack([_reorder(t, order) for t in p["weight_hh"]]))
-            b = [torch.cat([_reorder(i, order), _reorder(h, order)]) for i, h in zip(p["bias_ih"],
-                 p["bias_hh"], strict=True)]  # fmt: skip
+            # ONNX layout, directions stacked (forward, then reverse): W (dirs, gates * hidden, input),
+            # R (dirs, gates * hidden, hidden), B (dirs, 2 * gates * hidden) = [input, recurrent biases]
+            w, r, b = [], [], []
+            for suffix in ["", "_reverse"][: self.dirs]:
+                names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                param = {n: getattr(rnn, f"{n}_l{k}{suffix}").detach() for n in names}
+                w.append(_reorder(param["weight_ih"], order))
+                r.append(_reorder(param["weight_hh"], order))
+                b.append(torch.cat([_reorder(param["bias_ih"], order), _reorder(param["bias_hh"], order)]))
+            self.register_buffer(f"w{k}", torch.stack(w))
+            self.register_buffer(f"r{k}", torch.stack(r))
             self.register_buffer(f"b{k}", torch.stack(b))
 
     def forward(

@@ -193,10 +193,12 @@ class Manifest:
             self._validate_classifier(names[: len(recurrent)] == recurrent)
 
     def _validate_io(self) -> None:
-        """The file digest, and the state specs against the graph inputs/outputs the manifest lists."""
-        if len(self.model_sha256) != 64 or set(self.model_sha256) - set("0123456789abcdef"):
-            raise ManifestError(f"model_sha256: must be the model file's sha256 (64 hex digits), got "
-                                f"{self.model_sha256!r}")  # fmt: skip
+        """The file digest, and the graph inputs/outputs the manifest lists against its state specs."""
+        digest = self.model_sha256
+        if len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            raise ManifestError(
+                f"model_sha256: must be the model file's sha256 (64 hex digits), got {digest!r}"
+            )
         if self.num_directions not in (1, 2):
             raise ManifestError(f"num_directions: must be 1 or 2, got {self.num_directions}")
         first_output = "logits" if self.task == "lm" else "probs"
@@ -204,25 +206,27 @@ class Manifest:
             raise ManifestError("inputs: the first graph input must be 'tokens'")
         if not self.outputs or self.outputs[0].name != first_output:
             raise ManifestError(f"outputs: the first graph output of a {self.task} must be {first_output!r}")
-        inputs = {t.name: t for t in self.inputs}
-        outputs = {t.name: t for t in self.outputs}
         for i, spec in enumerate(self.state):
-            where = f"state[{i}] ({spec.name!r})"
-            if not 0 <= spec.batch_axis < len(spec.shape) or spec.shape[spec.batch_axis] != -1:
-                raise ManifestError(
-                    f"{where}: batch_axis {spec.batch_axis} must index the -1 in {spec.shape}"
-                )
-            for name, tensors, kind in ((spec.input_name, inputs, "inputs"), (spec.output_name, outputs,
-                                                                                "outputs")):  # fmt: skip
-                tensor = tensors.get(name)
-                if tensor is None:
-                    raise ManifestError(f"{where}: {name!r} is not among the graph's {kind}")
-                if not _state_fits(spec, tensor):
-                    raise ManifestError(f"{where}: shape {spec.shape} does not match {kind} {name!r} "
-                                        f"{tensor.shape}")  # fmt: skip
+            self._validate_state_io(f"state[{i}] ({spec.name!r})", spec)
         extra = {t.name for t in self.inputs[1:]} - {s.input_name for s in self.state} - {"lengths"}
         if extra:
             raise ManifestError(f"inputs: {sorted(extra)} are neither state nor 'lengths'")
+
+    def _validate_state_io(self, where: str, spec: StateSpec) -> None:
+        """One state spec: a -1 batch axis, and a graph input and output of the same shape."""
+        if not 0 <= spec.batch_axis < len(spec.shape) or spec.shape[spec.batch_axis] != -1:
+            raise ManifestError(f"{where}: batch_axis {spec.batch_axis} must index the -1 in {spec.shape}")
+        for name, tensors, kind in (
+            (spec.input_name, self.inputs, "inputs"),
+            (spec.output_name, self.outputs, "outputs"),
+        ):
+            tensor = next((t for t in tensors if t.name == name), None)
+            if tensor is None:
+                raise ManifestError(f"{where}: {name!r} is not among the graph's {kind}")
+            if not _state_fits(spec, tensor):
+                raise ManifestError(
+                    f"{where}: shape {spec.shape} does not match {kind} {name!r} {tensor.shape}"
+                )
 
     def _validate_variants(self) -> None:
         if self.precision not in PRECISIONS:
