@@ -119,6 +119,11 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help=f"metrics.jsonl step rows every N steps {dflt('log_every')}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-plot", action="store_true", help="do not write learning_curves.png")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to TensorBoard (RUN/tensorboard; pip install tensorboard)",
+    )
     p.add_argument("--max-chars", type=int, help=f"size of the default corpus {dflt('max_chars')}")
     p.add_argument("--min-count", type=int, help=f"rarer tokens become <unk> {dflt('min_count')}")
     p.add_argument("--seed", type=int, help=dflt("seed"))
@@ -158,7 +163,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         if name in _NEGATED:
             if value:
                 values[_NEGATED[name]] = False
-        elif name in ("tie_weights", "resume", "deterministic"):
+        elif name in ("tie_weights", "resume", "deterministic", "tensorboard"):
             if value:
                 values[name] = True
         elif _RENAMED.get(name, name) in _DEFAULTS:  # not --config, --sample, func, command...

@@ -40,6 +40,7 @@ class TrainConfig:
     log_every: int = 10  # append a step row to metrics.jsonl every this many steps
     resume: bool = False  # continue from out_dir/last.pt (model, optimiser, schedule, RNG, data position)
     plot: bool = True  # write learning_curves.png at the end (needs matplotlib)
+    tensorboard: bool = False  # also write TensorBoard event files to out_dir/tensorboard (needs tensorboard)
     max_eval_tokens: int | None = 100_000  # cap on validation tokens per evaluation; None or 0 = all
     eval_batch_size: int = 16  # parallel streams when evaluating
     seed: int = 1234  # torch seed (data order is deterministic)

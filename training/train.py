@@ -40,6 +40,7 @@ from rnnserve.training.distributed import (
     sum_across_ranks,
     wrap_model,
 )
+from rnnserve.training.metrics_sink import TENSORBOARD_DIR, MetricsSink
 from rnnserve.training.model import ModelArgs, RNNLanguageModel, State, detach_state
 
 __all__ = ["TrainConfig", "TrainingStopped", "encode_documents", "load_checkpoint", "train_language_model"]
@@ -279,11 +280,6 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop metric rows logged after the step `last.pt` holds (they will be redone)."""
     if not path.exists():
@@ -372,6 +368,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
     elif main and metrics_path.exists():
         metrics_path.unlink()
     path = out / CHECKPOINT_FILE
+    sink = MetricsSink(metrics_path, out / TENSORBOARD_DIR if config.tensorboard and main else None)
 
     def save() -> None:
         _save_last_all_ranks(last_path, model, opt, scheduler, amp, config, progress, hidden, dist_info)
@@ -417,7 +414,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
                     ppl = math.exp(min(step_loss, 50))
                     row = {"step": step, "epoch": epoch, "loss": step_loss, "ppl": ppl, "lr": lr,
                            "tokens_per_s": tok_s}  # fmt: skip
-                    _append_jsonl(metrics_path, row)
+                    sink.write(row)
                 if on_step is not None:
                     on_step(step, model)
                 if any_rank(interrupt.raised, dist_info, device):
@@ -443,7 +440,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
             progress.epoch_loss_sum, progress.epoch_tokens = sum_across_ranks(
                 (progress.epoch_loss_sum, progress.epoch_tokens), dist_info, device
             )
-            _end_epoch(model, val_data, config, progress, scheduler, path, metrics_path, main)
+            _end_epoch(model, val_data, config, progress, scheduler, path, sink, main)
             clock.tick()
             if config.patience is not None and progress.bad_epochs >= config.patience:
                 if show:
@@ -457,6 +454,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
             if interrupted and stop_reason is None and progress.epoch <= config.epochs:
                 stop_reason = "interrupted"  # Ctrl-C during the evaluation
     clock.tick()
+    sink.close()
     if stop_reason is not None:
         save()
         raise TrainingStopped(last_path, progress.global_step, stop_reason)
@@ -540,7 +538,7 @@ def _end_epoch(
     progress: _Progress,
     scheduler: Any,
     path: Path,
-    metrics_path: Path,
+    sink: MetricsSink,
     main: bool = True,
 ) -> None:
     """Evaluate, log, step the plateau schedule, save the best checkpoint (rank 0 only: `main`); move
@@ -560,7 +558,7 @@ def _end_epoch(
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_loss)
     if main:
-        _append_jsonl(metrics_path, {"step": progress.global_step, **metrics})
+        sink.write({"step": progress.global_step, **metrics})
     if config.progress and main:
         tqdm.write(
             f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "

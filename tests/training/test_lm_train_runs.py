@@ -224,3 +224,18 @@ def test_time_budget_ends_the_run_normally_with_an_annealed_schedule(tmp_path: P
     assert 1 <= len(steps) < 6
     assert lr_factor(5, 0, 100, cosine=True, time_fraction=1.0) == 0.0  # the clock, ahead of the steps, wins
     assert lr_factor(5, 0, 100, cosine=True, time_fraction=0.0) > 0.99
+
+
+def test_tensorboard_mirrors_the_metrics_file(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_language_model(_config(tmp_path, "tb", tensorboard=True, epochs=1))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    rows = _rows(tmp_path / "tb")
+    for tag in ("loss", "lr", "val_loss", "train_loss"):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        expected = [(r["step"], r[tag]) for r in rows if tag in r]
+        assert [s for s, _ in logged] == [s for s, _ in expected] and expected, tag
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
