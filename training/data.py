@@ -254,23 +254,7 @@ def load_corpus(
     """The train/valid/test documents that `data` or the explicit files describe (module docstring)."""
     if corpus_format not in CORPUS_FORMATS:
         raise ValueError(f"corpus_format must be one of {CORPUS_FORMATS}, got {corpus_format!r}")
-    if data is not None and train_file is not None:
-        raise ValueError("give either --data or --train-file, not both")
-    if train_file is None and (valid_file is not None or test_file is not None):
-        raise ValueError("--valid-file/--test-file need --train-file (or --data DIR with a split layout)")
-    files: dict[str, Path] = {}
-    if train_file is not None:
-        files = {"train": Path(train_file)}
-        files.update({k: Path(v) for k, v in (("valid", valid_file), ("test", test_file)) if v is not None})
-    elif data is not None and Path(data).is_dir():
-        files = find_split_files(data)
-        if files and "train" not in files:
-            have = ", ".join(f"{k}={v.name}" for k, v in files.items())
-            raise ValueError(
-                f"{data} has split files ({have}) but no train file; name the files to use, e.g. "
-                f"--train-file {files.get('valid', next(iter(files.values())))} "
-                f"--valid-file {files.get('test', next(iter(files.values())))}"
-            )
+    files = _split_files(data, train_file, valid_file, test_file)
     if files:
         return _corpus_from_files(files, corpus_format, val_fraction, split_seed)
     if data is None:
@@ -285,6 +269,30 @@ def load_corpus(
     if tokenized:
         train, valid = line_documents(train), line_documents(valid)
     return Corpus(train, valid, None, tokenized, sources)
+
+
+def _split_files(
+    data: str | Path | None, train: str | Path | None, valid: str | Path | None, test: str | Path | None
+) -> dict[str, Path]:
+    """The explicit split files, else those of a `data` directory's split layout, else {}."""
+    if data is not None and train is not None:
+        raise ValueError("give either --data or --train-file, not both")
+    if train is None and (valid is not None or test is not None):
+        raise ValueError("--valid-file/--test-file need --train-file (or --data DIR with a split layout)")
+    if train is not None:
+        given = {"train": train, "valid": valid, "test": test}
+        return {split: Path(path) for split, path in given.items() if path is not None}
+    if data is None or not Path(data).is_dir():
+        return {}
+    files = find_split_files(data)
+    if files and "train" not in files:
+        have = ", ".join(f"{k}={v.name}" for k, v in files.items())
+        first = next(iter(files.values()))
+        raise ValueError(
+            f"{data} has split files ({have}) but no train file; name the files to use, e.g. "
+            f"--train-file {files.get('valid', first)} --valid-file {files.get('test', first)}"
+        )
+    return files
 
 
 def _corpus_from_files(files: dict[str, Path], corpus_format: str, val_fraction: float, seed: int) -> Corpus:
