@@ -55,6 +55,7 @@ from rnnserve.training.train import (
     _set_rng_state,
     device_for,
     read_checkpoint,
+    save_atomically,
 )
 
 __all__ = [
@@ -281,19 +282,7 @@ def _save_classifier_last(
         "epoch_order": epoch_order,
         "progress": asdict(progress),
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
-
-
-def read_classifier_run_config(out_dir: str | Path) -> dict[str, Any]:
-    """The config a classifier run in `out_dir` saved in its last.pt, ready to resume."""
-    path = Path(out_dir) / LAST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist")
-    config = dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
-    config.update(resume=True, max_steps=None, out_dir=str(out_dir))
-    return config
+    save_atomically(ckpt, path)
 
 
 def train_classifier(config: ClassifierTrainConfig) -> Path:
@@ -453,9 +442,7 @@ def _finish_history(path: Path, history: list[dict[str, float]], seconds: float)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["history"] = history
     ckpt["train_seconds_total"] = seconds
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    save_atomically(ckpt, path)
 
 
 def save_classifier_checkpoint(
@@ -486,9 +473,7 @@ def save_classifier_checkpoint(
         "metrics": metrics,
         "history": list(history or []),
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    save_atomically(ckpt, path)
 
 
 def load_classifier_checkpoint(path: str | Path) -> tuple[RNNClassifier, Tokenizer, dict[str, Any]]:

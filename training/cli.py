@@ -386,14 +386,13 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     from rnnserve.training.classifier_train import (
         format_report,
         load_classifier_checkpoint,
-        read_classifier_run_config,
         train_classifier,
     )
-    from rnnserve.training.train import TrainingStopped
+    from rnnserve.training.train import TrainingStopped, read_run_config
 
     try:
         if args.resume:  # the run's own config, from its last.pt
-            config = ClassifierTrainConfig(**read_classifier_run_config(args.out))
+            config = ClassifierTrainConfig(**read_run_config(args.out))
         elif not args.train:
             raise ValueError("--train is required (or --resume to continue the run in --out)")
         else:

@@ -242,8 +242,13 @@ def save_last(
         "hidden": [h.detach().cpu() for h in hidden],
         **(extra or {}),
     }
+    save_atomically(ckpt, path)
+
+
+def save_atomically(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
 
 
@@ -626,9 +631,7 @@ def save_checkpoint(
         "tokenizer_kind": config.tokenizer,
         "history": list(history or [metrics]),
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    save_atomically(ckpt, path)
 
 
 def checkpoint_kind(ckpt: dict[str, Any]) -> str:
