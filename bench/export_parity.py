@@ -2,6 +2,7 @@
 
     python bench/export_parity.py                       # both exporters (about 2 minutes on 2 cores)
     python bench/export_parity.py --exporter torchscript
+    python bench/export_parity.py --device cuda          # the same graphs on ONNX Runtime's CUDA provider
 
 The matrix of tests/export/test_matrix.py (`rnnserve.export.matrix`): {torchscript, dynamo} x {lm,
 streaming, whole} x {rnn_tanh, rnn_relu, lstm, gru} x {1, 2, 3} layers, tiny random-weight models, each
@@ -37,14 +38,17 @@ KINDS = ("vs PyTorch", "chunked", "padding")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exporter", choices=EXPORTERS, action="append", help="default: both")
-    exporters = tuple(parser.parse_args().exporter or EXPORTERS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime's provider")
+    args = parser.parse_args()
+    exporters = tuple(args.exporter or EXPORTERS)
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[args.device]
     torch.set_num_threads(1)  # tiny models: as the tests run them
     worst: dict[str, tuple[float, str]] = {e: (0.0, "") for e in exporters}
     print("| exporter | graph | cell | layers | export s | vs PyTorch | chunked | padding |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants(exporters):
-            exported = export_variant(variant, Path(tmp))
+            exported = export_variant(variant, Path(tmp), provider)
             row = dict.fromkeys(KINDS, float("nan"))
             for batch in BATCH_SIZES:
                 for seq in SEQ_LENS:
@@ -56,7 +60,7 @@ def main() -> None:
             cells = " | ".join("n/a" if v != v else f"{v:.1e}" for v in row.values())
             print(f"| {variant.exporter} | {variant.mode} | {variant.cell} | {variant.layers} | "
                   f"{exported.export_seconds:.2f} | {cells} |")  # fmt: skip
-    print()
+    print(f"\nONNX Runtime on {provider}; PyTorch on CPU.")
     for exporter, (d, where) in worst.items():
         verdict = "within" if d <= ATOL else "OVER"
         print(f"- worst case, {exporter}: {d:.2e} ({verdict} {ATOL:g}) at {where}")

@@ -86,8 +86,9 @@ def tiny_model(mode: str, cell: str, layers: int, seed: int = 0) -> Model:
     return RNNClassifier(cargs).eval()
 
 
-def export_variant(variant: Variant, directory: Path) -> Exported:
-    """Build the variant's tiny model, export it into `directory`, and open it in ONNX Runtime (CPU)."""
+def export_variant(variant: Variant, directory: Path, provider: str = "CPUExecutionProvider") -> Exported:
+    """Build the variant's tiny model, export it into `directory`, and open it in ONNX Runtime on
+    `provider` (CPU by default; raises RuntimeError when another provider asked for does not work)."""
     model = tiny_model(variant.mode, variant.cell, variant.layers)
     path = Path(directory) / f"{variant.id}.onnx"
     start = time.perf_counter()
@@ -98,7 +99,9 @@ def export_variant(variant: Variant, directory: Path) -> Exported:
     seconds = time.perf_counter() - start
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # tiny graphs: threads only add overhead (and contend on small CPUs)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=[provider])
+    if session.get_providers()[0] != provider:  # ORT falls back to CPU silently
+        raise RuntimeError(f"{provider} does not work here (ONNX Runtime uses {session.get_providers()})")
     return Exported(variant, model, path, session, seconds)
 
 
