@@ -110,10 +110,12 @@ class _Batch:
 
 @dataclass
 class _Result:
-    step_outputs: list[Outputs]  # per step
-    logprobs: np.ndarray | None  # generations: [rows, vocab]
-    next_tokens: np.ndarray | None  # generations: int64 [rows]
-    seconds: float = 0.0  # how long _execute took
+    step_outputs: list[Outputs | Exception]  # per step: its outputs, or why its run failed
+    generations: list[tuple[np.ndarray, int] | Exception]  # per generation: (logprobs [vocab], next token)
+    seconds: float  # how long _execute took
+
+
+_PENDING = RuntimeError("not sampled")  # a placeholder, always replaced
 
 
 class Scheduler:
@@ -209,19 +211,18 @@ class Scheduler:
             if not request.future.done():  # its caller went away before it ran: drop it
                 steps.append(request)
         room -= len(steps)
-        generations: list[Generation] = []
-        for _ in range(len(self._generations)):
-            generation = self._generations[0]
+        chosen: list[Generation] = []
+        waiting: list[Generation] = []
+        for generation in self._generations:
             if not generation.active:
-                self._generations.popleft()
                 generation.left()
-            elif room and generation.runnable:
-                generations.append(generation)
-                self._generations.rotate(-1)  # round robin when more generate than fit in a batch
-                room -= 1
+            elif len(chosen) < room and generation.runnable:
+                chosen.append(generation)
             else:
-                self._generations.rotate(-1)
-        return _Batch(steps, generations)
+                waiting.append(generation)
+        # Round robin when more generate than fit in a batch: who sat out goes first next time.
+        self._generations = deque(waiting + chosen)
+        return _Batch(steps, chosen)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -280,19 +281,29 @@ class Scheduler:
     def _deliver(self, batch: _Batch, result: _Result) -> None:
         """On the loop: commit every row that ran, then wake its caller."""
         for request, outputs in zip(batch.steps, result.step_outputs, strict=True):
+            if isinstance(outputs, Exception):
+                if not request.future.done():
+                    request.future.set_exception(outputs)
+                continue
             if request.commit is not None:
                 request.commit(outputs)
             if not request.future.done():
                 request.future.set_result(outputs)
-        if batch.generations:
-            assert result.logprobs is not None and result.next_tokens is not None
-            for i, generation in enumerate(batch.generations):
-                generation.stepped(result.logprobs[i], int(result.next_tokens[i]))
+        for generation, stepped in zip(batch.generations, result.generations, strict=True):
+            if isinstance(stepped, Exception):  # it cannot go on; its reader gets the error
+                self._generations.remove(generation)
+                generation.left()
+            else:
+                generation.stepped(*stepped)
 
     # -- in the worker (or inline) ------------------------------------------------------------------
 
     def _execute(self, batch: _Batch) -> _Result:
-        """Run each group of equal-length rows once; log-softmax and sample the generations' next tokens."""
+        """Run each group of equal-length rows once; log-softmax and sample the generations' next tokens.
+
+        A group whose run fails fails its rows only; their states are untouched (the slab is written
+        after a successful run).
+        """
         started = time.perf_counter()
         # rows: (tokens [seq], src, dst, last); steps first, then generations
         rows = [(r.tokens, r.src, r.dst, r.last) for r in batch.steps]
@@ -300,11 +311,19 @@ class Scheduler:
         groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for i, (tokens, _, _, last) in enumerate(rows):
             groups[(len(tokens), last)].append(i)
-        outputs: list[Outputs] = [{}] * len(rows)
+        outputs: list[Outputs | Exception] = [{}] * len(rows)
         for (_, last), indices in groups.items():
             tokens = np.stack([rows[i][0] for i in indices])  # [group, seq]
             run_started = time.perf_counter()
-            out = self.runner.run(tokens, [rows[i][1] for i in indices], [rows[i][2] for i in indices], last)
+            try:
+                out = self.runner.run(
+                    tokens, [rows[i][1] for i in indices], [rows[i][2] for i in indices], last
+                )
+            except Exception as exc:
+                log.exception("model %s failed on a run of %d rows", self.model.key, len(indices))
+                for i in indices:
+                    outputs[i] = exc
+                continue
             metrics.observe_run(self.model.key, len(indices), time.perf_counter() - run_started)
             if LAST_LOGITS in out:
                 out = {LAST_LOGPROBS: log_softmax(out[LAST_LOGITS])}  # [group, vocab]
@@ -313,9 +332,29 @@ class Scheduler:
             self.batches_run += 1
             self.steps_run += len(indices)
         n = len(batch.steps)
-        if not batch.generations:
-            return _Result(outputs, None, None, time.perf_counter() - started)
-        logprobs = np.stack([o[LAST_LOGPROBS] for o in outputs[n:]])  # [generations, vocab]
-        uniforms = np.array([g.draw() for g in batch.generations])  # [generations]
-        next_tokens = sample_batch(logprobs, [g.sampling for g in batch.generations], uniforms)
-        return _Result(outputs[:n], logprobs, next_tokens, time.perf_counter() - started)
+        return _Result(
+            outputs[:n], self._sample(batch.generations, outputs[n:]), time.perf_counter() - started
+        )
+
+    @staticmethod
+    def _sample(
+        generations: list[Generation], outputs: list[Outputs | Exception]
+    ) -> list[tuple[np.ndarray, int] | Exception]:
+        """Each generation's next token, sampled for all at once: (logprobs [vocab], token) or its error."""
+        results: list[tuple[np.ndarray, int] | Exception] = []
+        ok: list[int] = []  # generations whose run succeeded
+        rows: list[np.ndarray] = []  # their logprobs [vocab]
+        for k, out in enumerate(outputs):
+            if isinstance(out, Exception):
+                results.append(out)
+            else:
+                ok.append(k)
+                rows.append(out[LAST_LOGPROBS])
+                results.append(_PENDING)  # replaced below
+        if ok:
+            logprobs = np.stack(rows)  # [rows, vocab]
+            uniforms = np.array([generations[k].draw() for k in ok])  # [rows], one per session's own stream
+            tokens = sample_batch(logprobs, [generations[k].sampling for k in ok], uniforms)  # [rows]
+            for row, k in enumerate(ok):
+                results[k] = (logprobs[row], int(tokens[row]))
+        return results

@@ -77,12 +77,6 @@ class StateSlab:
         for s in self.specs:
             self.rows[s.name][slot] = s.initial_value
 
-    def copy(self, src: int, dst: int) -> None:
-        """Copy one slot's state onto another."""
-        self._host_access([src, dst])
-        for rows in self.rows.values():
-            rows[dst] = rows[src]
-
     def read(self, slot: int) -> State:
         """One session's state as batch-1 arrays in the graph's layout (copies), e.g. [layers, 1, hidden]."""
         return self.gather([slot])

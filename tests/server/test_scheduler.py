@@ -156,7 +156,11 @@ def test_running_sessions_together_changes_nothing_for_every_cell(cell: str, tmp
 
 
 def with_engine(
-    lm_repo: Path, work: Callable[[Engine], Awaitable[T]], bound: bool = False, **limits: int
+    lm_repo: Path,
+    work: Callable[[Engine], Awaitable[T]],
+    bound: bool = False,
+    options: SchedulerOptions | None = None,
+    **limits: int,
 ) -> T:
     """Run `work` against a started engine over the `tiny` model (no gRPC).
 
@@ -168,7 +172,7 @@ def with_engine(
         engine = Engine(
             ModelRepository.load(lm_repo),
             SessionLimits(max_sessions=limits.pop("max_sessions", 100)),
-            SchedulerOptions(max_wait_s=0.002),
+            options or SchedulerOptions(max_wait_s=0.002),
             EngineLimits(**limits),
         )
         if bound:
@@ -379,3 +383,49 @@ def test_input_after_generation_continues_from_the_generated_state(lm_repo: Path
     ids_b, logprobs_b = with_engine(lm_repo, lambda e: replay(e, generated))
     assert ids == ids_b
     np.testing.assert_allclose(logprobs, logprobs_b, atol=1e-5)
+
+
+def test_more_generations_than_a_batch_take_turns(lm_repo: Path) -> None:
+    """max_batch 2, four generations: each gets tokens before any of them is done (round robin)."""
+    events: list[tuple[int, int]] = []  # (generation, tokens so far)
+
+    async def work(engine: Engine) -> None:
+        async def one(i: int) -> None:
+            session = engine.create_session("tiny")
+            request = GenerateRequest(SamplingParams(seed=i), max_tokens=40, ignore_eos=True, prompt="a")
+            count = 0
+            async for tokens in engine.generate(session.id, request):
+                count += len(tokens)
+                events.append((i, count))
+
+        await asyncio.gather(*(one(i) for i in range(4)))
+
+    with_engine(lm_repo, work, options=SchedulerOptions(max_batch=2, inline_max_tokens=0))
+    first_done = next(n for n, (_, count) in enumerate(events) if count == 40)
+    assert {i for i, _ in events[:first_done]} == {0, 1, 2, 3}
+
+
+def test_a_failed_run_fails_its_rows_only_and_leaves_their_sessions_as_they_were(lm_repo: Path) -> None:
+    async def work(engine: Engine) -> None:
+        scheduler = engine.schedulers["tiny@1"]
+        run = scheduler.runner.run
+
+        def failing(tokens: np.ndarray, *args: object) -> dict[str, np.ndarray]:
+            if tokens.shape[1] == 3:
+                raise RuntimeError("simulated ORT failure")
+            return run(tokens, *args)  # type: ignore[arg-type]
+
+        scheduler.runner.run = failing  # type: ignore[method-assign]
+        sessions = [engine.create_session("tiny") for _ in range(6)]
+        results = await asyncio.gather(
+            *(engine.feed(s.id, "abc" if i % 2 else "a") for i, s in enumerate(sessions)),
+            return_exceptions=True,
+        )
+        for i, (session, result) in enumerate(zip(sessions, results, strict=True)):
+            if i % 2:
+                assert isinstance(result, RuntimeError) and session.position == 0
+                assert all(not v.any() for v in session.state.values())
+            else:
+                assert not isinstance(result, BaseException) and result.position == 1
+
+    with_engine(lm_repo, work, options=SchedulerOptions(max_wait_s=0.01))
