@@ -286,33 +286,46 @@ def goals(rows: list[Row], idle: dict[str, float]) -> list[tuple[str, str, bool]
 
 
 def plot(rows: list[Row], path: Path, title: str = "") -> None:
+    """Throughput and latency percentiles vs concurrency; the ORT ceiling once (same for both loads)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for (system, workload), style in zip(
-        sorted({(r.system, r.workload) for r in rows}), ["-o", "--o", "-s", "--s", "-^", "--^"], strict=False
-    ):
+    colours = {"ort-ceiling": "tab:green", "rnnserve": "tab:blue", "naive-torch": "tab:red"}
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
+    for system, workload in sorted({(r.system, r.workload) for r in rows}):
+        if system == "ort-ceiling" and workload != "generate":
+            continue
         mine = sorted(
             (r for r in rows if (r.system, r.workload) == (system, workload)), key=lambda r: r.concurrency
         )
+        label = "raw ORT loop (ceiling)" if system == "ort-ceiling" else f"{system} {workload}"
+        style = dict(color=colours.get(system), linestyle="--" if workload == "stream" else "-", marker="o")
         xs = [r.concurrency for r in mine]
-        axes[0].plot(xs, [r.tokens_per_s for r in mine], style, label=f"{system} {workload}")
-        axes[1].plot(xs, [r.p50_ms for r in mine], style, label=f"{system} {workload}")
-        axes[2].plot(xs, [r.p99_ms for r in mine], style, label=f"{system} {workload}")
-    for ax, title in zip(axes, ["tokens/s", "per-token latency p50 (ms)", "p99 (ms)"], strict=True):
+        for ax, values in zip(
+            axes,
+            [
+                [r.tokens_per_s for r in mine],
+                [r.p50_ms for r in mine],
+                [r.p90_ms for r in mine],
+                [r.p99_ms for r in mine],
+            ],
+            strict=True,
+        ):
+            ax.plot(xs, values, label=label, **style)  # type: ignore[arg-type]
+    names = ["tokens/s (all sessions)", "per-token latency p50 (ms)", "p90 (ms)", "p99 (ms)"]
+    for ax, name in zip(axes, names, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("concurrent sessions")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def print_table(rows: list[Row]) -> None:
