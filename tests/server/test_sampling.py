@@ -67,3 +67,37 @@ def test_top_candidates_sorted() -> None:
     top = top_candidates(LOGPROBS, 3)
     assert [i for i, _ in top] == [0, 1, 2]
     assert top[0][1] == pytest.approx(np.log(0.5), abs=1e-5)
+
+
+def test_inverse_cdf_equals_searchsorted_on_the_cumulative_sum_alone_or_batched() -> None:
+    from rnnserve.server.sampling import inverse_cdf
+
+    rng = np.random.default_rng(0)
+    for vocab in (3, 96, 128, 1000, 10_000):
+        weights = np.exp(3 * rng.standard_normal((20, vocab)))
+        uniforms = rng.random(20)
+        cdfs = np.cumsum(weights, axis=-1)
+        expected = [
+            min(int(np.searchsorted(c, u * c[-1], side="right")), vocab - 1)
+            for c, u in zip(cdfs, uniforms, strict=True)
+        ]
+        assert inverse_cdf(weights, uniforms).tolist() == expected
+        alone = [int(inverse_cdf(weights[r : r + 1], uniforms[r : r + 1])[0]) for r in range(20)]
+        assert alone == expected
+
+
+def test_batch_sampling_gives_each_row_what_it_gets_alone() -> None:
+    from rnnserve.server.sampling import sample_batch
+
+    rng = np.random.default_rng(1)
+    logprobs = log_softmax(3 * rng.standard_normal((8, 500)).astype(np.float32))
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=p)
+        for t, k, p in [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8)] * 2
+    ]
+    uniforms = rng.random(8)
+    together = sample_batch(logprobs, params, uniforms).tolist()
+    alone = [
+        int(sample_batch(logprobs[r : r + 1], params[r : r + 1], uniforms[r : r + 1])[0]) for r in range(8)
+    ]
+    assert together == alone
