@@ -429,3 +429,35 @@ def test_a_failed_run_fails_its_rows_only_and_leaves_their_sessions_as_they_were
                 assert not isinstance(result, BaseException) and result.position == 1
 
     with_engine(lm_repo, work, options=SchedulerOptions(max_wait_s=0.01))
+
+
+def test_a_reader_that_goes_away_leaves_the_session_usable_and_consistent(lm_repo: Path) -> None:
+    async def work(engine: Engine) -> None:
+        session = engine.create_session("tiny")
+        request = GenerateRequest(
+            SamplingParams(temperature=1.0, seed=3), max_tokens=500, ignore_eos=True, prompt="a"
+        )
+        stream = engine.generate(session.id, request)
+        seen = len(await anext(stream))
+        await stream.aclose()  # what a cancelled Generate does
+        assert not session.lock.locked()
+        # every token applied is counted in the position (the generation may have run ahead of its reader)
+        assert 1 + seen <= session.position <= 1 + 500
+        position = session.position
+        again = GenerateRequest(SamplingParams(seed=1), max_tokens=3, ignore_eos=True)
+        tokens = [t async for batch in engine.generate(session.id, again) for t in batch]
+        assert [t.position for t in tokens] == [position + 1, position + 2, position + 3]
+
+    with_engine(lm_repo, work)
+
+
+def test_a_prompt_longer_than_a_chunk_then_generation_equals_the_same_in_one_chunk(lm_repo: Path) -> None:
+    prompt = "def add(a, b):\n    return a + b\n" * 4  # 128 chars: 16 chunks of 8
+
+    async def work(engine: Engine) -> list[int]:
+        request = GenerateRequest(
+            SamplingParams(temperature=1.0, seed=2), max_tokens=20, ignore_eos=True, prompt=prompt
+        )
+        return [t.token_id for t in await generate(engine, request)]
+
+    assert with_engine(lm_repo, work, chunk_tokens=8) == with_engine(lm_repo, work)
