@@ -7,11 +7,9 @@ history length), how many tokens it has consumed, and the next-token distributio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,18 +65,19 @@ class Session:
         """A copy of the session's state in the graph's layout: name -> [layers * directions, 1, hidden]."""
         return self.slab.read(self.slot)
 
-    @contextlib.asynccontextmanager
-    async def use(self) -> AsyncIterator[Session]:
-        """Hold the session for one request (one at a time); a close meanwhile frees its slot after."""
-        async with self.lock:
-            yield self
-        if self.closed:
-            self._free_slot()
+    def use(self) -> _Held:
+        """`async with session.use():` holds the session for one request (one at a time); a close
+        meanwhile frees its slot when the request ends."""
+        return _Held(self)
 
     def close(self) -> None:
         """Mark closed; the slot goes back to the slab now, or when the request holding it ends."""
         self.closed = True
         if not self.lock.locked():
+            self._free_slot()
+
+    def free_slot_if_closed(self) -> None:
+        if self.closed:
             self._free_slot()
 
     def _free_slot(self) -> None:
@@ -96,6 +95,23 @@ class Session:
 
     def expired(self, now: float) -> bool:
         return now - self.last_used > self.ttl_seconds and not self.lock.locked()
+
+
+class _Held:
+    """The context manager of Session.use (a class: cheaper than a generator, once per message)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def __aenter__(self) -> Session:
+        await self.session.lock.acquire()
+        return self.session
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.session.lock.release()
+        self.session.free_slot_if_closed()
 
 
 @dataclass(frozen=True)
