@@ -97,8 +97,8 @@ class SchedulerOptions:
     inline_max_tokens: int = 4
     inline_max_run_s: float = 0.0005
     # A small step arriving when the scheduler has had nothing to do for this long runs at once in its
-    # caller (no queue, no task switch): at low load there is nobody to batch with. Under load steps
-    # arrive closer together than this and go through the queue, where they batch.
+    # caller (no queue, no task switch), however long its run: at low load there is nobody to batch
+    # with. Under load steps arrive closer together than this and go through the queue, where they batch.
     direct_after_idle_s: float = 0.0002
 
 
@@ -192,7 +192,6 @@ class Scheduler:
             and not self._steps
             and not self._generations
             and tokens <= self.options.inline_max_tokens
-            and self._small_run_s < self.options.inline_max_run_s
             and time.perf_counter() - self._idle_since > self.options.direct_after_idle_s
         )
 
@@ -238,8 +237,11 @@ class Scheduler:
                 self.model.key, [r.enqueued_at for r in batch.steps] + [g.ready_at for g in batch.generations]
             )
             tokens = sum(len(r.tokens) for r in batch.steps) + len(batch.generations)
-            inline = (
-                tokens <= self.options.inline_max_tokens and self._small_run_s < self.options.inline_max_run_s
+            # Alone (one row, nothing queued), even a slow run goes inline: there is no other work
+            # for the loop to overlap with it, and the hop to the worker would be pure cost.
+            alone = len(batch.steps) + len(batch.generations) == 1 and not self._steps
+            inline = tokens <= self.options.inline_max_tokens and (
+                alone or self._small_run_s < self.options.inline_max_run_s
             )
             self._busy = True
             try:
