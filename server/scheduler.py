@@ -96,9 +96,12 @@ class SchedulerOptions:
     # inline_max_tokens = 0: always the worker.
     inline_max_tokens: int = 4
     inline_max_run_s: float = 0.0005
+    # ... and a batch of one row (nothing else queued), or a step run directly (below), whose runs take
+    # under this: the loop has little else to do meanwhile, so it may block a little longer.
+    inline_alone_max_run_s: float = 0.005
     # A small step arriving when the scheduler has had nothing to do for this long runs at once in its
-    # caller (no queue, no task switch), however long its run: at low load there is nobody to batch
-    # with. Under load steps arrive closer together than this and go through the queue, where they batch.
+    # caller (no queue, no task switch): at low load there is nobody to batch with. Under load steps
+    # arrive closer together than this and go through the queue, where they batch.
     direct_after_idle_s: float = 0.0002
 
 
@@ -192,6 +195,7 @@ class Scheduler:
             and not self._steps
             and not self._generations
             and tokens <= self.options.inline_max_tokens
+            and self._small_run_s < self.options.inline_alone_max_run_s
             and time.perf_counter() - self._idle_since > self.options.direct_after_idle_s
         )
 
@@ -237,12 +241,11 @@ class Scheduler:
                 self.model.key, [r.enqueued_at for r in batch.steps] + [g.ready_at for g in batch.generations]
             )
             tokens = sum(len(r.tokens) for r in batch.steps) + len(batch.generations)
-            # Alone (one row, nothing queued), even a slow run goes inline: there is no other work
-            # for the loop to overlap with it, and the hop to the worker would be pure cost.
+            # Alone (one row, nothing queued), a slower run still goes inline: there is little other
+            # work for the loop to overlap with it, and the hop to the worker would be pure cost.
             alone = len(batch.steps) + len(batch.generations) == 1 and not self._steps
-            inline = tokens <= self.options.inline_max_tokens and (
-                alone or self._small_run_s < self.options.inline_max_run_s
-            )
+            limit = self.options.inline_alone_max_run_s if alone else self.options.inline_max_run_s
+            inline = tokens <= self.options.inline_max_tokens and self._small_run_s < limit
             self._busy = True
             try:
                 if inline:
