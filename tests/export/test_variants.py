@@ -105,6 +105,16 @@ def test_int8_bundle_quantises_recurrent_and_projection_weights(cell: str, tmp_p
     assert outputs["logits"].dtype == np.float32 and outputs["logits"].shape == (1, 3, m.vocab_size)
 
 
+def test_int8_works_with_the_dynamo_exporter_too(tmp_path: Path) -> None:
+    bundle = export_checkpoint(_lm_checkpoint(tmp_path), tmp_path / "repo", "lm", precision="int8",
+                               exporter="dynamo")  # fmt: skip
+    m = read_manifest(bundle)
+    assert m.export["exporter"] == "dynamo" and m.precision == "int8"
+    for file in ("model.onnx", LAST_FILE):  # the last-position graph goes through the same exporter
+        ops = op_counts(bundle / file)
+        assert ops.get("com.microsoft.DynamicQuantizeLSTM") == 2 and ops.get("MatMulInteger") == 1
+
+
 def test_fp16_bundle_keeps_float32_io_and_loads_on_cpu(tmp_path: Path) -> None:
     ckpt, repo = _lm_checkpoint(tmp_path), tmp_path / "repo"
     fp32, fp16 = export_checkpoint(ckpt, repo, "lm"), export_checkpoint(ckpt, repo, "lm", precision="fp16")
