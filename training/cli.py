@@ -207,6 +207,8 @@ def run_train_lm(args: argparse.Namespace) -> int:
     m = ckpt["metrics"]
     print(f"checkpoint: {path}")
     print(f"epoch {m['epoch']}: val loss {m['val_loss']:.4f}, val ppl {m['val_ppl']:.3f}")
+    if "test_loss" in m:
+        print(f"test loss {m['test_loss']:.4f}, test ppl {m['test_ppl']:.3f} (best checkpoint, test split)")
     if args.sample > 0:
         print("sample:\n" + sample_text(model, tok, max_tokens=args.sample, seed=config.seed))
     return 0

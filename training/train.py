@@ -93,9 +93,11 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_data(config: TrainConfig, report: bool = True) -> tuple[Tokenizer, list[int], list[int]]:
-    """(tokenizer, train ids, validation ids): the corpus split first, the tokenizer learnt on its training
-    split only (see `rnnserve.training.data.prepare_lm_data`, which also gives the test split's ids).
+def _prepare_data(
+    config: TrainConfig, report: bool = True
+) -> tuple[Tokenizer, list[int], list[int], list[int] | None]:
+    """(tokenizer, train ids, validation ids, test ids or None): the corpus split first, the tokenizer learnt
+    on its training split only (see `rnnserve.training.data.prepare_lm_data`).
     With `report` and `config.progress`, prints which files each split came from and their sizes."""
     data = prepare_lm_data(config)
     if report and config.progress:
@@ -103,7 +105,7 @@ def _prepare_data(config: TrainConfig, report: bool = True) -> tuple[Tokenizer, 
     val_ids = data.valid
     if config.max_eval_tokens:  # None or 0: evaluate on the whole validation split
         val_ids = val_ids[: config.max_eval_tokens]
-    return data.tokenizer, data.train, val_ids
+    return data.tokenizer, data.train, val_ids, data.test
 
 
 def _model_args(config: TrainConfig, vocab_size: int) -> ModelArgs:
@@ -337,7 +339,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
     if config.resume and not last_path.is_file():
         raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    tok, train_ids, val_ids = _prepare_data(config, report=main)
+    tok, train_ids, val_ids, test_ids = _prepare_data(config, report=main)
     if main:
         tok.save(str(out / TOKENIZER_FILE))
     # Every rank lays out the same `batch_size` streams and trains on its own block of them.
@@ -463,9 +465,29 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
     if stop_reason is not None:
         save()
         raise TrainingStopped(last_path, progress.global_step, stop_reason)
+    if test_ids and main:
+        _evaluate_best_on_test(path, model, test_ids, config, device)
     if config.plot and main:
         plot_learning_curves(metrics_path, out / PLOT_FILE)
     return path
+
+
+def _evaluate_best_on_test(
+    path: Path, model: RNNLanguageModel, test_ids: list[int], config: TrainConfig, device: torch.device
+) -> None:
+    """Score the best checkpoint once on the test split (never used for any choice during training) and
+    record `test_loss`/`test_ppl` in its metrics."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    test_data = batchify(test_ids, config.eval_batch_size).to(device)  # (eval_batch, time)
+    test_loss = evaluate(model, test_data, config.bptt)
+    # A new dict: the checkpoint's history holds the same metrics object, and it stays as trained.
+    ckpt["metrics"] = {**ckpt["metrics"], "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50))}
+    save_atomically(ckpt, path)
+    if config.progress:
+        tqdm.write(
+            f"best checkpoint on the test split: loss {test_loss:.3f}, ppl {ckpt['metrics']['test_ppl']:.2f}"
+        )
 
 
 def _rank_rng(last: dict[str, Any], info: DistInfo) -> dict[str, Any]:

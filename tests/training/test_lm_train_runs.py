@@ -239,3 +239,24 @@ def test_tensorboard_mirrors_the_metrics_file(tmp_path: Path) -> None:
         expected = [(r["step"], r[tag]) for r in rows if tag in r]
         assert [s for s, _ in logged] == [s for s, _ in expected] and expected, tag
         assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+
+
+def test_test_split_scores_the_best_checkpoint_once(tmp_path: Path) -> None:
+    test_file = tmp_path / "test.txt"
+    test_file.write_text("the lazy dog jumps over the quick brown fox.\n" * 20)
+    config = _config(tmp_path, "test", epochs=1)
+    config.train_file, config.data = config.data, None
+    config.test_file = str(test_file)
+    path = train_language_model(config)
+    ckpt = torch.load(path, weights_only=True)
+    metrics = ckpt["metrics"]
+    assert metrics["test_ppl"] == pytest.approx(math.exp(metrics["test_loss"]))
+    assert "test_loss" not in ckpt["history"][-1]  # never used during training
+    # The recorded figure is the best checkpoint's own loss on the test text, as its tokenizer encodes it.
+    from rnnserve.training.data import encode_documents
+    from rnnserve.training.train import batchify, evaluate, load_checkpoint
+
+    model, tok, _ = load_checkpoint(path)
+    test_data = batchify(encode_documents(tok, [test_file.read_text()]), config.eval_batch_size)
+    assert evaluate(model, test_data, config.bptt) == pytest.approx(metrics["test_loss"], rel=1e-6)
+    assert 0 < metrics["test_loss"] < math.log(tok.get_vocab_size())
