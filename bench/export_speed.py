@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,19 +113,30 @@ def weight_bytes(path: Path, batch: int = 1) -> int:
 # -- timing ---------------------------------------------------------------------------------------------
 
 
-def median_ms(fn: Callable[[], object], repeats: int, min_time_s: float = 0.02) -> float:
-    """Median wall time of one call in ms; each sample averages enough calls to last `min_time_s`."""
+def _inner_calls(fn: Callable[[], object], min_time_s: float) -> int:
+    """How many calls of `fn` last about `min_time_s` (after one warm-up call)."""
     fn()
     t0 = time.perf_counter()
     fn()
-    inner = max(1, int(min_time_s / max(time.perf_counter() - t0, 1e-6)))
-    samples = []
+    return max(1, int(min_time_s / max(time.perf_counter() - t0, 1e-6)))
+
+
+def side_by_side_ms(
+    calls: dict[str, Callable[[], object]], repeats: int, min_time_s: float = 0.01
+) -> dict[str, float]:
+    """ms per call of each function, timed in interleaved rounds; each figure is the best of `repeats`
+    samples (a sample averages calls lasting ~`min_time_s`). The machine is shared: other jobs only ever
+    add time, so the best interleaved sample is the steadiest estimate of what each engine costs, and
+    the engines see the same machine."""
+    inner = {k: _inner_calls(f, min_time_s) for k, f in calls.items()}
+    samples: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e3
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[k]):
+                f()
+            samples[k].append((time.perf_counter() - t0) / inner[k] * 1e3)
+    return {k: min(v) for k, v in samples.items()}
 
 
 def feeds_for(args: ModelArgs, batch: int, seq: int, rng: np.random.Generator) -> Feeds:
@@ -168,7 +179,7 @@ def read_bandwidth(nbytes: int, threads: int, repeats: int) -> dict[str, float]:
             f"numpy sum ({threads} threads)": lambda: list(pool.map(np.sum, parts)),
             "BLAS gemv": lambda: matrix @ ones,
         }
-        out = {k: a.nbytes / (median_ms(f, repeats) * 1e-3) / 1e9 for k, f in kernels.items()}
+        out = {k: a.nbytes / (ms * 1e-3) / 1e9 for k, ms in side_by_side_ms(kernels, repeats).items()}
     out["best"] = max(out.values())
     return out
 
@@ -184,7 +195,7 @@ def step_table(size: str, model: RNNLanguageModel, g: dict[str, Path], batches: 
     for batch in batches:
         feeds = feeds_for(model.args, batch, 1, rng)
         calls = {"torch": torch_step(model, feeds), **{k: ort_step(s, feeds) for k, s in sessions.items()}}
-        ms = {k: median_ms(f, repeats) for k, f in calls.items()}
+        ms = side_by_side_ms(calls, repeats)
         rows.append({"size": size, "batch": batch, **{f"{k}_ms": v for k, v in ms.items()}})
         print(f"  {size} batch {batch}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), flush=True)
     return rows
@@ -224,7 +235,7 @@ def prefill_table(size: str, model: RNNLanguageModel, g: dict[str, Path], prompt
             "int8_step": ort_step(s["int8"], feeds),
             "int8_last": ort_step(s["int8_last"], feeds),
         }
-        ms = {k: median_ms(f, max(3, repeats // 3)) for k, f in calls.items()}
+        ms = side_by_side_ms(calls, max(3, repeats // 2))
         rows.append({"size": size, "batch": batch, "seq": seq, **{f"{k}_ms": v for k, v in ms.items()}})
         print(
             f"  {size} prefill {batch}x{seq}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()), flush=True
@@ -235,22 +246,21 @@ def prefill_table(size: str, model: RNNLanguageModel, g: dict[str, Path], prompt
 def load_table(size: str, model: RNNLanguageModel, g: dict[str, Path], threads: int,
                repeats: int) -> list[dict[str, Any]]:  # fmt: skip
     feeds = feeds_for(model.args, 1, 1, np.random.default_rng(2))
-    rows = []
-    for name, key in [("as exported", "plain"), ("BASIC, saved (bundle)", "fp32"), ("ALL, saved", "all")]:
-        loads = []
-        for _ in range(max(3, repeats // 4)):
-            t0 = time.perf_counter()
-            sess = session(g[key], threads)
-            loads.append((time.perf_counter() - t0) * 1e3)
-        no_opt = ort.SessionOptions()
-        no_opt.graph_optimization_level = LEVELS["disabled"]
-        no_opt.intra_op_num_threads = threads
-        t0 = time.perf_counter()
-        ort.InferenceSession(str(g[key]), no_opt, providers=["CPUExecutionProvider"])
-        rows.append({"size": size, "graph": name, "nodes": len(onnx.load(str(g[key])).graph.node),
-                     "load_ms": statistics.median(loads), "load_no_opt_ms": (time.perf_counter() - t0) * 1e3,
-                     "step_ms": median_ms(ort_step(sess, feeds), repeats)})  # fmt: skip
-    return rows
+    graphs = {"as exported": "plain", "BASIC, saved (bundle)": "fp32", "ALL, saved": "all"}
+    no_opt = ort.SessionOptions()
+    no_opt.graph_optimization_level = LEVELS["disabled"]
+    no_opt.intra_op_num_threads = threads
+    cpu = ["CPUExecutionProvider"]
+    creates: dict[str, Callable[[], object]] = {}
+    for name, key in graphs.items():
+        creates[f"{name}|server"] = partial(session, g[key], threads)
+        creates[f"{name}|none"] = partial(ort.InferenceSession, str(g[key]), no_opt, providers=cpu)
+    load_ms = side_by_side_ms(creates, max(3, repeats // 3), min_time_s=0.0)
+    steps = side_by_side_ms({name: ort_step(session(g[key], threads), feeds) for name, key in graphs.items()},
+                            repeats)  # fmt: skip
+    return [{"size": size, "graph": name, "nodes": len(onnx.load(str(g[key])).graph.node),
+             "load_ms": load_ms[f"{name}|server"], "load_no_opt_ms": load_ms[f"{name}|none"],
+             "step_ms": steps[name]} for name, key in graphs.items()]  # fmt: skip
 
 
 # -- output ---------------------------------------------------------------------------------------------
