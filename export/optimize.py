@@ -6,7 +6,7 @@ runs on every provider. EXTENDED and ALL fuse nodes into provider-specific contr
 warns that a graph saved at ALL "should only be used in the same environment the model was optimized
 in". A bundle is exported once and served on CPU or CUDA, so it carries the BASIC graph; the server
 still applies its own level at load for the provider it really gets (that costs ~no time for these small
-graphs, see docs/results-export.md "Export speed and size" for the measured load and step times).
+graphs, see docs/results.md "Export speed and size" for the measured load and step times).
 
 Torch-free (onnx and onnxruntime only).
 """

@@ -6,7 +6,7 @@ After the exporter has written `model.onnx` and validated it against PyTorch, `f
    (batch, vocab), the last position's: prefill of a T-token prompt pays the vocabulary projection once,
    not T times. It is a separate file because ONNX Runtime runs every node of a graph whatever outputs
    are fetched (measured: a graph with both outputs, fetching only `logits_last`, cost as much as the
-   full one; see docs/results-export.md);
+   full one; see docs/results.md);
 3. saves each graph optimised offline at ORT's portable BASIC level (`rnnserve.export.optimize`), then
    converts it to the requested precision (`rnnserve.export.quantize`: fp32, int8 or fp16);
 4. checks every graph against the reference on random tokens from random reached states: fp32 graphs
@@ -44,7 +44,7 @@ LAST_OUTPUT = "logits_last"
 CHECK_BATCH_SIZES = (1, 3, 8)
 CHECK_SEQ_LENS = (1, 5, 17)
 # Largest relative RMS error (rms(variant - fp32) / rms(fp32), per output, worst case) an int8/fp16 graph
-# may show. Measured on trained models (docs/results-export.md): well under these; the bounds catch a broken
+# may show. Measured on trained models (docs/results.md): well under these; the bounds catch a broken
 # conversion (~1), not the quantisation noise whose accuracy cost the benchmarks report.
 RELATIVE_BOUND = {"int8": 0.1, "fp16": 0.02}
 

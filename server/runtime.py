@@ -90,9 +90,10 @@ class OnnxModel:
     """One exported model version: its manifest, its ORT session(s), and batch helpers for its state.
 
     A language model may have a second graph (manifest role "last") computing logits for the last
-    position only, so a prompt of n tokens pays the vocabulary projection once, not n times. It is
-    either its own file or an extra output `logits_last` of the step graph (then fetching only that
-    output lets ORT skip the full projection).
+    position only, so a prompt of n tokens pays the vocabulary projection once, not n times. The
+    exporter writes it as its own file (`model_last.onnx`): ONNX Runtime runs every node of a graph
+    whatever outputs are fetched, so an extra output on the step graph would not save the projection
+    (measured: docs/results.md, "Export speed and size").
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, options: RuntimeOptions | None = None) -> None:
