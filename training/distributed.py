@@ -64,7 +64,17 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Creating the group is not a synchronisation point: a rank racing ahead into its first collective
+        # while a peer still connects can abort gloo (pytorch/pytorch#61396). Meet here first.
+        dist.barrier()
     return info, device
+
+
+def wait_for_all_ranks(info: DistInfo) -> None:
+    """A barrier before leaving the job: tearing gloo down while another rank still talks to this one
+    aborts the process ("terminate called without an active exception")."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
 
 
 def shutdown_distributed(info: DistInfo) -> None:

@@ -38,6 +38,7 @@ from rnnserve.training.distributed import (
     shard_rows,
     shutdown_distributed,
     sum_across_ranks,
+    wait_for_all_ranks,
     wrap_model,
 )
 from rnnserve.training.metrics_sink import TENSORBOARD_DIR, MetricsSink
@@ -307,7 +308,13 @@ def train_language_model(config: TrainConfig, on_step: StepHook | None = None) -
     """
     dist_info, device = init_distributed(device_for(config.device))
     try:
-        return _train(config, on_step, dist_info, device)
+        try:
+            path = _train(config, on_step, dist_info, device)
+        except TrainingStopped:
+            wait_for_all_ranks(dist_info)  # every rank stops at the same step (any_rank)
+            raise
+        wait_for_all_ranks(dist_info)
+        return path
     finally:
         shutdown_distributed(dist_info)
 
