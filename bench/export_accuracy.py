@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchutil import log_softmax, median_ms
 
 from rnnserve.export.manifest import read_manifest
 from rnnserve.export.onnx_export import export_checkpoint
@@ -35,22 +35,6 @@ from rnnserve.server.runtime import OnnxModel, RuntimeOptions
 from rnnserve.training.train import read_checkpoint_kind
 
 Runner = Callable[[np.ndarray, dict[str, np.ndarray]], tuple[np.ndarray, dict[str, np.ndarray]]]
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
 
 
 # -- language models ------------------------------------------------------------------------------------

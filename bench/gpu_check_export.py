@@ -24,7 +24,6 @@ CUDA rows it skipped. Exit status 1 when a row is outside its bound (see BOUNDS)
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from benchutil import log_softmax, median_ms
 
 from rnnserve.export.manifest import read_manifest
 from rnnserve.server.runtime import CPU, CUDA, OnnxModel, RuntimeOptions, create_inference_session
@@ -66,22 +66,6 @@ def make_checkpoint(size: str, d: Path) -> Path:
     model = RNNLanguageModel(args)
     save_checkpoint(d / "checkpoint.pt", model, TrainConfig(cell="lstm", tokenizer="word"), {})
     return d / "checkpoint.pt"
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
 
 
 def fp16_enable_all_probe(model_file: Path, providers: list[str]) -> str:
@@ -119,7 +103,7 @@ def check_bundle(reference: Reference, runtime: OnnxModel, last: ort.InferenceSe
     for batch in (1, 32):
         tokens = rng.integers(0, m.vocab_size, (batch, 1), dtype=np.int64)
         state = runtime.initial_state(batch)
-        out[f"b{batch}_ms"] = median_ms(partial(runtime.run, tokens, state))
+        out[f"b{batch}_ms"] = median_ms(partial(runtime.run, tokens, state), repeats=20)
     return out
 
 
