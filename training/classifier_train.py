@@ -37,6 +37,15 @@ from rnnserve.training.classifier_data import (
 )
 from rnnserve.training.classifier_model import ClassifierArgs, RNNClassifier
 from rnnserve.training.config import ClassifierTrainConfig
+from rnnserve.training.runstate import (
+    LAST_FILE,
+    InterruptFlag,
+    RunClock,
+    TrainingStopped,
+    rng_state,
+    save_atomically,
+    set_rng_state,
+)
 from rnnserve.training.tokenizer import (
     CLASSIFIER_SPECIAL_TOKENS,
     CLASSIFIER_TOKENIZER_KINDS,
@@ -46,16 +55,9 @@ from rnnserve.training.tokenizer import (
 from rnnserve.training.train import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
-    LAST_FILE,
     TOKENIZER_FILE,
-    TrainingStopped,
-    _InterruptFlag,
-    _rng_state,
-    _RunClock,
-    _set_rng_state,
     device_for,
     read_checkpoint,
-    save_atomically,
 )
 
 __all__ = [
@@ -278,7 +280,7 @@ def _save_classifier_last(
         "config": asdict(config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "epoch_order": epoch_order,
         "progress": asdict(progress),
     }
@@ -315,7 +317,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
         model.load_state_dict(last["state_dict"])
         opt.load_state_dict(last["optimizer"])
         progress = _ClassifierProgress(**last["progress"])
-        _set_rng_state(last["rng"])
+        set_rng_state(last["rng"])
         version, internal, gauss = last["epoch_order"]
         rng.setstate((version, tuple(internal), gauss))
     if config.progress:
@@ -326,7 +328,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     path = out / CHECKPOINT_FILE
     lengths = [len(s) for s in train_ids]
     stop_reason: str | None = None
-    clock = _RunClock(progress)
+    clock = RunClock(progress)
 
     def save_last(epoch_order: object) -> None:
         clock.tick()
@@ -335,7 +337,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     def save_best(metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
         save_classifier_checkpoint(path, model, config, tok, names, raw_names, metrics, history)
 
-    with _InterruptFlag() as interrupt:
+    with InterruptFlag() as interrupt:
         while progress.epoch <= config.epochs and stop_reason is None:
             epoch = progress.epoch
             epoch_order = rng.getstate()

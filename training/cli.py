@@ -176,13 +176,9 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 def run_train_lm(args: argparse.Namespace) -> int:
     """Train, print the checkpoint path, its metrics and a short sample; returns the exit code."""
     from rnnserve.training.distributed import launched_rank
+    from rnnserve.training.runstate import TrainingStopped, read_run_config
     from rnnserve.training.sample import sample_text
-    from rnnserve.training.train import (
-        TrainingStopped,
-        load_checkpoint,
-        read_run_config,
-        train_language_model,
-    )
+    from rnnserve.training.train import load_checkpoint, train_language_model
 
     try:
         base = None
@@ -390,7 +386,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         load_classifier_checkpoint,
         train_classifier,
     )
-    from rnnserve.training.train import TrainingStopped, read_run_config
+    from rnnserve.training.runstate import TrainingStopped, read_run_config
 
     try:
         if args.resume:  # the run's own config, from its last.pt

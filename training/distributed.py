@@ -95,13 +95,14 @@ def shard_rows(data: Tensor, info: DistInfo, dim: int = 0) -> Tensor:
     return data.narrow(dim, info.rank * rows, rows)
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same step, never deadlock)."""
+def any_rank(flags: tuple[bool, ...], info: DistInfo, device: torch.device) -> tuple[bool, ...]:
+    """Each flag, true on every rank if it is true on any (so all ranks stop at the same step and never
+    deadlock); one all-reduce for all of them."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return tuple(bool(v > 0) for v in t.tolist())
 
 
 def sum_across_ranks(values: tuple[float, int], info: DistInfo, device: torch.device) -> tuple[float, int]:

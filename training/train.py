@@ -11,14 +11,12 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,13 +41,21 @@ from rnnserve.training.distributed import (
 )
 from rnnserve.training.metrics_sink import TENSORBOARD_DIR, MetricsSink
 from rnnserve.training.model import ModelArgs, RNNLanguageModel, State, detach_state
+from rnnserve.training.runstate import (
+    LAST_FILE,
+    InterruptFlag,
+    RunClock,
+    TrainingStopped,
+    rng_state,
+    save_atomically,
+    set_rng_state,
+)
 
 __all__ = ["TrainConfig", "TrainingStopped", "encode_documents", "load_checkpoint", "train_language_model"]
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 TOKENIZER_FILE = "tokenizer.json"
-LAST_FILE = "last.pt"  # the whole run state, for --resume (the exporter reads checkpoint.pt)
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "learning_curves.png"
 
@@ -126,14 +132,6 @@ SCHEDULES = ("none", "cosine", "plateau")
 StepHook = Callable[[int, torch.nn.Module], None]  # (global step, the model being trained)
 
 
-class TrainingStopped(Exception):
-    """Training ended early (Ctrl-C or `max_steps`) after writing `last.pt`; `resume` continues the run."""
-
-    def __init__(self, last: Path, step: int, reason: str) -> None:
-        super().__init__(f"{reason} at step {step}; the run's state is in {last}")
-        self.last, self.step, self.reason = last, step, reason
-
-
 @dataclass
 class _Progress:
     """Where a run is: everything besides model/optimiser/schedule/RNG that `last.pt` must restore."""
@@ -196,30 +194,6 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, cosine, used()))
 
 
-def _rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), Python `random` and NumPy RNG states, as weights_only-loadable values."""
-    legacy: tuple[str, Any, int, int, float] = np.random.get_state()  # type: ignore[assignment]
-    name, keys, pos, has_gauss, cached = legacy
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_last(
     path: Path,
     model: RNNLanguageModel,
@@ -240,52 +214,12 @@ def save_last(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "progress": asdict(progress),
         "hidden": [h.detach().cpu() for h in hidden],
         **(extra or {}),
     }
     save_atomically(ckpt, path)
-
-
-def save_atomically(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def read_run_config(out_dir: str | Path) -> dict[str, Any]:
-    """The config a run in `out_dir` saved in its last.pt, ready to resume (its `max_steps` bound dropped)."""
-    path = Path(out_dir) / LAST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist")
-    config = dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
-    config.update(resume=True, max_steps=None, out_dir=str(out_dir))
-    return config
-
-
-class _InterruptFlag:
-    """While active, the first Ctrl-C only sets `raised` (the loop stops after the current step); a second
-    Ctrl-C interrupts as usual. Outside the main thread it does nothing."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-
-    def __enter__(self) -> _InterruptFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -362,7 +296,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
         batches = batches[: config.max_steps_per_epoch]
     last = torch.load(last_path, map_location="cpu", weights_only=True) if config.resume else None
     progress = _Progress(**last["progress"]) if last is not None else _Progress()
-    clock = _RunClock(progress, config.time_budget_min)
+    clock = RunClock(progress, config.time_budget_min)
     scheduler = make_scheduler(opt, config, len(batches) * config.epochs, clock.budget_fraction)
     hidden: State = model.init_state(train_data.shape[0], device)
     metrics_path = out / METRICS_FILE
@@ -376,7 +310,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
         amp.load_state_dict(last.get("grad_scaler"))
         # last.pt holds all `batch_size` streams' state; each rank continues its own block of them.
         hidden = tuple(shard_rows(h, dist_info, dim=1).to(device) for h in last["hidden"])
-        _set_rng_state(_rank_rng(last, dist_info))
+        set_rng_state(_rank_rng(last, dist_info))
         if main:
             _trim_metrics(metrics_path, progress.global_step)
     elif main and metrics_path.exists():
@@ -390,7 +324,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
     stop_reason: str | None = None
     out_of_time = False
     clock.restart()
-    with _InterruptFlag() as interrupt:
+    with InterruptFlag() as interrupt:
         while progress.epoch <= config.epochs and stop_reason is None:
             epoch = progress.epoch
             ddp_model.train()
@@ -431,11 +365,13 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
                     sink.write(row)
                 if on_step is not None:
                     on_step(step, model)
-                if any_rank(interrupt.raised, dist_info, device):
+                interrupted, out_of_time = any_rank(
+                    (interrupt.raised, clock.out_of_time()), dist_info, device
+                )
+                if interrupted:
                     stop_reason = "interrupted"
                 elif config.max_steps is not None and step >= config.max_steps:
                     stop_reason = "max_steps reached"
-                out_of_time = any_rank(clock.out_of_time(), dist_info, device)
                 if stop_reason is not None or out_of_time:
                     break
                 if (
@@ -464,7 +400,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
                 progress.epoch = config.epochs + 1  # the time budget ends the run (normally, not "stopped")
             hidden = model.init_state(train_data.shape[0], device)
             save()
-            interrupted = any_rank(interrupt.raised, dist_info, device)
+            (interrupted,) = any_rank((interrupt.raised,), dist_info, device)
             if interrupted and stop_reason is None and progress.epoch <= config.epochs:
                 stop_reason = "interrupted"  # Ctrl-C during the evaluation
     clock.tick()
@@ -525,44 +461,12 @@ def _save_last_all_ranks(
 ) -> None:
     """Collect every rank's carried state and RNG streams; rank 0 writes `last.pt` (a collective call)."""
     hiddens = gather_to_main([h.detach().cpu() for h in hidden], info)
-    rngs = gather_to_main(_rng_state(), info)
+    rngs = gather_to_main(rng_state(), info)
     if hiddens is None or rngs is None:
         return  # not rank 0
     whole = tuple(torch.cat(parts, dim=1) for parts in zip(*hiddens, strict=True))  # (layers, batch, hidden)
     extra = {"grad_scaler": amp.state_dict(), "rng_ranks": rngs if info.enabled else None}
     save_last(path, model, opt, scheduler, config, progress, whole, extra)
-
-
-class _TimedProgress(Protocol):
-    train_seconds: float
-
-
-class _RunClock:
-    """Adds wall time to `progress.train_seconds` at each tick, so a resumed run reports its total, and
-    tells how much of the time budget (minutes; None = no budget) is used."""
-
-    def __init__(self, progress: _TimedProgress, budget_min: float | None = None) -> None:
-        self._progress, self._last = progress, time.perf_counter()
-        self._budget_s = budget_min * 60.0 if budget_min else None
-
-    def restart(self) -> None:
-        """Start counting from now (set-up time before the first step is not training time)."""
-        self._last = time.perf_counter()
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        self._progress.train_seconds += now - self._last
-        self._last = now
-
-    def elapsed(self) -> float:
-        return self._progress.train_seconds + (time.perf_counter() - self._last)
-
-    def budget_fraction(self) -> float:
-        """Share of the time budget used (0 without a budget)."""
-        return min(1.0, self.elapsed() / self._budget_s) if self._budget_s else 0.0
-
-    def out_of_time(self) -> bool:
-        return self._budget_s is not None and self.elapsed() >= self._budget_s
 
 
 def _end_epoch(
