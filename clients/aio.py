@@ -145,6 +145,7 @@ class AsyncSession:
         ignore_eos: bool = False,
         expected_position: int | None = None,
         max_tokens_per_message: int = TOKENS_PER_MESSAGE,
+        flush_interval_ms: int | None = None,
     ) -> AsyncIterator[GeneratedToken]:
         """Sampled tokens as they are made (see `Session.generate`)."""
         request = generate_request(
@@ -160,6 +161,7 @@ class AsyncSession:
             ignore_eos=ignore_eos,
             expected_position=expected_position,
             max_tokens_per_message=max_tokens_per_message,
+            flush_interval_ms=flush_interval_ms,
         )
         call = self.client.stub.Generate(request)
         try:

@@ -190,6 +190,7 @@ class Session:
         ignore_eos: bool = False,
         expected_position: int | None = None,
         max_tokens_per_message: int = TOKENS_PER_MESSAGE,
+        flush_interval_ms: int | None = None,
         timeout: float | None = None,
     ) -> GenerateStream:
         """Continue the session by sampling; iterate the result to get tokens as they are made.
@@ -197,6 +198,9 @@ class Session:
         temperature 0 is greedy. With a `seed`, the same session state gives the same tokens.
         `max_tokens_per_message` lets the server send tokens made meanwhile in one message under load
         (1 = one message per token); iteration yields one token at a time either way.
+        `flush_interval_ms` is how long a token may wait at the server to share a message with the
+        tokens after it: 0 sends every token as soon as it is made; None leaves it to the server, which
+        holds tokens (20 ms by default) only while many sessions generate.
         """
         request = generate_request(
             self.id,
@@ -211,6 +215,7 @@ class Session:
             ignore_eos=ignore_eos,
             expected_position=expected_position,
             max_tokens_per_message=max_tokens_per_message,
+            flush_interval_ms=flush_interval_ms,
         )
         return GenerateStream(self, self.client.stub.Generate(request, timeout=timeout))
 

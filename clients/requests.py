@@ -45,6 +45,7 @@ def generate_request(
     ignore_eos: bool,
     expected_position: int | None,
     max_tokens_per_message: int = 1,
+    flush_interval_ms: int | None = None,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
@@ -61,6 +62,8 @@ def generate_request(
     )
     if expected_position is not None:
         request.expected_position = expected_position
+    if flush_interval_ms is not None:
+        request.flush_interval_ms = flush_interval_ms
     return request
 
 

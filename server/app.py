@@ -61,7 +61,10 @@ class RnnServeServer:
                 max_wait_s=config.max_wait_ms / 1000,
                 inline_max_tokens=config.inline_max_tokens,
             ),
-            EngineLimits(),
+            EngineLimits(
+                generate_flush_ms=config.generate_flush_ms,
+                generate_flush_min_sessions=config.generate_flush_min_sessions,
+            ),
         )
         self.health = health.aio.HealthServicer()
         self.calls = CallTracker(SERVICE_NAME, REFUSED_WHILE_DRAINING)

@@ -86,6 +86,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "to the ORT worker thread; 0 = always the worker)",
         type=int,
     )
+    _add(
+        p,
+        "--generate-flush-ms",
+        d.generate_flush_ms,
+        "under load, how long a generated token may wait to share a message with the next ones "
+        "(fewer, fuller messages: per-message cost is what limits many generating sessions; "
+        "a request's flush_interval_ms overrides it; 0 = never wait)",
+        type=float,
+    )
+    _add(
+        p,
+        "--generate-flush-min-sessions",
+        d.generate_flush_min_sessions,
+        "how many sessions must be generating on a model for --generate-flush-ms to apply "
+        "(below it, every token is sent as soon as it is made)",
+        type=int,
+    )
     _add(p, "--max-sessions", d.max_sessions, "open sessions allowed", type=int)
     _add(p, "--session-ttl", d.session_ttl_s, "idle seconds before a session expires", type=float)
     _add(p, "--max-message-bytes", d.max_message_bytes, "largest gRPC message", type=int)
@@ -121,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 0 <= args.generate_flush_ms <= 1000:
+        print(
+            f"rnnserve serve: --generate-flush-ms must be in [0, 1000], got {args.generate_flush_ms}",
+            file=sys.stderr,
+        )
+        return 2
     from rnnserve.server.app import serve_forever  # heavy imports only when serving
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -133,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         inline_max_tokens=args.inline_max_tokens,
+        generate_flush_ms=args.generate_flush_ms,
+        generate_flush_min_sessions=args.generate_flush_min_sessions,
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
         max_message_bytes=args.max_message_bytes,

@@ -21,6 +21,10 @@ class ServerConfig:
     # Batches of at most this many tokens whose runs are fast run on the event loop (0 = always the
     # ORT worker thread); see SchedulerOptions.
     inline_max_tokens: int = 4
+    # Generate streams (see EngineLimits.generate_flush_ms): while at least this many sessions generate
+    # on a model, a token may wait up to this long to share a message with the tokens after it.
+    generate_flush_ms: float = 50.0
+    generate_flush_min_sessions: int = 8
     max_sessions: int = 10_000
     session_ttl_s: float = 600.0
     grace_s: float = 10.0  # on SIGTERM: how long calls in flight may take to finish

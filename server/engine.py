@@ -14,7 +14,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from rnnserve.server import metrics
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument
 from rnnserve.server.repository import LoadedModel, ModelRepository
 from rnnserve.server.runtime import Outputs
@@ -27,6 +26,7 @@ T = TypeVar("T")
 # A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
 # reader catches up (the tokens it makes are applied to the session whether or not anyone reads them).
 MAX_AHEAD = 64
+_GOLDEN_RATIO = 0.6180339887498949  # k * it mod 1 spreads any run of integers k evenly over [0, 1)
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class EngineLimits:
     max_stop_strings: int = 16
     max_classify_texts: int = 1024  # texts in one Classify call
     classify_batch: int = 64  # texts per run of a whole-sequence classifier
+    # Generate messages (see GenerateRequest.flush_interval_ms): a request that leaves the flush
+    # interval unset gets `generate_flush_ms` while at least `generate_flush_min_sessions` sessions
+    # generate on its model, else 0 (tokens go out as soon as they are made: lowest latency when the
+    # server has room, fewer and fuller messages when it is busy and per-message cost is what limits).
+    generate_flush_ms: float = 50.0
+    generate_flush_min_sessions: int = 8
+    max_flush_interval_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class FinishReason:
     STOP = "stop"
 
 
-@dataclass
+@dataclass(slots=True)
 class GeneratedToken:
     token_id: int
     text: str  # text made visible by this token (stop strings held back / never sent)
@@ -90,6 +97,8 @@ class GenerateRequest:
     ignore_eos: bool = False
     prompt: str | list[int] | None = None
     expected_position: int | None = None
+    max_tokens_per_message: int = 1  # tokens one hand-over to the reader may carry
+    flush_interval_ms: float | None = None  # how long a token may wait for company; None: the default
 
 
 @dataclass
@@ -225,7 +234,7 @@ class Engine:
                 return replay
             start = session.position
             logprobs = await self._apply(session, ids, want_token_logprobs=token_logprobs)
-            metrics.TOKENS_IN.labels(session.model.key).inc(len(ids))
+            self.schedulers[session.model.key].metrics.tokens_in.inc(len(ids))
             result = FeedResult(
                 session_id=session.id,
                 position=session.position,
@@ -330,7 +339,7 @@ class Engine:
                 f"give between 1 and {self.limits.max_classify_texts} texts to classify, got {len(texts)}"
             )
         ids = [self.resolve_input(loaded, text, f"text {i}") for i, text in enumerate(texts)]
-        metrics.TOKENS_IN.labels(loaded.key).inc(sum(len(i) for i in ids))
+        self.schedulers[loaded.key].metrics.tokens_in.inc(sum(len(i) for i in ids))
         if loaded.manifest.classifier_mode == "whole":
             loop = asyncio.get_running_loop()
             probs = await loop.run_in_executor(self._executor, self._classify_whole, loaded, ids)
@@ -390,6 +399,12 @@ class Engine:
         bad = [t for t in request.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidArgument(f"stop_token_ids {bad} are out of range for vocabulary size {vocab}")
+        most = self.limits.max_flush_interval_ms
+        if request.flush_interval_ms is not None and not 0 <= request.flush_interval_ms <= most:
+            raise InvalidArgument(
+                f"flush_interval_ms must be in [0, {most}] (0 = send each token at once), "
+                f"got {request.flush_interval_ms}"
+            )
 
     async def generate(
         self, session_id: str, request: GenerateRequest
@@ -413,14 +428,14 @@ class Engine:
                 )
             if prompt:
                 await self._apply(session, prompt)
-                metrics.TOKENS_IN.labels(session.model.key).inc(len(prompt))
+                self.schedulers[session.model.key].metrics.tokens_in.inc(len(prompt))
             if session.next_logprobs is None:
                 # An empty session starts a new document, as the model saw documents in training.
                 if eos is None:
                     raise FailedPrecondition("the session is empty and the model has no <eos>: give a prompt")
                 await self._apply(session, [eos])
             scheduler = self.schedulers[session.model.key]
-            generation = _Generation(session, request, eos, scheduler)
+            generation = _Generation(session, request, eos, scheduler, self._flush_policy(request))
             scheduler.add_generation(generation)
             try:
                 while True:
@@ -431,6 +446,16 @@ class Engine:
             finally:
                 generation.cancel()
                 await generation.gone  # no run on the session's slot is in flight any more
+
+    def _flush_policy(self, request: GenerateRequest) -> _FlushPolicy:
+        if request.max_tokens_per_message <= 1:
+            return _FlushPolicy(1, 0.0)  # one token per message: nothing to wait for
+        per_message = min(request.max_tokens_per_message, MAX_AHEAD)
+        if request.flush_interval_ms is not None:
+            return _FlushPolicy(per_message, request.flush_interval_ms / 1000)
+        return _FlushPolicy(
+            per_message, self.limits.generate_flush_ms / 1000, self.limits.generate_flush_min_sessions
+        )
 
 
 async def _finish_even_if_cancelled(work: Awaitable[T]) -> T:
@@ -485,16 +510,43 @@ class _Update:
         s.touch()
 
 
+@dataclass(frozen=True)
+class _FlushPolicy:
+    """When a generation hands its tokens to the reader (one message each hand-over, when allowed)."""
+
+    per_message: int  # as soon as this many are ready
+    interval_s: float  # or once the oldest has waited this long (0: at once)
+    min_sessions: int = 0  # the interval applies only while this many sessions generate on the model
+
+    def interval(self, generating: int, phase: float) -> float:
+        """The wait for a generation whose phase is in [0, 1): spread over [interval/2, interval], so
+        that the sessions of a batch, which get their tokens in the same runs, do not all become due
+        in the same run (64 messages at once would hold the event loop, and so the next run, for
+        milliseconds)."""
+        if generating < self.min_sessions:
+            return 0.0
+        return self.interval_s * (0.5 + 0.5 * phase)
+
+
 class _Generation:
     """One Generate call in the model's running batch (implements scheduler.Generation).
 
     The scheduler feeds `token` and calls `stepped` with what follows it; this applies the token to the
     session, decides whether generation ends (stop strings and ids, <eos>, max_tokens) and queues the
-    token for the reader.
+    token for the reader, who is woken when the flush policy says the tokens should go out.
+
+    `stepped` runs for every session of the batch between two model runs, so it does as little as it
+    can: without stop strings, turning tokens into text waits for the reader (`take`), which runs while
+    the next batch is in ONNX Runtime.
     """
 
     def __init__(
-        self, session: Session, request: GenerateRequest, eos: int | None, scheduler: Scheduler
+        self,
+        session: Session,
+        request: GenerateRequest,
+        eos: int | None,
+        scheduler: Scheduler,
+        flush: _FlushPolicy,
     ) -> None:
         assert session.next_logprobs is not None
         self.session = session
@@ -504,20 +556,25 @@ class _Generation:
         self._eos = eos
         self._scheduler = scheduler
         self._sampler = Sampler(request.sampling)
-        self.token = self._sampler.choose(session.next_logprobs)
-        self._logprob = float(session.next_logprobs[self.token])
         self._decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
         self._stops = _StopMatcher(request.stop)
         self._stop_ids = set(request.stop_token_ids)
-        self._count = 0  # tokens generated
+        self._decode_late = not request.stop  # no stop strings: text is made by the reader (see take)
+        self._sampled = 0  # tokens sampled
+        self._count = 0  # tokens generated (sampled and applied to the session)
         self._counted = 0  # of them, counted in the metric
         self._ready: list[GeneratedToken] = []
+        self._first_ready_at = 0.0  # time.monotonic() when the oldest of _ready was made
+        self._flush = flush
+        self._flush_phase = (session.slot * _GOLDEN_RATIO) % 1.0  # evenly spread over the slots in use
         self._wakeup = asyncio.Event()
         self._finished = False
         self._cancelled = False
-        self._tokens_out = metrics.TOKENS_OUT.labels(session.model.key)
+        self._tokens_out = scheduler.metrics.tokens_out
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ready_at = time.monotonic()
+        first = self._sampler.choose(session.next_logprobs)
+        self._sampled_next(first, float(session.next_logprobs[first]))
 
     def draw(self) -> float:
         return self._sampler.draw()
@@ -530,29 +587,59 @@ class _Generation:
     def runnable(self) -> bool:
         return len(self._ready) < MAX_AHEAD
 
+    def continues_after_run(self) -> bool:
+        return self.active and self._token_finish is None and len(self._ready) + 1 < MAX_AHEAD
+
+    def _sampled_next(self, token: int, logprob: float) -> None:
+        """`token` was sampled: the next run feeds it. Whether it ends the generation (a stop string
+        or id, <eos>, max_tokens) is decided now, so that the scheduler can start that next run
+        before this one's results are handed over (see Scheduler._loop)."""
+        self.token, self._logprob = token, logprob
+        self._sampled += 1
+        finish: str | None = None
+        text = ""
+        if not self._decode_late:
+            text, stopped = self._stops.push(self._decoder.push(token))
+            finish = FinishReason.STOP if stopped else None
+        if finish is None:
+            if token in self._stop_ids:
+                finish = FinishReason.STOP
+            elif token == self._eos and not self._request.ignore_eos:
+                finish = FinishReason.EOS
+            elif self._sampled == self._request.max_tokens:
+                finish = FinishReason.LENGTH
+            if finish and not self._decode_late:
+                text += self._stops.flush()
+        self._token_text, self._token_finish = text, finish
+
     def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
-        session, token = self.session, self.token
+        session, token, finish = self.session, self.token, self._token_finish
         session.position += 1
         session.recent_tokens.append(token)
         session.next_logprobs = logprobs  # [vocab]; a row of the batch's array until we leave (see left)
         self._count += 1
-        text, stopped = self._stops.push(self._decoder.push(token))
-        finish = None
-        if stopped or token in self._stop_ids:
-            finish = FinishReason.STOP
-        elif token == self._eos and not self._request.ignore_eos:
-            finish = FinishReason.EOS
-        elif self._count == self._request.max_tokens:
-            finish = FinishReason.LENGTH
-        if finish and not stopped:
-            text += self._stops.flush()
-        self._ready.append(GeneratedToken(token, text, self._logprob, session.position, finish))
-        self._wakeup.set()
-        self.ready_at = time.monotonic()
+        now = time.monotonic()
+        if not self._ready:
+            self._first_ready_at = now
+        self._ready.append(GeneratedToken(token, self._token_text, self._logprob, session.position, finish))
+        self.ready_at = now
         if finish:
             self._finished = True
         else:
-            self.token, self._logprob = next_token, float(logprobs[next_token])
+            self._sampled_next(next_token, float(logprobs[next_token]))
+        if self._due(now):
+            self._wakeup.set()
+
+    def _due(self, now: float) -> bool:
+        """Whether the ready tokens should go to the reader now."""
+        ready = len(self._ready)
+        if not ready:
+            return False
+        if ready >= self._flush.per_message or ready >= MAX_AHEAD or not self.active or self.gone.done():
+            return True
+        return now - self._first_ready_at >= self._flush.interval(
+            self._scheduler.generating, self._flush_phase
+        )
 
     def _count_out(self) -> None:
         """The tokens-out metric, updated per hand-over to the reader rather than per token."""
@@ -576,15 +663,18 @@ class _Generation:
         self._scheduler.wake()
 
     async def take(self) -> list[GeneratedToken]:
-        """The tokens generated since the last call (at least one), in order."""
-        while not self._ready:
-            if self.gone.done():
+        """The tokens generated since the last call (at least one, in order), once they are due."""
+        while not self._due(time.monotonic()):
+            if self.gone.done() and not self._ready:
                 raise RuntimeError(
                     f"generation on session {self.session.id} stopped: the model failed (see the server log)"
                 )
             self._wakeup.clear()
             await self._wakeup.wait()
         tokens, self._ready = self._ready, []
+        if self._decode_late:
+            for t in tokens:
+                t.text = self._decoder.push(t.token_id)
         self._count_out()
         if len(tokens) >= MAX_AHEAD:
             self._scheduler.wake()  # it was sitting out runs

@@ -219,9 +219,11 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             ignore_eos=request.ignore_eos,
             prompt=prompt_input(request),
             expected_position=request.expected_position if request.HasField("expected_position") else None,
+            max_tokens_per_message=request.max_tokens_per_message,
+            flush_interval_ms=request.flush_interval_ms if request.HasField("flush_interval_ms") else None,
         )
         async for tokens in self.engine.generate(request.session_id, params):
-            # Tokens made while the previous message was being written go out together when allowed.
+            # Tokens due together (see GenerateRequest.flush_interval_ms) go out in one message when allowed.
             for response in generate_responses(tokens, request.max_tokens_per_message):
                 yield response
 

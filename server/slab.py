@@ -38,6 +38,12 @@ class StateSlab:
         self.rows: dict[str, np.ndarray] = {
             s.name: np.zeros((capacity, *self._row_shape(s)), dtype=np.float32) for s in self.specs
         }
+        # Axis orders between the graph's layout and the rows' (batch first), e.g. (1, 0, 2) both ways
+        # for [layers, batch, hidden]: a transpose is one C call, where np.moveaxis costs ~10 us of Python.
+        self._to_graph = {s.name: self._batch_axis_order(s.batch_axis, len(s.shape)) for s in self.specs}
+        self._to_rows = {
+            s.name: tuple(int(i) for i in np.argsort(self._to_graph[s.name])) for s in self.specs
+        }
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
         self._lock = threading.Lock()
         # Called with a slot before the host reads or resets it (CUDA: copy device-resident state back).
@@ -46,6 +52,12 @@ class StateSlab:
     @staticmethod
     def _row_shape(spec: StateSpec) -> tuple[int, ...]:
         return tuple(d for i, d in enumerate(spec.shape) if i != spec.batch_axis)
+
+    @staticmethod
+    def _batch_axis_order(batch_axis: int, ndim: int) -> tuple[int, ...]:
+        """Axes of a batch-first array in the order that puts its batch axis at `batch_axis`."""
+        rest = list(range(1, ndim))
+        return (*rest[:batch_axis], 0, *rest[batch_axis:])
 
     @property
     def state_bytes(self) -> int:
@@ -93,7 +105,7 @@ class StateSlab:
         for s in self.specs:
             rows = self.rows[s.name][index]  # [batch, *row]
             out[s.name] = (
-                rows if s.batch_axis == 0 else np.ascontiguousarray(np.moveaxis(rows, 0, s.batch_axis))
+                rows if s.batch_axis == 0 else np.ascontiguousarray(rows.transpose(self._to_graph[s.name]))
             )
         return out
 
@@ -101,7 +113,7 @@ class StateSlab:
         """Write a batch's new states (graph layout, batch axis as in the spec) into `slots`."""
         index = np.asarray(slots, dtype=np.intp)
         for s in self.specs:
-            self.rows[s.name][index] = np.moveaxis(state[s.name], s.batch_axis, 0)
+            self.rows[s.name][index] = state[s.name].transpose(self._to_rows[s.name])
 
     def _host_access(self, slots: Sequence[int]) -> None:
         for hook in self.before_host_access:

@@ -75,6 +75,7 @@ def test_oversized_message(client: Client, bystander: object) -> None:
         ({"max_tokens": 10**6}, "max_tokens must be in"),
         ({"stop_token_ids": [10**6]}, "stop_token_ids"),
         ({"stop": [""]}, "non-empty"),
+        ({"flush_interval_ms": 5000}, r"flush_interval_ms must be in \[0, 1000\]"),
     ],
 )
 def test_nonsense_sampling_parameters(client: Client, bystander: object, kwargs: dict, match: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rnnserve.client import Client
+from rnnserve.v1 import rnnserve_pb2 as pb
 
 PROMPT = "def add(a, b):\n"
 
@@ -99,8 +100,6 @@ def test_several_tokens_per_message_change_the_packaging_not_the_tokens(client: 
 def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(client: Client) -> None:
     import time
 
-    from rnnserve.v1 import rnnserve_pb2 as pb
-
     def responses(per_message: int) -> list[pb.GenerateResponse]:
         with client.session("tiny") as session:
             request = pb.GenerateRequest(
@@ -123,3 +122,30 @@ def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(client: Cli
     old_style = responses(0)  # what an older client asks: one token per message, in the message itself
     assert len(old_style) == 200 and not any(r.tokens for r in old_style)
     assert [r.token_id for r in old_style] == [t.token_id for t in tokens]  # greedy: the same tokens
+
+
+def generate_messages(client: Client, **fields: object) -> list[pb.GenerateResponse]:
+    """The raw Generate messages of one call (with fields of GenerateRequest), after PROMPT."""
+    with client.session("tiny") as session:
+        request = pb.GenerateRequest(session_id=session.id, prompt_text=PROMPT, ignore_eos=True, **fields)
+        return list(client.stub.Generate(request))
+
+
+def test_a_flush_interval_gathers_tokens_into_full_messages(client: Client) -> None:
+    # The tiny model makes 48 tokens in far less than a second: every message waits until it is full.
+    packed = generate_messages(client, max_tokens=48, max_tokens_per_message=16, flush_interval_ms=1000)
+    assert [len(r.tokens) for r in packed] == [16, 16, 16]
+    # ... and the end of the generation is sent at once, however long the interval.
+    short = generate_messages(client, max_tokens=20, max_tokens_per_message=64, flush_interval_ms=1000)
+    assert [len(r.tokens) for r in short] == [20]
+    assert short[0].tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    # Packaging only: the same tokens as one per message (greedy).
+    single = generate_messages(client, max_tokens=48, max_tokens_per_message=1)
+    assert [r.token_id for r in single] == [t.token_id for r in packed for t in r.tokens]
+
+
+def test_the_client_library_passes_the_flush_interval(client: Client) -> None:
+    kwargs: dict[str, object] = {"max_tokens": 30, "temperature": 1.0, "seed": 4, "ignore_eos": True}
+    assert generate_tokens(client, flush_interval_ms=0, **kwargs) == generate_tokens(
+        client, flush_interval_ms=200, **kwargs
+    )

@@ -461,3 +461,105 @@ def test_a_prompt_longer_than_a_chunk_then_generation_equals_the_same_in_one_chu
         return [t.token_id for t in await generate(engine, request)]
 
     assert with_engine(lm_repo, work, chunk_tokens=8) == with_engine(lm_repo, work)
+
+
+def test_generations_ending_in_different_ways_in_one_batch_leave_each_session_as_alone(lm_repo: Path) -> None:
+    """Stop strings, stop ids, <eos> and max_tokens end generations at different runs of one batch.
+
+    The next run of a batch starts before the last run's tokens are handed over (a pipeline of two),
+    so a generation's end must be known when its last token is sampled: none may run a step past its
+    end. Checked against each generation alone (tokens, finish reasons, positions) and against a
+    replay of its tokens into a fresh session (the state it is left in: what the model says next).
+    """
+    Outcome = tuple[list[tuple[int, int, str | None]], int, list[float]]  # tokens, position, "after"
+
+    def requests(engine: Engine) -> list[GenerateRequest]:
+        codec = engine.repository.get("tiny", "").codec
+        ends: list[dict[str, object]] = [
+            {"stop": ["\n"]},
+            {"stop": ["a", "e"]},
+            {"stop": [" ("]},
+            {"stop_token_ids": codec.encode("):")},
+            {"stop_token_ids": codec.encode("(")},
+            {},  # <eos> or max_tokens
+            {"ignore_eos": True},
+            {"stop": ["):"], "ignore_eos": True},
+        ]
+        return [
+            GenerateRequest(SamplingParams(temperature=1.0, seed=seed), max_tokens=40, prompt="def ", **end)  # type: ignore[arg-type]
+            for seed, end in enumerate(ends)
+        ]
+
+    async def after(engine: Engine, session_id: str) -> list[float]:
+        return [c[2] for c in (await engine.feed(session_id, "x", top_k=5)).top]
+
+    async def one(engine: Engine, request: GenerateRequest) -> Outcome:
+        session = engine.create_session("tiny")
+        tokens = [t async for batch in engine.generate(session.id, request) for t in batch]
+        position = session.position
+        return (
+            [(t.token_id, t.position, t.finish_reason) for t in tokens],
+            position,
+            await after(engine, session.id),
+        )
+
+    async def replay(engine: Engine, tokens: list[int]) -> list[float]:
+        session = engine.create_session("tiny")
+        await engine.feed(session.id, "def ")
+        await engine.feed(session.id, tokens)
+        return await after(engine, session.id)
+
+    async def alone(engine: Engine) -> list[Outcome]:
+        return [await one(engine, r) for r in requests(engine)]
+
+    async def together(engine: Engine) -> list[Outcome]:
+        return list(await asyncio.gather(*(one(engine, r) for r in requests(engine))))
+
+    expected = with_engine(lm_repo, alone)
+    got = with_engine(lm_repo, together, options=SchedulerOptions(inline_max_tokens=0))
+    finishes = {tokens[-1][2] for tokens, _, _ in got}
+    assert "stop" in finishes and len(finishes) >= 2  # the cases really end in different ways
+    assert [(t, p) for t, p, _ in got] == [(t, p) for t, p, _ in expected]
+    replayed = with_engine(
+        lm_repo, lambda e: asyncio.gather(*(replay(e, [i for i, _, _ in t]) for t, _, _ in got))
+    )
+    for (tokens, position, after_got), after_replayed in zip(got, replayed, strict=True):
+        assert position == len("def ") + len(tokens)
+        np.testing.assert_allclose(after_got, after_replayed, atol=1e-5)
+
+
+def test_the_default_flush_holds_tokens_only_while_enough_sessions_generate(lm_repo: Path) -> None:
+    async def hand_overs(engine: Engine, sessions: int, request: GenerateRequest) -> list[int]:
+        async def one() -> int:
+            session = engine.create_session("tiny")
+            return len([batch async for batch in engine.generate(session.id, request)])
+
+        return list(await asyncio.gather(*(one() for _ in range(sessions))))
+
+    request = GenerateRequest(
+        SamplingParams(seed=1), max_tokens=30, ignore_eos=True, prompt="a", max_tokens_per_message=64
+    )
+    # 30 tokens of the tiny model take a few milliseconds: held for 300 ms, each arrives in one piece.
+    held = with_engine(
+        lm_repo,
+        lambda e: hand_overs(e, 2, request),
+        options=SchedulerOptions(inline_max_tokens=0),
+        generate_flush_ms=300,
+        generate_flush_min_sessions=2,
+    )
+    assert held == [1, 1]
+    # One token per hand-over when asked for one per message, whatever the server's default.
+    single = GenerateRequest(SamplingParams(seed=1), max_tokens=30, ignore_eos=True, prompt="a")
+    one_each = with_engine(
+        lm_repo, lambda e: hand_overs(e, 2, single), generate_flush_ms=300, generate_flush_min_sessions=2
+    )
+    assert one_each[0] >= 2
+
+
+def test_flush_policy_interval() -> None:
+    from rnnserve.server.engine import _FlushPolicy
+
+    policy = _FlushPolicy(per_message=64, interval_s=0.05, min_sessions=8)
+    assert policy.interval(generating=7, phase=0.5) == 0.0  # light load: tokens go out at once
+    assert policy.interval(generating=8, phase=0.0) == pytest.approx(0.025)
+    assert policy.interval(generating=64, phase=0.999) == pytest.approx(0.05, rel=1e-3)

@@ -712,6 +712,7 @@ class GenerateRequest(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     EXPECTED_POSITION_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    FLUSH_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_tokens: _builtins.int
     """required, >= 1"""
@@ -724,7 +725,14 @@ class GenerateRequest(_message.Message):
     """Most tokens one response may carry. 0 or 1: one token per message, in fields 1-5 of
     GenerateResponse (what older clients get). More: the server may put the tokens made while it was
     writing the previous message into one message (GenerateResponse.tokens), which saves per-message
-    cost under load. Tokens are never held back to fill a message.
+    cost under load.
+    """
+    flush_interval_ms: _builtins.int
+    """With max_tokens_per_message > 1: the longest a generated token may wait at the server for the
+    tokens after it, so that they travel in one message (Nagle for tokens: a few milliseconds of
+    latency buy many tokens per message when many sessions generate). 0: send tokens as soon as they
+    are made. Unset: the server's default, which holds tokens only under load (see `rnnserve serve
+    --generate-flush-ms`). At most 1000. Tokens are sent at once when the generation ends.
     """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
@@ -751,17 +759,22 @@ class GenerateRequest(_message.Message):
         prompt_tokens: Global___TokenIds | None = ...,
         expected_position: _builtins.int | None = ...,
         max_tokens_per_message: _builtins.int = ...,
+        flush_interval_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_position: _TypeAlias = _typing.Literal["expected_position"]  # noqa: Y015
     _WhichOneofArgType__expected_position: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position"]  # noqa: Y015
+    _WhichOneofReturnType__flush_interval_ms: _TypeAlias = _typing.Literal["flush_interval_ms"]  # noqa: Y015
+    _WhichOneofArgType__flush_interval_ms: _TypeAlias = _typing.Literal["_flush_interval_ms", b"_flush_interval_ms"]  # noqa: Y015
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["prompt_text", "prompt_tokens"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_position) -> _WhichOneofReturnType__expected_position | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__flush_interval_ms) -> _WhichOneofReturnType__flush_interval_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_prompt) -> _WhichOneofReturnType_prompt | None: ...
 
