@@ -1,7 +1,10 @@
 """Load benchmark: rnnserve vs the raw ONNX Runtime ceiling vs a naive PyTorch gRPC server.
 
-In the spirit of Triton's perf_analyzer sequence mode: for each concurrency, that many sessions each
-stream single-token messages (and, separately, each generate tokens), all at once, on loopback.
+In the spirit of Triton's perf_analyzer (concurrency mode over sequences): for each concurrency, that
+many sessions each keep streaming single-token messages back to back (and, separately, each keep
+running Generate calls of --tokens tokens back to back), on loopback; what completes inside a
+measurement window after a warm-up is counted, so neither the ramp-up nor sessions ending at different
+times are in the figures.
 
     python bench/serving.py --out docs/bench         # demo-sized LM, concurrency 1 8 32 64 128
     python bench/serving.py --preset design --idle-sessions 0 --naive-max-concurrency 64 --out docs/bench
@@ -11,7 +14,8 @@ Prints a table and issue 6's goals (met / missed), writes <out>/serving[-design]
 - the gRPC floor: one session streaming through the same client to a server that answers without a
   model (bench/grpc_echo.py), the round trip any Python gRPC server pays per message;
 - generation by 64 sessions with each `--flush-sweep` interval (GenerateRequest.
-  flush_interval_ms), the latency/throughput trade of packing tokens into fewer messages;
+  flush_interval_ms), the latency/throughput trade of packing tokens into fewer messages, and with
+  Generate calls of each `--call-sweep` length (what each call's set-up costs);
 - memory per idle session (RSS growth of a server holding --idle-sessions sessions) and create+close time.
 The servers run in their own processes; the load generator (asyncio, the real client, which asks for up
 to 64 tokens per Generate message and leaves the flush interval to the server) shares the same cores, so
@@ -127,57 +131,79 @@ def ceiling(repo: Path, concurrencies: list[int], steps: int) -> list[Row]:
     return rows
 
 
-async def stream_load(url: str, concurrency: int, tokens: int, vocab: int) -> tuple[float, list[float]]:
-    """Every session sends `tokens` single-token messages in turn; returns (tokens/s, latencies)."""
+@dataclass(frozen=True)
+class Window:
+    """A measurement window, as perf_analyzer does it: every session keeps its work in flight from the
+    start, only what completes between `warmup_s` and `warmup_s + duration_s` counts (no ramp-up, no
+    tail of sessions finishing at different times)."""
+
+    warmup_s: float = 0.5
+    duration_s: float = 3.0
+
+    def bounds(self) -> tuple[float, float]:
+        """(start, end) in perf_counter() time, from now."""
+        start = time.perf_counter() + self.warmup_s
+        return start, start + self.duration_s
+
+
+async def stream_load(url: str, concurrency: int, vocab: int, window: Window) -> tuple[float, list[float]]:
+    """Every session sends single-token messages back to back; returns (tokens/s, round trips), both
+    counted in the window."""
     async with AsyncClient(url, timeout=120) as client:
         sessions = [await client.session("bench") for _ in range(concurrency)]
         latencies: list[float] = []
+        start, end = window.bounds()
 
         async def one(i: int) -> None:
-            session = sessions[i]
-            for n in range(tokens):
-                start = time.perf_counter()
+            session, n = sessions[i], 0
+            while (sent := time.perf_counter()) < end:
                 await session.feed([(i * 31 + n) % vocab], top_k=1)
-                latencies.append(time.perf_counter() - start)
+                n += 1
+                if (now := time.perf_counter()) >= start and now < end:
+                    latencies.append(now - sent)
 
-        start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(concurrency)))
-        wall = time.perf_counter() - start
         for s in sessions:
             await s.close()
-    return concurrency * tokens / wall, latencies
+    return len(latencies) / window.duration_s, latencies
 
 
 async def generate_load(
-    url: str, concurrency: int, tokens: int, flush_interval_ms: int | None = None
+    url: str, concurrency: int, tokens: int, window: Window, flush_interval_ms: int | None = None
 ) -> tuple[float, list[float]]:
-    """Every session generates `tokens` tokens; returns (tokens/s, gaps between a stream's tokens)."""
+    """Every session runs Generate calls of `tokens` tokens back to back; returns (tokens/s, gaps between
+    a stream's consecutive tokens), both counted in the window."""
     async with AsyncClient(url, timeout=120) as client:
         sessions = [await client.session("bench") for _ in range(concurrency)]
         for s in sessions:
             await s.feed([2], top_k=1)
         gaps: list[float] = []
+        start, end = window.bounds()
 
         async def one(i: int) -> None:
-            last = time.perf_counter()
-            stream = sessions[i].generate(
-                max_tokens=tokens,
-                temperature=1.0,
-                seed=i,
-                ignore_eos=True,
-                flush_interval_ms=flush_interval_ms,
-            )
-            async for _ in stream:
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
+            last, call = time.perf_counter(), 0
+            while last < end:
+                stream = sessions[i].generate(
+                    max_tokens=tokens,
+                    temperature=1.0,
+                    seed=i * 1000 + call,
+                    ignore_eos=True,
+                    flush_interval_ms=flush_interval_ms,
+                )
+                async for _ in stream:
+                    now = time.perf_counter()
+                    if start <= now < end:
+                        gaps.append(now - last)
+                    last = now
+                    if now >= end:
+                        break
+                await stream.aclose()
+                call += 1
 
-        start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(concurrency)))
-        wall = time.perf_counter() - start
         for s in sessions:
             await s.close()
-    return concurrency * tokens / wall, gaps
+    return len(gaps) / window.duration_s, gaps
 
 
 @contextmanager
@@ -196,35 +222,51 @@ def server_process(command: list[str], url: str) -> Iterator[subprocess.Popen[by
             proc.kill()
 
 
-def flush_sweep(url: str, concurrency: int, tokens: int, intervals_ms: list[int]) -> list[Row]:
+def flush_sweep(
+    url: str, concurrency: int, tokens: int, window: Window, intervals_ms: list[int]
+) -> list[Row]:
     """Generation at one concurrency with each flush interval the clients may ask for."""
     rows = []
     for interval in intervals_ms:
-        rate, gaps = asyncio.run(generate_load(url, concurrency, tokens, interval))
+        rate, gaps = asyncio.run(generate_load(url, concurrency, tokens, window, interval))
         rows.append(Row(f"rnnserve flush {interval} ms", "generate", concurrency, rate, *percentiles(gaps)))
         gap = rows[-1].p99_ms
         print(f"  flush {interval:5d} ms c={concurrency:<4} {rate:10.0f} tok/s  gap p99 {gap:.1f} ms")
     return rows
 
 
-def grpc_floor(tokens: int, vocab: int) -> Row:
+def call_sweep(url: str, concurrency: int, lengths: list[int], window: Window) -> list[Row]:
+    """Generation at one concurrency with Generate calls of each length (each call pays an RPC's set-up
+    and a turn out of the running batch between calls)."""
+    rows = []
+    for length in lengths:
+        rate, gaps = asyncio.run(generate_load(url, concurrency, length, window))
+        rows.append(Row(f"rnnserve calls of {length}", "generate", concurrency, rate, *percentiles(gaps)))
+        print(f"  calls of {length:5d} c={concurrency:<4} {rate:10.0f} tok/s", flush=True)
+    return rows
+
+
+def grpc_floor(vocab: int, window: Window) -> Row:
     """One session streaming single-token messages to bench/grpc_echo.py: the gRPC round trip alone."""
     port = free_port()
     echo = [sys.executable, str(Path(__file__).with_name("grpc_echo.py")), "--port", str(port)]
     with server_process(echo, f"127.0.0.1:{port}"):
-        asyncio.run(stream_load(f"127.0.0.1:{port}", 1, tokens, vocab))  # warm-up
-        rate, latencies = asyncio.run(stream_load(f"127.0.0.1:{port}", 1, tokens, vocab))
+        rate, latencies = asyncio.run(stream_load(f"127.0.0.1:{port}", 1, vocab, window))
     row = Row("grpc-echo", "stream", 1, rate, *percentiles(latencies))
     print(f"  grpc-echo    stream   c=1    {rate:10.0f} tok/s  p50 {row.p50_ms:.2f} ms", flush=True)
     return row
 
 
-def served(system: str, url: str, concurrencies: list[int], tokens: int, vocab: int) -> list[Row]:
+def served(
+    system: str, url: str, concurrencies: list[int], tokens: int, vocab: int, window: Window
+) -> list[Row]:
     rows = []
     for c in concurrencies:
         for workload in ("stream", "generate"):
             load = (
-                stream_load(url, c, tokens, vocab) if workload == "stream" else generate_load(url, c, tokens)
+                stream_load(url, c, vocab, window)
+                if workload == "stream"
+                else generate_load(url, c, tokens, window)
             )
             rate, latencies = asyncio.run(load)
             rows.append(Row(system, workload, c, rate, *percentiles(latencies)))
@@ -394,7 +436,9 @@ def main() -> None:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 128])
-    parser.add_argument("--tokens", type=int, default=48, help="tokens per session per workload")
+    parser.add_argument("--tokens", type=int, default=256, help="max_tokens of each Generate call")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per load level")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of each level not measured")
     parser.add_argument("--idle-sessions", type=int, default=100_000)
     parser.add_argument(
         "--flush-sweep",
@@ -402,6 +446,13 @@ def main() -> None:
         nargs="*",
         default=[0, 20, 50, 100],
         help="flush intervals (ms) to run generation with at 64 sessions (none: skip)",
+    )
+    parser.add_argument(
+        "--call-sweep",
+        type=int,
+        nargs="*",
+        default=[16, 64, 1024],
+        help="Generate call lengths (max_tokens) to run at 64 sessions (none: skip)",
     )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
@@ -420,16 +471,19 @@ def main() -> None:
         print(
             f"model: LSTM {manifest.num_layers}x{manifest.hidden_size}, vocab {vocab}; {os.cpu_count()} cores"
         )
-        rows = ceiling(repo, args.concurrency, steps=max(20, args.tokens))
+        window = Window(args.warmup, args.duration)
+        rows = ceiling(repo, args.concurrency, steps=200)
         port = free_port()
         url = f"127.0.0.1:{port}"
         cli = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port)]
         with server_process(cli, url):
-            rows += served("rnnserve", url, args.concurrency, args.tokens, vocab)
+            rows += served("rnnserve", url, args.concurrency, args.tokens, vocab, window)
+            at = 64 if 64 in args.concurrency else max(args.concurrency)  # the goals' concurrency
             if args.flush_sweep:
-                at = 64 if 64 in args.concurrency else max(args.concurrency)  # the goals' concurrency
-                rows += flush_sweep(url, at, args.tokens, args.flush_sweep)
-        rows.append(grpc_floor(max(200, args.tokens), vocab))
+                rows += flush_sweep(url, at, args.tokens, window, args.flush_sweep)
+            if args.call_sweep:
+                rows += call_sweep(url, at, args.call_sweep, window)
+        rows.append(grpc_floor(vocab, window))
         if not args.skip_naive:
             port = free_port()
             naive = [
@@ -446,7 +500,7 @@ def main() -> None:
                     for c in args.concurrency
                     if not args.naive_max_concurrency or c <= args.naive_max_concurrency
                 ]
-                rows += served("naive-torch", f"127.0.0.1:{port}", levels, args.tokens, vocab)
+                rows += served("naive-torch", f"127.0.0.1:{port}", levels, args.tokens, vocab, window)
         idle: dict[str, float] = {}
         if args.idle_sessions:
             port = free_port()

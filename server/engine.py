@@ -565,6 +565,7 @@ class _Generation:
         self._counted = 0  # of them, counted in the metric
         self._ready: list[GeneratedToken] = []
         self._first_ready_at = 0.0  # time.monotonic() when the oldest of _ready was made
+        self._handed_over = 0  # tokens taken by the reader so far
         self._flush = flush
         self._flush_phase = (session.slot * _GOLDEN_RATIO) % 1.0  # evenly spread over the slots in use
         self._wakeup = asyncio.Event()
@@ -637,6 +638,8 @@ class _Generation:
             return False
         if ready >= self._flush.per_message or ready >= MAX_AHEAD or not self.active or self.gone.done():
             return True
+        if not self._handed_over:
+            return True  # the first token never waits: time to first token is what a reader feels most
         return now - self._first_ready_at >= self._flush.interval(
             self._scheduler.generating, self._flush_phase
         )
@@ -648,16 +651,23 @@ class _Generation:
             self._counted = self._count
 
     def left(self) -> None:
+        if self.gone.done():
+            return  # released already (see cancel)
         self._count_out()
         if self.session.next_logprobs is not None:
             self.session.next_logprobs = np.array(self.session.next_logprobs)  # own copy (see stepped)
         self.session.touch()
-        if not self.gone.done():
-            self.gone.set_result(None)
+        self.gone.set_result(None)
         self._wakeup.set()
 
     def cancel(self) -> None:
         """The reader went away: leave the batch at the next run."""
+        if self._finished:
+            # Its last run was handed over and no run since included it (a finished token is known
+            # when sampled): nothing is in flight on its slot, so the session is free now, a run
+            # earlier than the scheduler would notice.
+            self.left()
+            return
         if self.active:
             self._cancelled = True
         self._scheduler.wake()
@@ -672,6 +682,7 @@ class _Generation:
             self._wakeup.clear()
             await self._wakeup.wait()
         tokens, self._ready = self._ready, []
+        self._handed_over += len(tokens)
         if self._decode_late:
             for t in tokens:
                 t.text = self._decoder.push(t.token_id)

@@ -132,13 +132,15 @@ def generate_messages(client: Client, **fields: object) -> list[pb.GenerateRespo
 
 
 def test_a_flush_interval_gathers_tokens_into_full_messages(client: Client) -> None:
-    # The tiny model makes 48 tokens in far less than a second: every message waits until it is full.
+    # The tiny model makes 48 tokens in far less than a second: after the first message (sent at once,
+    # for the time to first token), every message waits until it is full.
     packed = generate_messages(client, max_tokens=48, max_tokens_per_message=16, flush_interval_ms=1000)
-    assert [len(r.tokens) for r in packed] == [16, 16, 16]
+    sizes = [len(r.tokens) for r in packed]
+    assert sum(sizes) == 48 and len(sizes) <= 4 and all(n == 16 for n in sizes[1:-1])
     # ... and the end of the generation is sent at once, however long the interval.
     short = generate_messages(client, max_tokens=20, max_tokens_per_message=64, flush_interval_ms=1000)
-    assert [len(r.tokens) for r in short] == [20]
-    assert short[0].tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(short) <= 2 and sum(len(r.tokens) for r in short) == 20
+    assert short[-1].tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
     # Packaging only: the same tokens as one per message (greedy).
     single = generate_messages(client, max_tokens=48, max_tokens_per_message=1)
     assert [r.token_id for r in single] == [t.token_id for r in packed for t in r.tokens]

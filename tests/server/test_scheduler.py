@@ -537,9 +537,10 @@ def test_the_default_flush_holds_tokens_only_while_enough_sessions_generate(lm_r
         return list(await asyncio.gather(*(one() for _ in range(sessions))))
 
     request = GenerateRequest(
-        SamplingParams(seed=1), max_tokens=30, ignore_eos=True, prompt="a", max_tokens_per_message=64
+        SamplingParams(seed=1), max_tokens=60, ignore_eos=True, prompt="a", max_tokens_per_message=64
     )
-    # 30 tokens of the tiny model take a few milliseconds: held for 300 ms, each arrives in one piece.
+    # The first token goes out at once (time to first token); the other 59, made in a few milliseconds
+    # by the tiny model, are held for 300 ms, so they arrive in one piece when the generation ends.
     held = with_engine(
         lm_repo,
         lambda e: hand_overs(e, 2, request),
@@ -547,7 +548,7 @@ def test_the_default_flush_holds_tokens_only_while_enough_sessions_generate(lm_r
         generate_flush_ms=300,
         generate_flush_min_sessions=2,
     )
-    assert held == [1, 1]
+    assert held == [2, 2]
     # One token per hand-over when asked for one per message, whatever the server's default.
     single = GenerateRequest(SamplingParams(seed=1), max_tokens=30, ignore_eos=True, prompt="a")
     one_each = with_engine(
