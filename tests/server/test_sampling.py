@@ -101,3 +101,9 @@ def test_batch_sampling_gives_each_row_what_it_gets_alone() -> None:
         int(sample_batch(logprobs[r : r + 1], params[r : r + 1], uniforms[r : r + 1])[0]) for r in range(8)
     ]
     assert together == alone
+
+
+def test_top_one_candidate_is_the_argmax_like_the_first_of_several() -> None:
+    (best,) = top_candidates(LOGPROBS, 1)
+    assert best == top_candidates(LOGPROBS, 3)[0]
+    assert best[0] == int(np.argmax(LOGPROBS))
