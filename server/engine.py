@@ -551,11 +551,10 @@ class _Generation:
         assert session.next_logprobs is not None
         self.session = session
         self.slot = session.slot
-        self.sampling = request.sampling
         self._request = request
         self._eos = eos
         self._scheduler = scheduler
-        self._sampler = Sampler(request.sampling)
+        self.sampler = Sampler(request.sampling)
         self._decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
         self._stops = _StopMatcher(request.stop)
         self._stop_ids = set(request.stop_token_ids)
@@ -574,11 +573,8 @@ class _Generation:
         self._tokens_out = scheduler.metrics.tokens_out
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ready_at = time.monotonic()
-        first = self._sampler.choose(session.next_logprobs)
+        first = self.sampler.choose(session.next_logprobs)
         self._sampled_next(first, float(session.next_logprobs[first]))
-
-    def draw(self) -> float:
-        return self._sampler.draw()
 
     @property
     def active(self) -> bool:

@@ -39,32 +39,57 @@ class SamplingParams:
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities over the last axis, computed stably in float32."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return log_softmax_and_weights(logits)[0]
 
 
-def sample_batch(logprobs: np.ndarray, params: Sequence[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
+def log_softmax_and_weights(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities over the last axis, and the unnormalised probabilities exp(logit - max) met
+    on the way, which are exactly what sampling at temperature 1 draws from (see sample_batch): the
+    exponential of a batch x vocabulary array is paid once, not twice."""
+    logprobs = logits - logits.max(axis=-1, keepdims=True)  # shifted: max 0 per row
+    weights = np.exp(logprobs)
+    logprobs -= np.log(weights.sum(axis=-1, keepdims=True))  # in place: no third big array
+    return logprobs, weights
+
+
+def sample_batch(
+    logprobs: np.ndarray,
+    params: Sequence[SamplingParams],
+    uniforms: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
     """One token id per row of logprobs [batch, vocab]; returns int64 [batch].
 
     Row i uses params[i] and the uniform draw uniforms[i] in [0, 1) from that session's own random
     stream, and its result depends on nothing else: a session gets the same tokens alone or in any
     batch. Rows that need no sort (greedy, plain temperature) are done together, vectorised; top-k /
-    top-p rows each need their own cut and are done one by one.
+    top-p rows each need their own cut and are done one by one. `weights` [batch, vocab], if given,
+    are the rows' unnormalised probabilities (log_softmax_and_weights), used as they are for rows at
+    temperature 1.
     """
     tokens = np.empty(len(params), dtype=np.int64)
     greedy: list[int] = []
+    given: list[int] = []  # plain temperature 1 with weights given: drawn from those
     plain: list[int] = []
     cut: list[int] = []
     for i, p in enumerate(params):
-        (greedy if p.temperature == 0.0 else plain if not p.top_k and p.top_p >= 1.0 else cut).append(i)
+        if p.temperature == 0.0:
+            greedy.append(i)
+        elif p.top_k or p.top_p < 1.0:
+            cut.append(i)
+        else:
+            (given if weights is not None and p.temperature == 1.0 else plain).append(i)
     if greedy:
         tokens[greedy] = np.argmax(logprobs[greedy], axis=-1)
+    # Plain rows: inverse CDF over the whole vocabulary, no sort, O(vocab) per row.
+    if given:
+        assert weights is not None
+        tokens[given] = inverse_cdf(weights if len(given) == len(params) else weights[given], uniforms[given])
     if plain:
-        # Inverse CDF over the whole vocabulary: no sort, O(vocab) per row.
         temperature = np.array([params[i].temperature for i in plain], dtype=np.float32)[:, None]  # [rows, 1]
         scaled = logprobs[plain] / temperature  # [rows, vocab]
-        weights = np.exp(scaled - scaled.max(axis=-1, keepdims=True))  # [rows, vocab], unnormalised
-        tokens[plain] = inverse_cdf(weights, uniforms[plain])
+        scaled -= scaled.max(axis=-1, keepdims=True)
+        tokens[plain] = inverse_cdf(np.exp(scaled), uniforms[plain])  # unnormalised weights
     for i in cut:
         tokens[i] = _sample_cut(logprobs[i], params[i], float(uniforms[i]))
     return tokens
@@ -82,16 +107,23 @@ def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     arithmetic is the same whatever the other rows are.
     """
     rows, vocab = weights.shape
-    pad = -vocab % CDF_BLOCK
-    if pad:
-        weights = np.concatenate([weights, np.zeros((rows, pad), dtype=weights.dtype)], axis=1)
-    blocks = weights.reshape(rows, -1, CDF_BLOCK)  # [rows, n_blocks, block]
-    block_cdf = np.cumsum(blocks.sum(axis=-1, dtype=np.float64), axis=-1)  # [rows, n_blocks]
+    if vocab <= CDF_BLOCK:  # one block: its cumulative sum directly
+        cdf = np.cumsum(weights, axis=-1, dtype=np.float64)  # [rows, vocab]
+        found = (cdf <= (uniforms * cdf[:, -1])[:, None]).sum(axis=-1)  # [rows]
+        return np.minimum(found, vocab - 1)
+    full = vocab // CDF_BLOCK  # whole blocks; the rest of the row is one shorter block
+    sums = [weights[:, : full * CDF_BLOCK].reshape(rows, full, CDF_BLOCK).sum(axis=-1)]  # [rows, full]
+    if vocab % CDF_BLOCK:
+        sums.append(weights[:, full * CDF_BLOCK :].sum(axis=-1, keepdims=True))  # [rows, 1]
+    block_cdf = np.cumsum(np.concatenate(sums, axis=1), axis=-1, dtype=np.float64)  # [rows, blocks]
     target = uniforms * block_cdf[:, -1]  # [rows]
-    block = np.minimum((block_cdf <= target[:, None]).sum(axis=-1), blocks.shape[1] - 1)  # [rows]
+    block = np.minimum((block_cdf <= target[:, None]).sum(axis=-1), block_cdf.shape[1] - 1)  # [rows]
     row = np.arange(rows)
     before = np.where(block > 0, block_cdf[row, np.maximum(block - 1, 0)], 0.0)  # [rows]
-    inner_cdf = before[:, None] + np.cumsum(blocks[row, block].astype(np.float64), axis=-1)  # [rows, block]
+    columns = block[:, None] * CDF_BLOCK + np.arange(CDF_BLOCK)  # [rows, block]
+    inside = columns < vocab  # the last block may be short
+    picked = np.where(inside, weights[row[:, None], np.minimum(columns, vocab - 1)], 0)  # [rows, block]
+    inner_cdf = before[:, None] + np.cumsum(picked, axis=-1, dtype=np.float64)  # [rows, block]
     inner = np.minimum((inner_cdf <= target[:, None]).sum(axis=-1), CDF_BLOCK - 1)  # [rows]
     return np.minimum(block * CDF_BLOCK + inner, vocab - 1)
 
@@ -130,6 +162,11 @@ class Sampler:
     def choose(self, logprobs: np.ndarray) -> int:
         """One token id from logprobs [vocab] (the batch path with a batch of one)."""
         return int(sample_batch(logprobs[None, :], [self.params], np.array([self.draw()]))[0])
+
+
+def draw_batch(samplers: Sequence[Sampler]) -> np.ndarray:
+    """The next uniform draw of each sampler's own stream, float64 [samplers]."""
+    return np.array([s.draw() for s in samplers])
 
 
 def top_candidates(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:

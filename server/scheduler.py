@@ -36,7 +36,7 @@ import numpy as np
 
 from rnnserve.server import metrics
 from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, Outputs, SlotRunner
-from rnnserve.server.sampling import SamplingParams, log_softmax, sample_batch
+from rnnserve.server.sampling import Sampler, draw_batch, log_softmax_and_weights, sample_batch
 from rnnserve.server.slab import StateSlab
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,8 @@ class Generation(Protocol):
 
     slot: int
     token: int  # the token to feed at the next run (already sampled)
-    sampling: SamplingParams
+    sampler: Sampler  # its sampling parameters and its own random stream
     ready_at: float  # time.monotonic() when `token` became ready to run (for the queue-wait metric)
-
-    def draw(self) -> float:
-        """The next uniform draw of this generation's own random stream."""
-        ...
 
     @property
     def active(self) -> bool:
@@ -432,21 +428,24 @@ class Scheduler:
                 continue
             self.metrics.observe_run(len(indices), time.perf_counter() - run_started)
             if LAST_LOGITS in out:
-                out = {LAST_LOGPROBS: log_softmax(out[LAST_LOGITS])}  # [group, vocab]
+                logprobs, weights = log_softmax_and_weights(out[LAST_LOGITS])  # [group, vocab] each
+                out = {LAST_LOGPROBS: logprobs}
             for j, i in enumerate(indices[:first_generation]):
                 step_outputs[i] = {name: value[j] for name, value in out.items()}
             if first_generation < len(indices):
-                generated = self._sample(batch.generations, out[LAST_LOGPROBS][first_generation:])
+                rows = slice(first_generation, None)
+                generated = self._sample(batch.generations, out[LAST_LOGPROBS][rows], weights[rows])
             self.batches_run += 1
             self.steps_run += len(indices)
         return _Result(step_outputs, generated, time.perf_counter() - started)
 
     @staticmethod
     def _sample(
-        generations: list[Generation], logprobs: np.ndarray
+        generations: list[Generation], logprobs: np.ndarray, weights: np.ndarray
     ) -> list[tuple[np.ndarray, int] | Exception]:
-        """Each generation's next token from its row of logprobs [generations, vocab], sampled for all
-        at once: (its logprobs [vocab], token)."""
-        uniforms = np.array([g.draw() for g in generations])  # [generations], one per session's own stream
-        tokens = sample_batch(logprobs, [g.sampling for g in generations], uniforms).tolist()  # [generations]
+        """Each generation's next token from its row of logprobs [generations, vocab] (and of weights,
+        its unnormalised probabilities), sampled for all at once: (its logprobs [vocab], token)."""
+        samplers = [g.sampler for g in generations]
+        uniforms = draw_batch(samplers)  # [generations], each from its session's own stream
+        tokens = sample_batch(logprobs, [s.params for s in samplers], uniforms, weights).tolist()
         return [(logprobs[k], tokens[k]) for k in range(len(generations))]

@@ -107,3 +107,23 @@ def test_top_one_candidate_is_the_argmax_like_the_first_of_several() -> None:
     (best,) = top_candidates(LOGPROBS, 1)
     assert best == top_candidates(LOGPROBS, 3)[0]
     assert best[0] == int(np.argmax(LOGPROBS))
+
+
+def test_temperature_one_rows_draw_from_the_weights_met_in_log_softmax() -> None:
+    from rnnserve.server.sampling import inverse_cdf, log_softmax_and_weights, sample_batch
+
+    rng = np.random.default_rng(2)
+    logits = 3 * rng.standard_normal((6, 700)).astype(np.float32)
+    logprobs, weights = log_softmax_and_weights(logits)
+    np.testing.assert_allclose(logprobs, log_softmax(logits), atol=1e-6)
+    np.testing.assert_allclose(weights / weights.sum(axis=-1, keepdims=True), np.exp(logprobs), rtol=1e-5)
+    params = [SamplingParams(temperature=t) for t in (1.0, 0.0, 1.0, 0.5, 1.0, 1.0)]
+    uniforms = rng.random(6)
+    together = sample_batch(logprobs, params, uniforms, weights).tolist()
+    alone = [
+        int(sample_batch(logprobs[r : r + 1], params[r : r + 1], uniforms[r : r + 1], weights[r : r + 1])[0])
+        for r in range(6)
+    ]
+    assert together == alone
+    at_one = [0, 2, 4, 5]
+    assert [together[r] for r in at_one] == inverse_cdf(weights[at_one], uniforms[at_one]).tolist()
