@@ -99,36 +99,36 @@ def build_model(preset: str, root: Path) -> tuple[Path, Path]:
     return run / "checkpoint.pt", root / "repo"
 
 
-def ceiling(repo: Path, concurrencies: list[int], steps: int) -> list[Row]:
+class Ceiling:
     """A raw ONNX Runtime loop: one token per sequence per step, state carried, no server.
 
     It runs the graph the server runs for a one-token step (the last-position graph when the bundle
-    has one) and does nothing else: no sampling, no softmax, no copies.
+    has one), with the server's thread setting, and does nothing else: no sampling, no softmax, no
+    copies. Measured right before each served load level, so that each ratio compares figures taken
+    side by side (these machines are shared, and their speed drifts within a run).
     """
-    from rnnserve.export.manifest import read_manifest
-    from rnnserve.server.runtime import OnnxModel, RuntimeOptions, default_intra_op_threads
 
-    bundle = repo / "bench" / "1"
-    model = OnnxModel(
-        bundle, read_manifest(bundle), RuntimeOptions(intra_op_threads=default_intra_op_threads())
-    )
-    rng = np.random.default_rng(0)
-    rows = []
-    for batch in concurrencies:
-        state = model.initial_state(batch)
+    def __init__(self, repo: Path, steps: int = 200) -> None:
+        from rnnserve.export.manifest import read_manifest
+        from rnnserve.server.runtime import OnnxModel, RuntimeOptions, default_intra_op_threads
+
+        bundle = repo / "bench" / "1"
+        self.model = OnnxModel(
+            bundle, read_manifest(bundle), RuntimeOptions(intra_op_threads=default_intra_op_threads())
+        )
+        self.steps = steps
+        self._rng = np.random.default_rng(0)
+
+    def row(self, workload: str, batch: int) -> Row:
+        state = self.model.initial_state(batch)
         times = []
-        for i in range(steps + 5):
-            tokens = rng.integers(0, model.manifest.vocab_size, size=(batch, 1))
+        for i in range(self.steps + 5):
+            tokens = self._rng.integers(0, self.model.manifest.vocab_size, size=(batch, 1))
             start = time.perf_counter()
-            _, state = model.run_last(tokens, state)
+            _, state = self.model.run_last(tokens, state)
             if i >= 5:  # warm-up
                 times.append(time.perf_counter() - start)
-        p50, p90, p99 = percentiles(times)
-        rows += [
-            Row("ort-ceiling", w, batch, batch / statistics.mean(times), p50, p90, p99)
-            for w in ("stream", "generate")
-        ]
-    return rows
+        return Row("ort-ceiling", workload, batch, batch / statistics.mean(times), *percentiles(times))
 
 
 @dataclass(frozen=True)
@@ -273,11 +273,21 @@ def grpc_floor(vocab: int, window: Window) -> tuple[Row, float]:
 
 
 def served(
-    system: str, url: str, concurrencies: list[int], tokens: int, vocab: int, window: Window
+    system: str,
+    url: str,
+    concurrencies: list[int],
+    tokens: int,
+    vocab: int,
+    window: Window,
+    ceiling: Ceiling | None = None,
 ) -> list[Row]:
+    """Each load level through the real client; with `ceiling`, the raw loop at that batch size just
+    before each."""
     rows = []
     for c in concurrencies:
         for workload in ("stream", "generate"):
+            if ceiling is not None:
+                rows.append(ceiling.row(workload, c))
             load = (
                 stream_load(url, c, vocab, window)
                 if workload == "stream"
@@ -483,12 +493,13 @@ def main() -> None:
             f"model: LSTM {manifest.num_layers}x{manifest.hidden_size}, vocab {vocab}; {os.cpu_count()} cores"
         )
         window = Window(args.warmup, args.duration)
-        rows = ceiling(repo, args.concurrency, steps=200)
+        ceiling = Ceiling(repo)
+        rows: list[Row] = []
         port = free_port()
         url = f"127.0.0.1:{port}"
         cli = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port)]
         with server_process(cli, url):
-            rows += served("rnnserve", url, args.concurrency, args.tokens, vocab, window)
+            rows += served("rnnserve", url, args.concurrency, args.tokens, vocab, window, ceiling)
             at = 64 if 64 in args.concurrency else max(args.concurrency)  # the goals' concurrency
             if args.flush_sweep:
                 rows += flush_sweep(url, at, args.tokens, window, args.flush_sweep)
