@@ -123,3 +123,16 @@ def test_demo_end_to_end_on_small_data(tmp_path: Path) -> None:
     assert "live sentiment while a review is typed" in out.stdout
     live_lines = [line for line in out.stdout.splitlines() if line.startswith(("  0.", "  1."))]
     assert [line.split()[-1] for line in live_lines] == REVIEW.split()  # one reading per typed word
+
+
+def test_serve_refuses_a_flush_interval_out_of_range(lm_repo: Path) -> None:
+    env = {**os.environ, "RNNSERVE_GENERATE_FLUSH_MS": "5000"}  # set the way a container sets it
+    out = subprocess.run(
+        [*CLI, "serve", "--repo", str(lm_repo), "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--generate-flush-ms must be in [0, 1000], got 5000" in out.stderr
