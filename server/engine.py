@@ -532,8 +532,10 @@ class _Generation:
     """One Generate call in the model's running batch (implements scheduler.Generation).
 
     The scheduler feeds `token` and calls `stepped` with what follows it; this applies the token to the
-    session, decides whether generation ends (stop strings and ids, <eos>, max_tokens) and queues the
-    token for the reader, who is woken when the flush policy says the tokens should go out.
+    session and queues it for the reader, who is woken when the flush policy says the tokens should go
+    out. Whether a token ends the generation (stop strings and ids, <eos>, max_tokens) is decided when
+    it is sampled (`_sampled_next`), a run before it is applied, which lets the scheduler start the next
+    run before handing this one over.
 
     `stepped` runs for every session of the batch between two model runs, so it does as little as it
     can: without stop strings, turning tokens into text waits for the reader (`take`), which runs while

@@ -15,6 +15,12 @@ loop. Work that arrives while a run is in flight forms the next batch, so batche
 themselves (low latency when idle, big batches when busy); `max_wait_s` optionally holds a batch that
 starts from idle a little to let more join.
 
+The next batch is chosen and started as soon as a run ends, before that run's results are handed back
+(a pipeline two runs deep: ONNX Runtime computes while the loop applies tokens and talks gRPC). A
+generation of the finished run goes on at once, with the token just sampled for it, if it will still be
+running once that run is handed back (`Generation.continues_after_run`: a token's end is known when it
+is sampled); the others wait for the hand-over.
+
 Results are committed by callbacks the scheduler calls on the event loop for every row that ran, even
 if the caller went away meanwhile: the slab already holds the new state, so the session's position
 must follow. A step whose caller left before its run is dropped.
