@@ -61,6 +61,7 @@ class Row:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    first_token_p50_ms: float | None = None  # generate: from sending a Generate call to its first token
 
 
 def percentiles(latencies_s: list[float]) -> tuple[float, float, float]:
@@ -170,19 +171,21 @@ async def stream_load(url: str, concurrency: int, vocab: int, window: Window) ->
 
 async def generate_load(
     url: str, concurrency: int, tokens: int, window: Window, flush_interval_ms: int | None = None
-) -> tuple[float, list[float]]:
+) -> tuple[float, list[float], list[float]]:
     """Every session runs Generate calls of `tokens` tokens back to back; returns (tokens/s, gaps between
-    a stream's consecutive tokens), both counted in the window."""
+    a stream's consecutive tokens, times from a call to its first token), all counted in the window."""
     async with AsyncClient(url, timeout=120) as client:
         sessions = [await client.session("bench") for _ in range(concurrency)]
         for s in sessions:
             await s.feed([2], top_k=1)
         gaps: list[float] = []
+        first_tokens: list[float] = []
         start, end = window.bounds()
 
         async def one(i: int) -> None:
             last, call = time.perf_counter(), 0
             while last < end:
+                called, first = time.perf_counter(), True
                 stream = sessions[i].generate(
                     max_tokens=tokens,
                     temperature=1.0,
@@ -194,7 +197,9 @@ async def generate_load(
                     now = time.perf_counter()
                     if start <= now < end:
                         gaps.append(now - last)
-                    last = now
+                        if first:
+                            first_tokens.append(now - called)
+                    last, first = now, False
                     if now >= end:
                         break
                 await stream.aclose()
@@ -203,7 +208,13 @@ async def generate_load(
         await asyncio.gather(*(one(i) for i in range(concurrency)))
         for s in sessions:
             await s.close()
-    return len(gaps) / window.duration_s, gaps
+    return len(gaps) / window.duration_s, gaps, first_tokens
+
+
+def generate_row(system: str, concurrency: int, load: tuple[float, list[float], list[float]]) -> Row:
+    rate, gaps, first_tokens = load
+    first = float(np.percentile(first_tokens, 50) * 1000) if first_tokens else None
+    return Row(system, "generate", concurrency, rate, *percentiles(gaps), first_token_p50_ms=first)
 
 
 @contextmanager
@@ -228,9 +239,9 @@ def flush_sweep(
     """Generation at one concurrency with each flush interval the clients may ask for."""
     rows = []
     for interval in intervals_ms:
-        rate, gaps = asyncio.run(generate_load(url, concurrency, tokens, window, interval))
-        rows.append(Row(f"rnnserve flush {interval} ms", "generate", concurrency, rate, *percentiles(gaps)))
-        gap = rows[-1].p99_ms
+        load = asyncio.run(generate_load(url, concurrency, tokens, window, interval))
+        rows.append(generate_row(f"rnnserve flush {interval} ms", concurrency, load))
+        rate, gap = rows[-1].tokens_per_s, rows[-1].p99_ms
         print(f"  flush {interval:5d} ms c={concurrency:<4} {rate:10.0f} tok/s  gap p99 {gap:.1f} ms")
     return rows
 
@@ -240,9 +251,9 @@ def call_sweep(url: str, concurrency: int, lengths: list[int], window: Window) -
     and a turn out of the running batch between calls)."""
     rows = []
     for length in lengths:
-        rate, gaps = asyncio.run(generate_load(url, concurrency, length, window))
-        rows.append(Row(f"rnnserve calls of {length}", "generate", concurrency, rate, *percentiles(gaps)))
-        print(f"  calls of {length:5d} c={concurrency:<4} {rate:10.0f} tok/s", flush=True)
+        load = asyncio.run(generate_load(url, concurrency, length, window))
+        rows.append(generate_row(f"rnnserve calls of {length}", concurrency, load))
+        print(f"  calls of {length:5d} c={concurrency:<4} {rows[-1].tokens_per_s:10.0f} tok/s", flush=True)
     return rows
 
 
@@ -288,17 +299,15 @@ def served(
         for workload in ("stream", "generate"):
             if ceiling is not None:
                 rows.append(ceiling.row(workload, c))
-            load = (
-                stream_load(url, c, vocab, window)
-                if workload == "stream"
-                else generate_load(url, c, tokens, window)
-            )
-            rate, latencies = asyncio.run(load)
-            rows.append(Row(system, workload, c, rate, *percentiles(latencies)))
-            print(
-                f"  {system:12} {workload:8} c={c:<4} {rate:10.0f} tok/s  p50 {rows[-1].p50_ms:.2f} ms",
-                flush=True,
-            )
+            if workload == "stream":
+                rate, latencies = asyncio.run(stream_load(url, c, vocab, window))
+                rows.append(Row(system, workload, c, rate, *percentiles(latencies)))
+            else:
+                rows.append(generate_row(system, c, asyncio.run(generate_load(url, c, tokens, window))))
+            r = rows[-1]
+            first = f", first token p50 {r.first_token_p50_ms:.2f} ms" if r.first_token_p50_ms else ""
+            rate = f"{r.tokens_per_s:10.0f} tok/s"
+            print(f"  {system:12} {workload:8} c={c:<4} {rate}  p50 {r.p50_ms:.2f} ms{first}", flush=True)
     return rows
 
 
@@ -443,11 +452,13 @@ def plot(rows: list[Row], path: Path, title: str = "") -> None:
 def print_table(rows: list[Row]) -> None:
     print(
         f"\n{'system':12} {'workload':9} {'conc':>5} {'tok/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
+        f" {'1st tok ms':>10}"
     )
     for r in sorted(rows, key=lambda r: (r.workload, r.concurrency, r.system)):
+        first = f"{r.first_token_p50_ms:10.2f}" if r.first_token_p50_ms is not None else f"{'':10}"
         print(
             f"{r.system:12} {r.workload:9} {r.concurrency:5d} {r.tokens_per_s:10.0f} "
-            f"{r.p50_ms:8.2f} {r.p90_ms:8.2f} {r.p99_ms:8.2f}"
+            f"{r.p50_ms:8.2f} {r.p90_ms:8.2f} {r.p99_ms:8.2f} {first}"
         )
 
 

@@ -29,6 +29,8 @@ def test_serving_benchmark_writes_its_table_goals_and_plot(tmp_path: Path) -> No
     assert {("grpc-echo", "stream", 1), ("rnnserve flush 0 ms", "generate", 2)} <= rows
     assert ("rnnserve calls of 4", "generate", 2) in rows
     assert all(r["tokens_per_s"] > 0 for r in report["rows"])
+    served_generate = [r for r in report["rows"] if r["system"] == "rnnserve" and r["workload"] == "generate"]
+    assert all(r["first_token_p50_ms"] > 0 for r in served_generate)
     assert report["idle"]["sessions"] == 50 and report["idle"]["grpc_echo_create_close_p50_ms"] > 0
     assert report["goals"][0]["goal"].startswith("1 streaming session")
     assert (tmp_path / "serving.png").stat().st_size > 10_000
