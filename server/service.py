@@ -6,6 +6,7 @@ Errors are raised as `rnnserve.server.errors` exceptions and turned into statuse
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from grpc import aio
 
@@ -97,33 +98,23 @@ def feed_result_pb(result: FeedResult) -> pb.StreamResponse:
     )
 
 
-def generated_token_pb(token: GeneratedToken) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
-        token_id=token.token_id,
-        text=token.text,
-        logprob=token.logprob,
-        position=token.position,
-        finish_reason=_FINISH_REASONS[token.finish_reason],
-    )
+def token_fields(token: GeneratedToken) -> dict[str, Any]:
+    """The fields a generated token has in both GenerateResponse (one per message) and SampledToken."""
+    return {
+        "token_id": token.token_id,
+        "text": token.text,
+        "logprob": token.logprob,
+        "position": token.position,
+        "finish_reason": _FINISH_REASONS[token.finish_reason],
+    }
 
 
 def generate_responses(tokens: list[GeneratedToken], per_message: int) -> list[pb.GenerateResponse]:
     """Tokens ready at once as messages: one each, or up to `per_message` in `tokens` when allowed."""
     if per_message <= 1:
-        return [generated_token_pb(t) for t in tokens]
+        return [pb.GenerateResponse(**token_fields(t)) for t in tokens]
     return [
-        pb.GenerateResponse(
-            tokens=[
-                pb.SampledToken(
-                    token_id=t.token_id,
-                    text=t.text,
-                    logprob=t.logprob,
-                    position=t.position,
-                    finish_reason=_FINISH_REASONS[t.finish_reason],
-                )
-                for t in tokens[i : i + per_message]
-            ]
-        )
+        pb.GenerateResponse(tokens=[pb.SampledToken(**token_fields(t)) for t in tokens[i : i + per_message]])
         for i in range(0, len(tokens), per_message)
     ]
 
