@@ -56,7 +56,8 @@ def _train_lm(args: argparse.Namespace, repo: Path) -> None:
     from rnnserve.export.onnx_export import export_checkpoint
     from rnnserve.training.train import TrainConfig, train_language_model
 
-    config = TrainConfig(data=args.data, out_dir=str(args.workdir / "runs" / args.name))
+    # force: a demo run starts afresh in its work directory each time.
+    config = TrainConfig(data=args.data, out_dir=str(args.workdir / "runs" / args.name), force=True)
     if args.epochs is not None:
         config.epochs = args.epochs
     print(
@@ -87,6 +88,7 @@ def _train_sentiment(data: Path, workdir: Path, repo: Path) -> None:
         epochs=1,
         max_train_examples=30_000,
         out_dir=str(workdir / "runs" / "sentiment"),
+        force=True,
     )
     print(f"[train] a streaming GRU sentiment classifier on {train}", flush=True)
     checkpoint = train_classifier(config)

@@ -42,6 +42,7 @@ from rnnserve.training.runstate import (
     InterruptFlag,
     RunClock,
     TrainingStopped,
+    check_new_run,
     rng_state,
     save_atomically,
     set_rng_state,
@@ -202,8 +203,7 @@ def _prepare(
         raise ValueError("no training data: set `train` (--train) to a TSV/CSV file or a label directory")
     cols = {"text_column": config.text_column, "label_column": config.label_column}
     train_path, dev_path = resolve_splits(config.train, config.dev)  # a data set folder: its splits
-    if config.progress:
-        print(f"train: {train_path}; dev: {dev_path or f'{config.dev_fraction:.0%} held out of train'}")
+    print(f"train: {train_path}; dev: {dev_path or f'{config.dev_fraction:.0%} held out of train'}")
     texts, labels, raw_names = load_labelled(train_path, **cols)
     if dev_path is not None:
         dev_texts, dev_labels, _ = load_labelled(dev_path, label_names=raw_names, **cols)
@@ -301,8 +301,9 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     device = device_for(config.device)
     out = Path(config.out_dir)
     last_path = out / LAST_FILE
-    if config.resume and not last_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    check_new_run(out, config.resume, config.force, "rnnserve train classifier")
+    if not config.resume and last_path.exists():
+        print(f"--force: starting a new run in {out} (the earlier run's files are overwritten)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     tok, train_ids, train_labels, dev_ids, dev_labels, raw_names, names = _prepare(config)
     tok.save(str(out / TOKENIZER_FILE))
@@ -320,11 +321,10 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
         set_rng_state(last["rng"])
         version, internal, gauss = last["epoch_order"]
         rng.setstate((version, tuple(internal), gauss))
-    if config.progress:
-        tqdm.write(
-            f"{len(train_ids)} training / {len(dev_ids)} dev examples, labels {names}, "
-            f"vocabulary {args.vocab_size}, {sum(p.numel() for p in model.parameters())} parameters"
-        )
+    tqdm.write(
+        f"{len(train_ids)} training / {len(dev_ids)} dev examples, labels {names}, "
+        f"vocabulary {args.vocab_size}, {sum(p.numel() for p in model.parameters())} parameters"
+    )
     path = out / CHECKPOINT_FILE
     lengths = [len(s) for s in train_ids]
     stop_reason: str | None = None
@@ -376,8 +376,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
                     _evaluate_and_keep_best(model, config, progress, dev, len(batches), save_best)
                     if progress.stale >= config.patience:
                         progress.epoch = config.epochs + 1  # early stop: the run is over
-                        if config.progress:
-                            tqdm.write(f"early stop: no better dev accuracy in {config.patience} evaluations")
+                        tqdm.write(f"early stop: no better dev accuracy in {config.patience} evaluations")
                         break
                 if interrupt.raised:
                     stop_reason = "interrupted"
@@ -401,7 +400,14 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             epoch_order = rng.getstate()  # the next epoch's order starts from here
             save_last(epoch_order)
     if stop_reason is not None:
-        raise TrainingStopped(last_path, progress.global_step, stop_reason)
+        if not path.exists():  # stopped before its first evaluation: evaluate now, so it can be exported
+            record = _evaluation_record(model, progress, (dev_ids, dev_labels, names), len(batches))
+            save_best(record, [*progress.history, {k: v for k, v in record.items() if k != "report"}])
+            tqdm.write(
+                f"stopped at step {progress.global_step} before the first evaluation: dev accuracy "
+                f"{record['dev_accuracy']:.4f}; {path} written"
+            )
+        raise TrainingStopped(last_path, progress.global_step, stop_reason, path)
     clock.tick()
     _finish_history(path, progress.history, progress.train_seconds)
     return path
@@ -416,27 +422,38 @@ def _evaluate_and_keep_best(
     save_best: Callable[[dict[str, Any], list[dict[str, float]]], None],
 ) -> None:
     """Evaluate on dev, record it in the history, save the checkpoint if it is the best so far."""
-    report = evaluate(model, *dev)  # dev: (token ids, labels, label names)
-    record = {
-        "epoch": progress.epoch + progress.step_in_epoch / epoch_batches - 1,
-        "train_loss": progress.epoch_loss_sum / max(progress.epoch_examples, 1),
-        "dev_loss": report["loss"],
-        **flat_metrics(report),
-        "train_seconds": progress.train_seconds,
-    }
+    record = _evaluation_record(model, progress, dev, epoch_batches)
+    report = record.pop("report")
     progress.history.append(record)
     improved = report["accuracy"] > progress.best
-    if config.progress:
-        best_mark = "  (best)" if improved else ""
-        tqdm.write(
-            f"epoch {record['epoch']:.2f}: train loss {record['train_loss']:.4f}, dev loss "
-            f"{report['loss']:.4f}, dev accuracy {report['accuracy']:.4f}{best_mark}"
-        )
+    best_mark = "  (best)" if improved else ""
+    tqdm.write(
+        f"epoch {record['epoch']:.2f}: train loss {record['train_loss']:.4f}, dev loss "
+        f"{report['loss']:.4f}, dev accuracy {report['accuracy']:.4f}{best_mark}"
+    )
     if improved:
         progress.best, progress.stale = report["accuracy"], 0
         save_best({**record, "report": report}, progress.history)
     else:
         progress.stale += 1
+
+
+def _evaluation_record(
+    model: RNNClassifier,
+    progress: _ClassifierProgress,
+    dev: tuple[list[list[int]], list[int], list[str]],
+    epoch_batches: int,
+) -> dict[str, Any]:
+    """One evaluation on dev (token ids, labels, label names): flat figures plus the full `report`."""
+    report = evaluate(model, *dev)
+    return {
+        "epoch": progress.epoch + progress.step_in_epoch / epoch_batches - 1,
+        "train_loss": progress.epoch_loss_sum / max(progress.epoch_examples, 1),
+        "dev_loss": report["loss"],
+        **flat_metrics(report),
+        "train_seconds": progress.train_seconds,
+        "report": report,
+    }
 
 
 def _finish_history(path: Path, history: list[dict[str, float]], seconds: float) -> None:

@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clf = kinds.add_parser(
         "classifier",
         help="train a recurrent text classifier (pooling over time) on labelled text",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Labelled text: a TSV/CSV file with a header row (text and label columns, detected by "
         "name) or a directory with one subdirectory per label holding one text per file.",
     )
@@ -102,7 +103,11 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patience", type=int, help="early stopping: epochs without a better val loss (default: off)"
     )
-    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument(
+        "--max-steps-per-epoch",
+        type=int,
+        help="cut each epoch to its first N steps (quick runs, tests; default: the whole training stream)",
+    )
     p.add_argument(
         "--time-budget-min",
         type=float,
@@ -113,11 +118,19 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
         "--max-eval-tokens", type=int, help="validation tokens per evaluation, 0 = all (default: 100000)"
     )
     p.add_argument(
-        "--max-steps", type=int, help="stop after this many steps in all (resumable with --resume)"
+        "--max-steps",
+        type=int,
+        help="stop after this many steps in all: checkpoint.pt holds the best weights so far (evaluated at "
+        "the stop if the run had no evaluation yet), `--resume` continues the run",
     )
     p.add_argument("--save-every", type=int, help=f"write last.pt every this many steps {dflt('save_every')}")
     p.add_argument("--log-every", type=int, help=f"metrics.jsonl step rows every N steps {dflt('log_every')}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in an --out that holds an earlier run (its files are overwritten)",
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write learning_curves.png")
     p.add_argument(
         "--tensorboard",
@@ -133,7 +146,9 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
         "--amp", choices=["auto", "off", "bf16", "fp16"], help=f"mixed precision on CUDA {dflt('amp')}"
     )
     p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN/cuBLAS kernels")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the data summary and epoch lines stay)"
+    )
     p.add_argument("--sample", type=int, default=300, help="print this many sampled tokens at the end")
     p.add_argument("--out", help="output directory (checkpoint.pt, last.pt, tokenizer.json, metrics.jsonl)")
 
@@ -163,7 +178,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         if name in _NEGATED:
             if value:
                 values[_NEGATED[name]] = False
-        elif name in ("tie_weights", "resume", "deterministic", "tensorboard"):
+        elif name in ("tie_weights", "resume", "force", "deterministic", "tensorboard"):
             if value:
                 values[name] = True
         elif _RENAMED.get(name, name) in _DEFAULTS:  # not --config, --sample, func, command...
@@ -177,8 +192,7 @@ def run_train_lm(args: argparse.Namespace) -> int:
     """Train, print the checkpoint path, its metrics and a short sample; returns the exit code."""
     from rnnserve.training.distributed import launched_rank
     from rnnserve.training.runstate import TrainingStopped, read_run_config
-    from rnnserve.training.sample import sample_text
-    from rnnserve.training.train import load_checkpoint, train_language_model
+    from rnnserve.training.train import train_language_model
 
     try:
         base = None
@@ -196,18 +210,29 @@ def run_train_lm(args: argparse.Namespace) -> int:
             return 130 if stop.reason == "interrupted" else 0  # rank 0 reports for the whole job
         print(f"{stop.reason} at step {stop.step}; the run's state is saved in {stop.last}", file=sys.stderr)
         print(f"continue it with: rnnserve train lm --out {config.out_dir} --resume", file=sys.stderr)
+        if stop.checkpoint is not None and stop.reason != "interrupted":
+            _report_lm(stop.checkpoint, args.sample, config.seed)
         return 130 if stop.reason == "interrupted" else 0
     if launched_rank() != 0:
         return 0  # under torchrun, rank 0 alone reports
+    _report_lm(path, args.sample, config.seed)
+    return 0
+
+
+def _report_lm(path: Path, sample_tokens: int, seed: int) -> None:
+    """Print the checkpoint's path, its metrics and (`sample_tokens` > 0) a sample from it."""
+    from rnnserve.training.sample import sample_text
+    from rnnserve.training.train import load_checkpoint
+
     model, tok, ckpt = load_checkpoint(path)
     m = ckpt["metrics"]
-    print(f"checkpoint: {path}")
-    print(f"epoch {m['epoch']}: val loss {m['val_loss']:.4f}, val ppl {m['val_ppl']:.3f}")
+    print(f"checkpoint: {path}  (export it: rnnserve export {path} --repo model_repo --name NAME)")
+    at = f"step {m['step']} (epoch {m['epoch']} unfinished)" if "step" in m else f"epoch {m['epoch']}"
+    print(f"{at}: val loss {m['val_loss']:.4f}, val ppl {m['val_ppl']:.3f}")
     if "test_loss" in m:
         print(f"test loss {m['test_loss']:.4f}, test ppl {m['test_ppl']:.3f} (best checkpoint, test split)")
-    if args.sample > 0:
-        print("sample:\n" + sample_text(model, tok, max_tokens=args.sample, seed=config.seed))
-    return 0
+    if sample_tokens > 0:
+        print("sample:\n" + sample_text(model, tok, max_tokens=sample_tokens, seed=seed))
 
 
 def _register_sample(subparsers: argparse._SubParsersAction) -> None:
@@ -290,50 +315,66 @@ def _add_classifier_arguments(p: argparse.ArgumentParser) -> None:
         "train.tsv + dev.tsv, IMDB's aclImdb/ with train/ + test/); required unless --resume",
     )
     p.add_argument("--dev", help="dev split, same layouts (default: hold out --dev-fraction of train)")
-    p.add_argument("--dev-fraction", type=float, default=d["dev_fraction"])
+    p.add_argument(
+        "--dev-fraction", type=float, default=d["dev_fraction"], help="held out of train without --dev"
+    )
     p.add_argument(
         "--text-column", default=d["text_column"], help="default: detect (sentence, content, text...)"
     )
     p.add_argument("--label-column", default=d["label_column"], help="default: detect (label, sentiment...)")
     p.add_argument("--label-names", help="comma-separated display names by class id (default: from the data)")
-    p.add_argument("--tokenizer", choices=["word", "bpe"], default=d["tokenizer"])
+    p.add_argument(
+        "--tokenizer", choices=["word", "bpe"], default=d["tokenizer"], help="learnt on train only"
+    )
     p.add_argument("--no-lowercase", action="store_true", help="keep case (default: lowercase normalizer)")
     p.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="vocabulary cap / BPE target size")
     p.add_argument(
         "--min-freq", type=int, default=d["min_freq"], help="rarer words (or BPE pairs) are dropped"
     )
-    p.add_argument("--cell", choices=CELL_CHOICES, default=d["cell"])
-    p.add_argument("--layers", type=int, default=d["layers"])
+    p.add_argument("--cell", choices=CELL_CHOICES, default=d["cell"], help="recurrent cell")
+    p.add_argument("--layers", type=int, default=d["layers"], help="stacked recurrent layers")
     p.add_argument("--hidden", type=int, default=d["hidden"], help="hidden size per direction")
-    p.add_argument("--emb", type=int, default=d["emb"])
+    p.add_argument("--emb", type=int, default=d["emb"], help="embedding size")
     bi = p.add_mutually_exclusive_group()
     bi.add_argument("--bidirectional", dest="bidirectional", action="store_true", default=d["bidirectional"],
                     help="whole-text model (default)")  # fmt: skip
     bi.add_argument("--unidirectional", dest="bidirectional", action="store_false",
                     help="streamable model: classifies a text chunk by chunk")  # fmt: skip
-    p.add_argument("--pooling", choices=["max", "mean", "last"], default=d["pooling"])
-    p.add_argument("--dropout", type=float, default=d["dropout"])
-    p.add_argument("--emb-dropout", type=float, default=d["emb_dropout"])
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--pooling", choices=["max", "mean", "last"], default=d["pooling"], help="over time")
+    p.add_argument("--dropout", type=float, default=d["dropout"], help="between layers, on the pooled vector")
+    p.add_argument("--emb-dropout", type=float, default=d["emb_dropout"], help="on the embeddings")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="at most (early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="examples per step")
+    p.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=d["clip"], help="gradient-norm clip")
     p.add_argument("--patience", type=int, default=d["patience"], help="evaluations without improvement")
-    p.add_argument("--evals-per-epoch", type=int, default=d["evals_per_epoch"])
-    p.add_argument("--max-train-examples", type=int, default=d["max_train_examples"])
+    p.add_argument("--evals-per-epoch", type=int, default=d["evals_per_epoch"], help="dev evaluations")
+    p.add_argument(
+        "--max-train-examples", type=int, default=d["max_train_examples"], help="random subset (quick runs)"
+    )
     p.add_argument("--max-len", type=int, default=d["max_len"], help="truncate training texts (tokens)")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seed", type=int, default=d["seed"], help="weights, data order, subsampling")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads")
     p.add_argument("--device", default=d["device"], help="cpu, cuda or auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the data summary and evaluations stay)"
+    )
     p.add_argument("--out", required=True, help="output directory (checkpoint.pt, last.pt, tokenizer.json)")
     p.add_argument("--save-every", type=int, default=d["save_every"], help="write last.pt every N steps")
     p.add_argument(
-        "--max-steps", type=int, help="stop after this many steps in all (resumable with --resume)"
+        "--max-steps",
+        type=int,
+        help="stop after this many steps in all: checkpoint.pt holds the best weights so far (evaluated at "
+        "the stop if the run had no evaluation yet), `--resume` continues the run",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last.pt (its saved config)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in an --out that holds an earlier run (its files are overwritten)",
     )
 
 
@@ -375,6 +416,7 @@ def classifier_config_from_args(args: argparse.Namespace) -> ClassifierTrainConf
         out_dir=args.out,
         save_every=args.save_every,
         max_steps=args.max_steps,
+        force=args.force,
     )
 
 
@@ -402,6 +444,11 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     except TrainingStopped as stop:
         print(f"{stop.reason} at step {stop.step}; the run's state is saved in {stop.last}", file=sys.stderr)
         print(f"continue it with: rnnserve train classifier --out {args.out} --resume", file=sys.stderr)
+        if stop.checkpoint is not None and stop.reason != "interrupted":
+            _, _, ckpt = load_classifier_checkpoint(stop.checkpoint)
+            m = ckpt["metrics"]
+            print(f"checkpoint: {stop.checkpoint}  (the best evaluation so far, at epoch {m['epoch']:.2f})")
+            print(format_report(m["report"]))
         return 130 if stop.reason == "interrupted" else 0
     _, _, ckpt = load_classifier_checkpoint(path)
     m = ckpt["metrics"]

@@ -39,6 +39,7 @@ class TrainConfig:
     save_every: int = 200  # write last.pt every this many steps (and at each epoch end)
     log_every: int = 10  # append a step row to metrics.jsonl every this many steps
     resume: bool = False  # continue from out_dir/last.pt (model, optimiser, schedule, RNG, data position)
+    force: bool = False  # start a new run in an out_dir that holds another run's last.pt (overwriting it)
     plot: bool = True  # write learning_curves.png at the end (needs matplotlib)
     tensorboard: bool = False  # also write TensorBoard event files to out_dir/tensorboard (needs tensorboard)
     max_eval_tokens: int | None = 100_000  # cap on validation tokens per evaluation; None or 0 = all
@@ -97,3 +98,4 @@ class ClassifierTrainConfig:
     save_every: int = 200  # write last.pt every this many steps (and after each evaluation)
     max_steps: int | None = None  # stop (saving last.pt) after this many steps in all; `resume` continues
     resume: bool = False  # continue from out_dir/last.pt (model, optimiser, RNG, data order and position)
+    force: bool = False  # start a new run in an out_dir that holds another run's last.pt (overwriting it)

@@ -17,11 +17,29 @@ LAST_FILE = "last.pt"  # the whole run state, for --resume (the exporter reads c
 
 
 class TrainingStopped(Exception):
-    """Training ended early (Ctrl-C or `max_steps`) after writing `last.pt`; `resume` continues the run."""
+    """Training ended early (Ctrl-C or `max_steps`) after writing `last.pt`; `resume` continues the run.
 
-    def __init__(self, last: Path, step: int, reason: str) -> None:
+    `checkpoint` is the exportable best checkpoint so far (a run stopped before its first evaluation is
+    evaluated at the stop to write one), or None where none could be written (not rank 0)."""
+
+    def __init__(self, last: Path, step: int, reason: str, checkpoint: Path | None = None) -> None:
         super().__init__(f"{reason} at step {step}; the run's state is in {last}")
-        self.last, self.step, self.reason = last, step, reason
+        self.last, self.step, self.reason, self.checkpoint = last, step, reason, checkpoint
+
+
+def check_new_run(out_dir: Path, resume: bool, force: bool, command: str) -> None:
+    """Refuse to start a new run over another run's `last.pt` unless told: `resume` continues it, `force`
+    starts over (overwriting its files). `command` (e.g. "rnnserve train lm") goes into the message."""
+    last = out_dir / LAST_FILE
+    if resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"cannot resume: {last} does not exist")
+    elif last.exists() and not force:
+        raise ValueError(
+            f"{out_dir} already holds a training run ({last}): continue it with "
+            f"`{command} --out {out_dir} --resume`, or start a new run there with --force (overwrites "
+            "its checkpoints), or pick another --out"
+        )
 
 
 def rng_state() -> dict[str, Any]:

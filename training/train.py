@@ -46,6 +46,7 @@ from rnnserve.training.runstate import (
     InterruptFlag,
     RunClock,
     TrainingStopped,
+    check_new_run,
     rng_state,
     save_atomically,
     set_rng_state,
@@ -105,9 +106,9 @@ def _prepare_data(
 ) -> tuple[Tokenizer, list[int], list[int], list[int] | None]:
     """(tokenizer, train ids, validation ids, test ids or None): the corpus split first, the tokenizer learnt
     on its training split only (see `rnnserve.training.data.prepare_lm_data`).
-    With `report` and `config.progress`, prints which files each split came from and their sizes."""
+    With `report`, prints which files each split came from and their sizes."""
     data = prepare_lm_data(config)
-    if report and config.progress:
+    if report:  # with or without the progress bar
         tqdm.write(data.describe())
     val_ids = data.valid
     if config.max_eval_tokens:  # None or 0: evaluate on the whole validation split
@@ -277,8 +278,9 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
     show = config.progress and main
     out = Path(config.out_dir)
     last_path = out / LAST_FILE
-    if config.resume and not last_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    check_new_run(out, config.resume, config.force, "rnnserve train lm")
+    if main and not config.resume and last_path.exists():
+        print(f"--force: starting a new run in {out} (the earlier run's files are overwritten)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     tok, train_ids, val_ids, test_ids = _prepare_data(config, report=main)
     if main:
@@ -383,7 +385,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
             bar.close()
             if stop_reason is not None and progress.step_in_epoch < len(batches):
                 break
-            if out_of_time and show:
+            if out_of_time and main:
                 tqdm.write(f"time budget of {config.time_budget_min} min used: evaluating and stopping")
             clock.tick()
             # The epoch's training loss over all ranks' streams (each rank saw its own block).
@@ -393,7 +395,7 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
             _end_epoch(model, val_data, config, progress, scheduler, path, sink, main)
             clock.tick()
             if config.patience is not None and progress.bad_epochs >= config.patience:
-                if show:
+                if main:
                     tqdm.write(f"early stopping: no better val loss for {config.patience} epoch(s)")
                 progress.epoch = config.epochs + 1
             if out_of_time:
@@ -407,12 +409,39 @@ def _train(config: TrainConfig, on_step: StepHook | None, dist_info: DistInfo, d
     sink.close()
     if stop_reason is not None:
         save()
-        raise TrainingStopped(last_path, progress.global_step, stop_reason)
+        checkpoint = None
+        if main:
+            if not path.exists():  # stopped before its first evaluation: evaluate now, so it can be exported
+                _checkpoint_at_stop(model, val_data, config, progress, path)
+            checkpoint = path
+        raise TrainingStopped(last_path, progress.global_step, stop_reason, checkpoint)
     if test_ids and main:
         _evaluate_best_on_test(path, model, test_ids, config, device)
     if config.plot and main:
         plot_learning_curves(metrics_path, out / PLOT_FILE)
     return path
+
+
+def _checkpoint_at_stop(
+    model: RNNLanguageModel, val_data: Tensor, config: TrainConfig, progress: _Progress, path: Path
+) -> None:
+    """Evaluate a run that stops before its first epoch end and write checkpoint.pt, so what it has learnt
+    can be exported. `progress` is left alone: a resumed run's first epoch end replaces this checkpoint
+    (nothing is better than no evaluation), exactly as the uninterrupted run writes its first one."""
+    val_loss = evaluate(model, val_data, config.bptt)
+    metrics: dict[str, float] = {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50)),
+        "train_loss": progress.epoch_loss_sum / max(progress.epoch_tokens, 1),
+        "epoch": progress.epoch,
+        "step": progress.global_step,
+        "elapsed_s": round(progress.train_seconds, 1),
+    }
+    save_checkpoint(path, model, config, metrics, [*progress.history, metrics])
+    tqdm.write(
+        f"stopped at step {progress.global_step} (epoch {progress.epoch}, before its end): val loss "
+        f"{val_loss:.3f}, val ppl {metrics['val_ppl']:.2f}; {path} written"
+    )
 
 
 def _evaluate_best_on_test(
@@ -427,10 +456,9 @@ def _evaluate_best_on_test(
     # A new dict: the checkpoint's history holds the same metrics object, and it stays as trained.
     ckpt["metrics"] = {**ckpt["metrics"], "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50))}
     save_atomically(ckpt, path)
-    if config.progress:
-        tqdm.write(
-            f"best checkpoint on the test split: loss {test_loss:.3f}, ppl {ckpt['metrics']['test_ppl']:.2f}"
-        )
+    tqdm.write(
+        f"best checkpoint on the test split: loss {test_loss:.3f}, ppl {ckpt['metrics']['test_ppl']:.2f}"
+    )
 
 
 def _rank_rng(last: dict[str, Any], info: DistInfo) -> dict[str, Any]:
@@ -497,7 +525,7 @@ def _end_epoch(
         scheduler.step(val_loss)
     if main:
         sink.write({"step": progress.global_step, **metrics})
-    if config.progress and main:
+    if main:
         tqdm.write(
             f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
             f"val ppl {metrics['val_ppl']:.2f}"
@@ -572,12 +600,31 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str:
     return str(ckpt.get("kind", "lm"))
 
 
-def read_checkpoint_kind(path: str | Path) -> str:
-    """The kind of the checkpoint file at `path` (see `checkpoint_kind`)."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+def _load_model_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint dict that holds a model to export or sample from; errors that say what to do else
+    (a missing file, a run's `last.pt`, something that is not ours)."""
+    if not path.is_file():
+        hint = ""
+        if (path.parent / LAST_FILE).is_file():
+            hint = (
+                f"; {path.parent} holds a run stopped before its first evaluation: continue it with "
+                f"`rnnserve train ... --out {path.parent} --resume` (stopping again writes {path.name})"
+            )
+        raise FileNotFoundError(f"{path} does not exist{hint}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve checkpoint")
-    return checkpoint_kind(ckpt)
+    if checkpoint_kind(ckpt).endswith("-last"):
+        raise ValueError(
+            f"{path} is a run's training state (for `--resume`), not a model checkpoint: use "
+            f"{path.parent / CHECKPOINT_FILE}, the best evaluated weights of the run"
+        )
+    return ckpt
+
+
+def read_checkpoint_kind(path: str | Path) -> str:
+    """The kind of the checkpoint file at `path` (see `checkpoint_kind`)."""
+    return checkpoint_kind(_load_model_checkpoint(Path(path)))
 
 
 def load_checkpoint(path: str | Path) -> tuple[RNNLanguageModel, Tokenizer, dict[str, Any]]:
@@ -591,9 +638,7 @@ def load_checkpoint(path: str | Path) -> tuple[RNNLanguageModel, Tokenizer, dict
 def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, Any], Tokenizer]:
     """A checkpoint of `kind` ("lm" | "classifier") and the tokenizer.json beside it; clear errors else."""
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rnnserve checkpoint")
+    ckpt = _load_model_checkpoint(path)
     if checkpoint_kind(ckpt) != kind:
         names = {"lm": "language model", "classifier": "classifier"}
         raise ValueError(f"{path} is a {checkpoint_kind(ckpt)} checkpoint, not a {names.get(kind, kind)}")

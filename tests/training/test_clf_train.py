@@ -164,3 +164,34 @@ def test_resumed_classifier_run_ends_with_the_uninterrupted_weights(
     assert "checkpoint:" in capsys.readouterr().out
     missing = _parser().parse_args(["train", "classifier", "--out", str(tmp_path / "none"), "--resume"])
     assert missing.func(missing) == 2 and "cannot resume" in capsys.readouterr().err
+
+
+def test_a_classifier_run_stopped_before_its_first_evaluation_leaves_an_exportable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train, dev = _tsv(tmp_path / "t.tsv", 200, 1), _tsv(tmp_path / "d.tsv", 40, 2)
+    out = tmp_path / "out"
+    argv = ["train", "classifier", "--train", train, "--dev", dev, "--cell", "gru", "--hidden", "8",
+            "--emb", "8", "--unidirectional", "--epochs", "1", "--batch-size", "8", "--threads", "2",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    # 25 batches an epoch, the first evaluation after 13: stopped at step 3, the run had none yet.
+    args = _parser().parse_args([*argv, "--max-steps", "3"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert f"rnnserve train classifier --out {out} --resume" in captured.err
+    assert f"checkpoint: {out / 'checkpoint.pt'}" in captured.out and "confusion matrix" in captured.out
+    assert "200 training / 40 dev examples" in captured.out  # --no-progress keeps the data summary
+    _, _, ckpt = load_classifier_checkpoint(out / "checkpoint.pt")
+    assert ckpt["kind"] == "classifier" and 0 < ckpt["metrics"]["epoch"] < 1
+    with pytest.raises(ValueError, match="training state"):
+        load_classifier_checkpoint(out / LAST_FILE)
+    # Resumed, the first real evaluation replaces that checkpoint as in an uninterrupted run.
+    args = _parser().parse_args(["train", "classifier", "--out", str(out), "--resume"])
+    assert args.func(args) == 0
+    # A new run into the directory is refused without --force.
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    args = _parser().parse_args([*argv, "--force"])
+    assert args.func(args) == 0
+    assert "--force: starting a new run" in capsys.readouterr().out

@@ -260,3 +260,61 @@ def test_test_split_scores_the_best_checkpoint_once(tmp_path: Path) -> None:
     test_data = batchify(encode_documents(tok, [test_file.read_text()]), config.eval_batch_size)
     assert evaluate(model, test_data, config.bptt) == pytest.approx(metrics["test_loss"], rel=1e-6)
     assert 0 < metrics["test_loss"] < math.log(tok.get_vocab_size())
+
+
+def test_a_run_stopped_by_max_steps_leaves_an_exportable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 12 item 9: `--max-steps` inside the first epoch used to leave only last.pt, so the README's
+    # next command (`rnnserve export runs/py/checkpoint.pt`) failed.
+    data = tmp_path / "corpus.txt"
+    data.write_text(TINY_TEXT)
+    out = tmp_path / "run"
+    argv = ["train", "lm", "--data", str(data), "--min-count", "1", "--hidden", "16", "--emb", "8",
+            "--layers", "1", "--bptt", "8", "--batch-size", "2", "--no-progress", "--no-plot",
+            "--sample", "5", "--out", str(out)]  # fmt: skip
+    args = _parser().parse_args([*argv, "--max-steps", "3"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert f"rnnserve train lm --out {out} --resume" in captured.err
+    assert f"checkpoint: {out / CHECKPOINT_FILE}" in captured.out
+    assert "step 3 (epoch 1 unfinished): val loss" in captured.out
+    # --no-progress drops the bar, not the summary of the corpus and its splits.
+    assert "train:" in captured.out and "valid:" in captured.out
+    ckpt = torch.load(out / CHECKPOINT_FILE, weights_only=True)
+    assert ckpt["kind"] == "lm" and ckpt["metrics"]["step"] == 3
+    from rnnserve.training.train import load_checkpoint
+
+    load_checkpoint(out / CHECKPOINT_FILE)  # what `rnnserve export` and `rnnserve sample` read
+    # last.pt is a run's state: loading it as a model says which file to use instead.
+    with pytest.raises(ValueError, match=r"training state \(for `--resume`\).*checkpoint\.pt"):
+        load_checkpoint(out / LAST_FILE)
+    # A new run into the same directory is refused (it used to start over silently)...
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--resume" in err and "--force" in err
+    assert (out / LAST_FILE).is_file()
+    # ...unless --force, which says that it starts over.
+    args = _parser().parse_args([*argv, "--epochs", "1", "--max-steps-per-epoch", "2", "--force"])
+    assert args.func(args) == 0
+    assert "--force: starting a new run" in capsys.readouterr().out
+
+
+def test_a_missing_checkpoint_beside_a_stopped_run_says_what_to_do(tmp_path: Path) -> None:
+    from rnnserve.training.train import load_checkpoint
+
+    with pytest.raises(TrainingStopped):
+        train_language_model(_config(tmp_path, "x", max_steps=2))
+    (tmp_path / "x" / CHECKPOINT_FILE).unlink()  # as an older version left such a run
+    with pytest.raises(FileNotFoundError, match=r"does not exist; .* --resume"):
+        load_checkpoint(tmp_path / "x" / CHECKPOINT_FILE)
+
+
+def test_max_steps_per_epoch_has_help_text() -> None:
+    lm = _parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    kinds = lm._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for kind in ("lm", "classifier"):
+        for action in kinds[kind]._actions:
+            if action.option_strings and action.option_strings[0] != "-h":
+                assert action.help, f"train {kind} {action.option_strings[0]} has no help text"
