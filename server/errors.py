@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import grpc
 from grpc import aio
 
 from rnnserve.server import metrics
+from rnnserve.server.quoting import MAX_STATUS_MESSAGE, cap_message
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +140,107 @@ class CallTracker:
             yield request
 
 
+# -- requests that do not parse -----------------------------------------------------------------------
+# grpc.aio deserializes a request before any handler or interceptor code runs: a deserializer that
+# raises (protobuf's DecodeError for corrupt bytes or a string field that is not UTF-8) ends the call
+# with UNKNOWN (unary, server-streaming) or INTERNAL (client-streaming) and an ERROR traceback in the
+# log, for every such request. So the interceptor swaps in a deserializer that never raises: it returns
+# a `Malformed` marker, and the wrapped handler answers INVALID_ARGUMENT naming the message type.
+
+MALFORMED_LOG_INTERVAL_S = 60.0  # at most one log line per method in this time; the rest are counted
+REASON_CHARS = 200  # of the parser's complaint kept in the status message and the log
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What the interceptor's deserializer returns in place of a request it could not parse."""
+
+    type_name: str  # the message type the method takes, e.g. "rnnserve.v1.GetSessionRequest"
+    reason: str  # what the parser said, e.g. "String field had bad UTF-8"
+
+    def error(self, which: str = "the request") -> InvalidArgument:
+        hint = (
+            "string fields must be valid UTF-8"
+            if "UTF-8" in self.reason
+            else "send this method's request message, serialized by protobuf from the service's .proto"
+        )
+        return InvalidArgument(f"{which} is not a valid {self.type_name}: {self.reason} ({hint})")
+
+
+def _type_name(deserializer: Callable[[bytes], Any]) -> str:
+    """The full protobuf name of the message a deserializer (`SomeMessage.FromString`) builds."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else "request message"
+
+
+def _parse_failure(exc: Exception) -> str:
+    """The parser's complaint without protobuf's "Error parsing message with type '…': " preamble."""
+    text = str(exc)
+    if text.startswith("Error parsing message"):
+        _, sep, rest = text.partition("': ")
+        text = rest if sep else "the bytes are not a valid encoding of it"
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= REASON_CHARS else f"{text[:REASON_CHARS]}…"
+
+
+def safe_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`deserializer`, returning a `Malformed` marker instead of raising on bytes it cannot parse."""
+    type_name = _type_name(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, and whatever else a parser may raise on hostile bytes
+            return Malformed(type_name, _parse_failure(exc))
+
+    return deserialize
+
+
+class LogLimiter:
+    """At most one log line per `interval` seconds; counts the lines it held back in between."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.suppressed = 0
+        self._next = float("-inf")
+
+    def allow(self) -> int | None:
+        """None: stay quiet (counted). Otherwise log now; the value is how many were held back."""
+        now = self.clock()
+        if now < self._next:
+            self.suppressed += 1
+            return None
+        self._next = now + self.interval
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
+# -- statuses ------------------------------------------------------------------------------------------
+
+
+def status_message(text: str) -> str:
+    """`text` fit for a gRPC status: within MAX_STATUS_MESSAGE characters *and* UTF-8 bytes.
+
+    A backstop: quotes of client input are cut where they are made (`rnnserve.server.quoting`). The
+    message travels percent-encoded in trailing metadata, which clients refuse above 16 KiB (and may
+    refuse above 8 KiB): 2,048 bytes of UTF-8 stay under 6.2 KiB even if every byte is escaped.
+    """
+    data = cap_message(text).encode("utf-8", "backslashreplace")  # (a lone surrogate cannot be sent)
+    if len(data) <= MAX_STATUS_MESSAGE:
+        return data.decode("utf-8")
+    kept = data[:MAX_STATUS_MESSAGE].decode("utf-8", "ignore")
+    return f"{kept}… (message cut: {len(data) - len(kept.encode()):,} more bytes)"
+
+
 async def _abort(context: aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, ServingError):
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, status_message(str(exc)))
     log.exception("internal error while serving a request")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, status_message(f"internal error: {type(exc).__name__}: {exc}")
+    )
 
 
 def _code_of(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusCode:
@@ -165,6 +263,7 @@ class _Instrumented:
         self.calls = calls if calls is not None and service == calls.service else None
         self.refused = self.calls is not None and method in self.calls.refused
         self.in_flight = metrics.IN_FLIGHT.labels(service, method)
+        self.malformed_log = LogLimiter(MALFORMED_LOG_INTERVAL_S)
 
     def _start(self) -> _Call | None:
         if self.refused and self.calls is not None and self.calls.draining:
@@ -179,10 +278,47 @@ class _Instrumented:
             self.calls.leave(call)
         metrics.request_finished(self.service, self.method, code.name)
 
-    def _requests(self, requests: Any, call: _Call | None, client_streams: bool) -> Any:
-        if client_streams and call is not None and self.calls is not None:
+    def _requests(
+        self, request_or_iterator: Any, context: aio.ServicerContext, call: _Call | None, client_streams: bool
+    ) -> Any:
+        """The request, or the client's stream of them, checked for ones that did not parse."""
+        if not client_streams:
+            if isinstance(request_or_iterator, Malformed):
+                raise self._malformed(request_or_iterator, context, "the request")
+            return request_or_iterator
+        requests = self._parsed(request_or_iterator, context)
+        if call is not None and self.calls is not None:
             return self.calls.track_requests(requests, call)
         return requests
+
+    async def _parsed(self, requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
+        """A client stream's messages, ending it with INVALID_ARGUMENT at one that did not parse.
+
+        (A handler that reads with `context.read()` instead of its iterator gets the marker itself.)
+        """
+        index = 0
+        async for request in requests:
+            index += 1
+            if isinstance(request, Malformed):
+                raise self._malformed(request, context, f"message {index} of the stream")
+            yield request
+
+    def _malformed(self, request: Malformed, context: aio.ServicerContext, which: str) -> InvalidArgument:
+        """The error for a request that did not parse, logged in one line, at most once a minute."""
+        metrics.MALFORMED.labels(self.service, self.method).inc()
+        held = self.malformed_log.allow()
+        if held is not None:
+            log.warning(
+                "malformed request to /%s/%s from %s: %s is not a valid %s: %s%s",
+                self.service,
+                self.method,
+                context.peer(),
+                which,
+                request.type_name,
+                request.reason,
+                f" ({held:,} more since the last such line)" if held else "",
+            )
+        return request.error(which)
 
     @staticmethod
     def _code(exc: BaseException, call: _Call | None, context: aio.ServicerContext) -> grpc.StatusCode:
@@ -205,7 +341,8 @@ class _Instrumented:
             code, call, started = grpc.StatusCode.OK, None, False
             try:
                 call, started = self._start(), True
-                return await behavior(self._requests(request_or_iterator, call, client_streams), context)
+                requests = self._requests(request_or_iterator, context, call, client_streams)
+                return await behavior(requests, context)
             except aio.AbortError as exc:
                 code = _code_of(exc, context)
                 raise
@@ -224,7 +361,7 @@ class _Instrumented:
             code, call, started = grpc.StatusCode.OK, None, False
             try:
                 call, started = self._start(), True
-                requests = self._requests(request_or_iterator, call, client_streams)
+                requests = self._requests(request_or_iterator, context, call, client_streams)
                 async for response in behavior(requests, context):
                     yield response
             except aio.AbortError as exc:
@@ -245,7 +382,11 @@ class _Instrumented:
 class ErrorInterceptor(aio.ServerInterceptor):
     """The server's one interceptor, around every handler of every service:
 
-    - maps `ServingError` (and unexpected exceptions) raised in a handler to a gRPC status;
+    - maps `ServingError` (and unexpected exceptions) raised in a handler to a gRPC status, with a
+      message cut to a size clients accept (`status_message`);
+    - answers a request that does not parse INVALID_ARGUMENT (see `Malformed`), logging it in one
+      line at most once a minute per method, where grpc.aio would answer UNKNOWN or INTERNAL and log
+      a traceback for each;
     - counts each call by service, method and final status (`rnnserve.server.metrics`);
     - with a `CallTracker`, tracks the calls of its service so that shutdown can drain them.
     """
@@ -270,6 +411,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         wrap = _Instrumented(method, self.calls)
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=safe_deserializer(handler.request_deserializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=wrap.unary(handler.unary_unary, client_streams=False))
         if handler.stream_unary:

@@ -29,6 +29,12 @@ ERRORS = Counter(
     "gRPC calls that ended with a status other than OK, by service, method and code",
     ["service", "method", "code"],
 )
+MALFORMED = Counter(
+    "rnnserve_requests_malformed",
+    "request messages that did not parse (corrupt protobuf, strings not UTF-8), answered INVALID_ARGUMENT; "
+    "the log reports them at most once a minute per method, this counts them all",
+    ["service", "method"],
+)
 IN_FLIGHT = Gauge("rnnserve_requests_in_flight", "gRPC calls running now", ["service", "method"])
 DRAINING = Gauge("rnnserve_draining", "1 while the server drains for shutdown (health is NOT_SERVING)")
 

@@ -16,10 +16,13 @@ from pathlib import Path
 from rnnserve.export.bundle_check import bundle_dirs, graph_problems
 from rnnserve.export.manifest import Manifest, ManifestError, read_manifest
 from rnnserve.server.errors import NotFound
+from rnnserve.server.quoting import quote
 from rnnserve.server.runtime import OnnxModel, RuntimeOptions
 from rnnserve.server.text import TextCodec
 
 log = logging.getLogger(__name__)
+
+KNOWN_NAMES = 32  # model names (or versions) listed in a NotFound message; the rest are counted
 
 
 @dataclass
@@ -43,6 +46,14 @@ def _codec(bundle: Path, manifest: Manifest) -> TextCodec:
         return TextCodec.from_file(bundle / manifest.tokenizer_file, manifest.special_tokens)
     except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
         raise ManifestError(f"{manifest.tokenizer_file}: not a readable tokenizer ({exc})") from exc
+
+
+def _listing(names: list[str]) -> str:
+    """Names for a message: "a, b, c", the first KNOWN_NAMES of them when there are more, or "none"."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:KNOWN_NAMES])
+    return shown if len(names) <= KNOWN_NAMES else f"{shown}, … (+{len(names) - KNOWN_NAMES:,} more)"
 
 
 def _version_order(version: str) -> tuple[int, int | str]:
@@ -99,13 +110,13 @@ class ModelRepository:
         """The named model at `version` (latest when empty); NotFound says what exists."""
         versions = self._by_name.get(name)
         if not versions:
-            known = ", ".join(sorted(self._by_name)) or "none"
-            raise NotFound(f"model {name!r} is not loaded (models: {known})")
+            known = _listing(sorted(self._by_name))
+            raise NotFound(f"model {quote(name)} is not loaded (models: {known})")
         if not version:
             version = max(versions, key=_version_order)
         if version not in versions:
-            known = ", ".join(sorted(versions, key=_version_order))
-            raise NotFound(f"model {name!r} has no version {version!r} (versions: {known})")
+            known = _listing(sorted(versions, key=_version_order))
+            raise NotFound(f"model {quote(name)} has no version {quote(version)} (versions: {known})")
         return versions[version]
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ from rnnserve.server.engine import (
     GenerateRequest,
 )
 from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.quoting import quote
 from rnnserve.server.repository import LoadedModel
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.server.sessions import Session
@@ -180,7 +181,8 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         async for request in request_iterator:
             if request.session_id and bound and request.session_id != bound:
                 raise InvalidArgument(
-                    f"this stream is bound to session {bound}; open another stream for {request.session_id}"
+                    f"this stream is bound to session {quote(bound)}; open another stream for "
+                    f"{quote(request.session_id)}"
                 )
             bound = bound or request.session_id
             if not bound:
