@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
@@ -117,3 +119,79 @@ def test_stream_without_session_id_and_switching_sessions(client: Client, bystan
             list(client.stub.Stream(iter(requests)))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert a.info().position == 1 and b.info().position == 0
+
+
+# -- client input repeated in a status message (issue 12, item 5) -----------------------------------------
+# A status message travels in trailing metadata, which clients refuse above 16 KiB: a message repeating a
+# 20 kB input whole reached the client as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit".
+SHORT = 2200  # bytes: the server cuts any status message to 2,048 UTF-8 bytes (plus a note saying so)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert isinstance(info.value, grpc.RpcError)
+    return info.value
+
+
+def assert_short(error: grpc.RpcError, code: grpc.StatusCode, starts: str) -> str:
+    details = error.details() or ""
+    assert error.code() == code, details[:300]
+    assert len(details.encode()) <= SHORT, len(details.encode())
+    assert details.startswith(starts), details[:300]
+    return details
+
+
+@pytest.mark.parametrize(
+    ("session_id", "starts"),
+    [("z" * 20_000, "session 'zzz"), ("😀" * 20_000, "session '😀😀😀")],  # 😀: 4 bytes, sent as %F0%9F%98%80
+)
+def test_long_session_id_is_not_found_with_a_short_message(
+    client: Client, bystander: object, session_id: str, starts: str
+) -> None:
+    error = rpc_error(lambda: client.stub.GetSession(pb.GetSessionRequest(session_id=session_id)))
+    assert_short(error, grpc.StatusCode.NOT_FOUND, starts)
+    error = rpc_error(lambda: client.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)))
+    assert_short(error, grpc.StatusCode.NOT_FOUND, starts)
+
+
+def test_long_model_name_or_version_is_not_found_with_a_readable_message(
+    client: Client, bystander: object
+) -> None:
+    error = rpc_error(lambda: client.stub.CreateSession(pb.CreateSessionRequest(model="m" * 20_000)))
+    details = assert_short(error, grpc.StatusCode.NOT_FOUND, "model 'mmm")
+    assert details == f"model {'m' * 64!r}… (+19,936 more characters) is not loaded (models: bi, live, tiny)"
+    request = pb.CreateSessionRequest(model="tiny", version="9" * 20_000)
+    details = assert_short(
+        rpc_error(lambda: client.stub.CreateSession(request)), grpc.StatusCode.NOT_FOUND, ""
+    )
+    assert details == f"model 'tiny' has no version {'9' * 64!r}… (+19,936 more characters) (versions: 1)"
+    classify = pb.ClassifyRequest(model="m" * 20_000, texts=["fun"])
+    error = rpc_error(lambda: client.stub.Classify(classify))
+    assert_short(error, grpc.StatusCode.NOT_FOUND, "model 'mmm")
+
+
+def test_thousands_of_bad_stop_token_ids_are_invalid_argument_with_a_short_message(
+    client: Client, bystander: object
+) -> None:
+    with client.session("tiny") as session:
+        request = pb.GenerateRequest(
+            session_id=session.id, max_tokens=2, stop_token_ids=list(range(10**6, 10**6 + 5_000))
+        )
+        error = rpc_error(lambda: list(client.stub.Generate(request)))
+        assert_short(error, grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids [1000000, 1000001")
+        assert session.info().position == 0
+
+
+def test_stream_switching_to_a_long_session_id_is_invalid_argument_with_a_readable_message(
+    client: Client, bystander: object
+) -> None:
+    with client.session("tiny") as session:
+        requests = [
+            pb.StreamRequest(session_id=session.id, text="a"),
+            pb.StreamRequest(session_id="q" * 20_000),
+        ]
+        error = rpc_error(lambda: list(client.stub.Stream(iter(requests))))
+        details = assert_short(error, grpc.StatusCode.INVALID_ARGUMENT, "this stream is bound to session")
+        assert details.endswith(f"open another stream for {'q' * 64!r}… (+19,936 more characters)")
+        assert session.info().position == 1
