@@ -1,5 +1,10 @@
 """The engine: what the RPC handlers call. Validates input, applies tokens to sessions through the
-scheduler, and runs generation. Knows nothing about protobuf.
+scheduler, and runs generation (generation.py). Knows nothing about protobuf.
+
+A session changes in one place: the commit callback of the step that applied an input (`_Update.commit`,
+called by the scheduler on the event loop as soon as the step ran, whether or not its caller is still
+there) or, for a Generate, `Generation.stepped`. Each records the message as the session's last applied
+one in the same synchronous call, so a retry after a lost reply is always recognised.
 """
 
 from __future__ import annotations
@@ -7,36 +12,68 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument
+from rnnserve.server.generation import (
+    MAX_AHEAD,
+    Clock,
+    FinishReason,
+    FlushPolicy,
+    GeneratedToken,
+    GenerateRequest,
+    Generation,
+)
+from rnnserve.server.quoting import quote, quote_items
 from rnnserve.server.repository import LoadedModel, ModelRepository
 from rnnserve.server.runtime import Outputs
-from rnnserve.server.sampling import Sampler, SamplingParams, log_softmax, top_candidates
+from rnnserve.server.sampling import log_softmax, top_candidates
 from rnnserve.server.scheduler import LAST_LOGPROBS, Scheduler, SchedulerOptions
-from rnnserve.server.sessions import AppliedInput, Session, SessionLimits, SessionStore
-from rnnserve.server.text import IncrementalDecoder
+from rnnserve.server.sessions import (
+    CLASSIFY_SLOTS,
+    AppliedGeneration,
+    AppliedInput,
+    Session,
+    SessionLimits,
+    SessionStore,
+    session_not_found,
+)
+from rnnserve.server.text import TextCodec
+
+__all__ = [
+    "Classification",
+    "Engine",
+    "EngineLimits",
+    "FeedResult",
+    "FinishReason",
+    "GenerateRequest",
+    "GeneratedToken",
+]
 
 T = TypeVar("T")
-# A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
-# reader catches up (the tokens it makes are applied to the session whether or not anyone reads them).
-MAX_AHEAD = 64
-_GOLDEN_RATIO = 0.6180339887498949  # k * it mod 1 spreads any run of integers k evenly over [0, 1)
+# Texts up to this many characters in all are tokenised on the event loop (microseconds); longer ones in
+# a tokenizer thread, so one big message never holds up other clients.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass(frozen=True)
 class EngineLimits:
     max_tokens_per_input: int = 65_536  # one Stream message / prompt
+    # Text longer than this is refused before it is tokenised (cheaply, whatever its size). Eight
+    # characters per allowed token: no tokenizer we ship averages more than ~6 characters a token, so
+    # text this long is over the token limit anyway.
+    max_input_chars: int = 8 * 65_536
     max_generate_tokens: int = 4096  # one Generate call
     max_top_k: int = 100  # candidates returned per Stream reply
     default_top_k: int = 5
     chunk_tokens: int = 256  # a long input runs as steps of at most this many tokens
     max_stop_strings: int = 16
+    max_stop_chars: int = 256  # characters of one stop string (stop matching costs stops x this per token)
     max_classify_texts: int = 1024  # texts in one Classify call
     classify_batch: int = 64  # texts per run of a whole-sequence classifier
     # Generate messages (see GenerateRequest.flush_interval_ms): a request that leaves the flush
@@ -73,68 +110,6 @@ class FeedResult:
     replayed: bool = False
 
 
-class FinishReason:
-    LENGTH = "length"
-    EOS = "eos"
-    STOP = "stop"
-
-
-@dataclass(slots=True)
-class GeneratedToken:
-    token_id: int
-    text: str  # text made visible by this token (stop strings held back / never sent)
-    logprob: float
-    position: int
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    sampling: SamplingParams
-    max_tokens: int
-    stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    prompt: str | list[int] | None = None
-    expected_position: int | None = None
-    max_tokens_per_message: int = 1  # tokens one hand-over to the reader may carry
-    flush_interval_ms: float | None = None  # how long a token may wait for company; None: the default
-
-
-@dataclass
-class _StopMatcher:
-    """Finds stop strings in generated text and holds back text that may be the start of one."""
-
-    stops: Sequence[str]
-    text: str = ""
-    sent: int = field(default=0)
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Add delta; returns (text safe to send now, whether a stop string was found)."""
-        if not self.stops:
-            return delta, False  # nothing to find or hold back (the common case, once per token)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.sent = self.text[self.sent : min(hits)], len(self.text)
-            return out, True
-        held = max((self._partial_len(s) for s in self.stops), default=0)
-        safe_end = max(self.sent, len(self.text) - held)
-        out, self.sent = self.text[self.sent : safe_end], safe_end
-        return out, False
-
-    def flush(self) -> str:
-        out, self.sent = self.text[self.sent :], len(self.text)
-        return out
-
-    def _partial_len(self, stop: str) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of `stop`."""
-        for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
-            if self.text.endswith(stop[:n]):
-                return n
-        return 0
-
-
 class Engine:
     """Sessions, schedulers and models behind the RPC handlers."""
 
@@ -148,14 +123,20 @@ class Engine:
         self.repository = repository
         self.sessions = SessionStore(session_limits)
         self.limits = limits or EngineLimits()
+        self.clock: Clock = time.monotonic  # what generations' flush intervals are measured with
         # One worker thread runs ORT (which is multi-threaded itself, see RuntimeOptions.intra_op_threads);
         # the event loop stays free for gRPC I/O meanwhile. More workers would only make runs of
         # different models compete for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        # Big texts are tokenised here, off the loop and off the ORT worker (which would delay every run).
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.schedulers = {
             model.key: Scheduler(model.runtime, self.sessions.slab(model), self._executor, scheduler_options)
             for model, _ in repository.all()
         }
+        # A streaming Classify runs each text in a scratch slot; this many at once per model, the rest
+        # wait their turn (never competing with sessions for slots, see sessions.CLASSIFY_SLOTS).
+        self._classify_slots = {key: asyncio.Semaphore(CLASSIFY_SLOTS) for key in self.schedulers}
 
     def start(self) -> None:
         for scheduler in self.schedulers.values():
@@ -165,6 +146,7 @@ class Engine:
         for scheduler in self.schedulers.values():
             await scheduler.stop()
         self._executor.shutdown(wait=True)
+        self._tokenizer_pool.shutdown(wait=True)
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -180,33 +162,81 @@ class Engine:
             )
         return self.sessions.create(loaded, ttl_seconds)
 
-    # -- feeding tokens ---------------------------------------------------------------------------
+    # -- input: text or ids to checked token ids --------------------------------------------------
 
-    def resolve_input(self, model: LoadedModel, data: str | Sequence[int], what: str = "input") -> list[int]:
-        """Token ids for text or ids, checked against the model's vocabulary and the size limit."""
-        if isinstance(data, str):
-            if not data:
-                raise InvalidArgument(f"{what} is empty")
-            ids = model.codec.encode(data)
-            if not ids:
-                raise InvalidArgument(f"{what} text {data[:40]!r} encodes to no tokens")
-        else:
-            ids = [int(i) for i in data]
-            if not ids:
-                raise InvalidArgument(f"{what} has no tokens: send text or at least one token id")
-            vocab = model.manifest.vocab_size
-            for index, token in enumerate(ids):
-                if not 0 <= token < vocab:
-                    raise InvalidArgument(
-                        f"token id {token} at index {index} is out of range for model {model.key} "
-                        f"(vocabulary size {vocab}: ids 0..{vocab - 1})"
-                    )
-        if len(ids) > self.limits.max_tokens_per_input:
+    async def resolve_input(
+        self, model: LoadedModel, data: str | Sequence[int], what: str = "input"
+    ) -> list[int]:
+        """Token ids for text or ids, checked against the model's vocabulary and the size limits."""
+        return (await self.resolve_inputs(model, [data], [what]))[0]
+
+    async def resolve_inputs(
+        self, model: LoadedModel, inputs: Sequence[str | Sequence[int]], names: Sequence[str]
+    ) -> list[list[int]]:
+        """Token ids for each input (named `names[i]` in errors). Sizes are checked before any text is
+        tokenised; big texts are tokenised in a tokenizer thread (see INLINE_TOKENIZE_CHARS)."""
+        texts = {i: data for i, data in enumerate(inputs) if isinstance(data, str)}
+        for i, text in texts.items():
+            self._check_text_size(text, names[i])
+        ids: list[list[int] | None] = [
+            None if isinstance(data, str) else self._checked_ids(model, data, names[i])
+            for i, data in enumerate(inputs)
+        ]
+        encoded = await self._encode(model.codec, list(texts.values()))
+        for (i, text), text_ids in zip(texts.items(), encoded, strict=True):
+            if not text_ids:
+                raise InvalidArgument(f"{names[i]} text {quote(text, 40)} encodes to no tokens")
+            self._check_token_count(len(text_ids), names[i])
+            ids[i] = text_ids
+        return [i for i in ids if i is not None]
+
+    def _check_text_size(self, text: str, what: str) -> None:
+        if not text:
+            raise InvalidArgument(f"{what} is empty")
+        most = self.limits.max_input_chars
+        if len(text) > most:
             raise InvalidArgument(
-                f"{what} has {len(ids)} tokens, more than the limit of {self.limits.max_tokens_per_input}; "
+                f"{what} has {len(text):,} characters, more than the limit of {most:,} "
+                f"(and at most {self.limits.max_tokens_per_input:,} tokens); split it into several "
+                "messages (the session keeps state between them)"
+            )
+
+    def _check_token_count(self, count: int, what: str) -> None:
+        if count > self.limits.max_tokens_per_input:
+            raise InvalidArgument(
+                f"{what} has {count:,} tokens, more than the limit of {self.limits.max_tokens_per_input:,}; "
                 "split it into several messages (the session keeps state between them)"
             )
-        return ids
+
+    def _checked_ids(self, model: LoadedModel, data: Sequence[int], what: str) -> list[int]:
+        if not data:
+            raise InvalidArgument(f"{what} has no tokens: send text or at least one token id")
+        self._check_token_count(len(data), what)
+        ids = np.asarray(data, dtype=np.int64)  # [tokens]
+        vocab = model.manifest.vocab_size
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab))  # [bad tokens]
+        if bad.size:
+            index = int(bad[0])
+            raise InvalidArgument(
+                f"token id {int(ids[index])} at index {index} is out of range for model {model.key} "
+                f"(vocabulary size {vocab}: ids 0..{vocab - 1}); {bad.size:,} ids out of range in all"
+            )
+        return [int(i) for i in ids.tolist()]
+
+    async def _encode(self, codec: TextCodec, texts: list[str]) -> list[list[int]]:
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            return [codec.encode(t) for t in texts]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_pool, self._tokenize, codec, texts)
+
+    @staticmethod
+    def _tokenize(codec: TextCodec, texts: list[str]) -> list[list[int]]:
+        """In a tokenizer thread: encode_batch releases the GIL while it works (encode does not, so it
+        would stall the event loop even from another thread)."""
+        encodings = codec.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [list(e.ids) for e in encodings]
+
+    # -- feeding tokens ---------------------------------------------------------------------------
 
     async def feed(
         self,
@@ -227,23 +257,30 @@ class Engine:
             raise InvalidArgument(
                 f"return_token_logprobs needs a language model; {session.model.key} is a classifier"
             )
-        ids = self.resolve_input(session.model, data)
+        ids = await self.resolve_input(session.model, data)
         async with session.use():
             replay = self._check_position(session, expected_position, ids)
             if replay is not None:
                 return replay
             start = session.position
-            logprobs = await self._apply(session, ids, want_token_logprobs=token_logprobs)
-            self.schedulers[session.model.key].metrics.tokens_in.inc(len(ids))
-            result = FeedResult(
-                session_id=session.id,
-                position=session.position,
-                token_ids=ids,
-                token_logprobs=logprobs,
-                top=self._top(session, top_k) if is_lm else [],
-                classification=None if is_lm else self._classification(session),
-            )
-            session.last_applied = AppliedInput(start, tuple(ids), result)
+            scheduler = self.schedulers[session.model.key]
+
+            def record(update: _Update) -> None:
+                """In the commit: the reply, recorded as the last applied input with the state change."""
+                result = FeedResult(
+                    session_id=session.id,
+                    position=session.position,
+                    token_ids=ids,
+                    token_logprobs=update.token_logprobs,
+                    top=self._top(session, top_k) if is_lm else [],
+                    classification=None if is_lm else self._classification(session),
+                )
+                session.last_applied = AppliedInput(start, tuple(ids), result)
+                scheduler.metrics.tokens_in.inc(len(ids))
+
+            await self._apply(session, ids, want_token_logprobs=token_logprobs, on_commit=record)
+            assert isinstance(session.last_applied, AppliedInput)
+            result: FeedResult = session.last_applied.result
             return result
 
     @staticmethod
@@ -264,10 +301,21 @@ class Engine:
         if expected is None or expected == session.position:
             return None
         last = session.last_applied
-        if last is not None and last.start_position == expected and last.tokens == tuple(ids):
+        if isinstance(last, AppliedInput) and last.start_position == expected and last.tokens == tuple(ids):
             replay: FeedResult = last.result
             return FeedResult(**{**replay.__dict__, "replayed": True})
-        raise FailedPrecondition(
+        raise self._position_mismatch(session, expected)
+
+    @staticmethod
+    def _position_mismatch(session: Session, expected: int) -> FailedPrecondition:
+        last = session.last_applied
+        if isinstance(last, AppliedGeneration) and last.start_position == expected:
+            return FailedPrecondition(
+                f"session {session.id}: a Generate that expected position {expected} already ran, and the "
+                f"session is now at position {session.position}, where it ended; a generation is not "
+                "replayed (its tokens were sampled once): continue from the session's position"
+            )
+        return FailedPrecondition(
             f"session {session.id} is at position {session.position}, but the request expected "
             f"{expected}; fetch the session (GetSession) and resend from its position"
         )
@@ -278,18 +326,24 @@ class Engine:
         return [np.asarray(ids[i : i + n], dtype=np.int64) for i in range(0, len(ids), n)]
 
     async def _apply(
-        self, session: Session, ids: list[int], *, want_token_logprobs: bool = False
+        self,
+        session: Session,
+        ids: list[int],
+        *,
+        want_token_logprobs: bool = False,
+        on_commit: Callable[[_Update], None] | None = None,
     ) -> list[float]:
         """Run ids through the model from the session's state and commit the new state.
 
-        The session changes all at once when the input has run (a failure leaves it as it was).
+        The session changes all at once when the input has run (a failure leaves it as it was), in the
+        scheduler's commit callback, which then calls `on_commit` (to record the message as applied).
         Returns per-token log-probabilities when asked (else []).
         """
         scheduler = self.schedulers[session.model.key]
         # Only the last position's distribution is needed unless per-token log-probabilities are:
         # the "last" graph then skips the vocabulary projection of every other position.
         last = session.model.manifest.task == "lm" and not want_token_logprobs
-        update = _Update(session, ids, want_token_logprobs)
+        update = _Update(session, ids, want_token_logprobs, on_commit)
         chunks = self._chunks(ids)
         if len(chunks) == 1:
             # Written in place: the scheduler commits the session as soon as the step ran.
@@ -307,21 +361,23 @@ class Engine:
     async def _apply_chunks(
         self, session: Session, scheduler: Scheduler, chunks: list[np.ndarray], last: bool, update: _Update
     ) -> None:
-        """A long input: chunks run into a scratch slot, which becomes the session's once all have run."""
+        """A long input: chunks run into a scratch slot, which becomes the session's in the last chunk's
+        commit (with the position); the slot left over (the scratch, or the session's old one) is freed."""
         slab = session.slab
-        scratch = slab.allocate()
+        spare = [slab.allocate()]
+
+        def commit(outputs: Outputs) -> None:
+            session.slot, spare[0] = spare[0], session.slot
+            update.commit(chunks[-1], outputs)
+
         try:
             src = session.slot
-            for k, chunk in enumerate(chunks):
-                outputs = await scheduler.step(chunk, src, scratch, last=last)
-                src = scratch
-                if k < len(chunks) - 1:
-                    update.absorb(chunk, outputs)
-                else:
-                    update.commit(chunk, outputs)
-            session.slot, scratch = scratch, session.slot  # the old slot is freed below
+            for chunk in chunks[:-1]:
+                update.absorb(chunk, await scheduler.step(chunk, src, spare[0], last=last))
+                src = spare[0]
+            await scheduler.step(chunks[-1], src, spare[0], last=last, commit=commit)
         finally:
-            slab.free(scratch)
+            slab.free(spare[0])
 
     # -- classification ---------------------------------------------------------------------------
 
@@ -338,7 +394,7 @@ class Engine:
             raise InvalidArgument(
                 f"give between 1 and {self.limits.max_classify_texts} texts to classify, got {len(texts)}"
             )
-        ids = [self.resolve_input(loaded, text, f"text {i}") for i, text in enumerate(texts)]
+        ids = await self.resolve_inputs(loaded, texts, [f"text {i}" for i in range(len(texts))])
         self.schedulers[loaded.key].metrics.tokens_in.inc(sum(len(i) for i in ids))
         if loaded.manifest.classifier_mode == "whole":
             loop = asyncio.get_running_loop()
@@ -348,7 +404,8 @@ class Engine:
         return loaded, [Classification.from_probs(p, loaded.manifest.labels) for p in probs]
 
     async def _classify_streaming(self, model: LoadedModel, ids: list[int]) -> np.ndarray:
-        """One text through a streaming classifier from a fresh state (a scratch slot); probs [classes]."""
+        """One text through a streaming classifier from a fresh state (a scratch slot); probs [classes].
+        Waits for one of the model's classify slots (see CLASSIFY_SLOTS) rather than failing."""
         scheduler = self.schedulers[model.key]
 
         async def run() -> np.ndarray:
@@ -362,7 +419,8 @@ class Engine:
             finally:
                 scheduler.slab.free(slot)
 
-        return await _finish_even_if_cancelled(run())
+        async with self._classify_slots[model.key]:
+            return await _finish_even_if_cancelled(run())
 
     def _classify_whole(self, model: LoadedModel, ids: list[list[int]]) -> list[np.ndarray]:
         """Worker thread: padded batches (similar lengths together) through a whole-sequence graph."""
@@ -396,9 +454,18 @@ class Engine:
             )
         if len(request.stop) > self.limits.max_stop_strings or any(not s for s in request.stop):
             raise InvalidArgument(f"stop takes at most {self.limits.max_stop_strings} non-empty strings")
+        longest = self.limits.max_stop_chars
+        too_long = [s for s in request.stop if len(s) > longest]
+        if too_long:
+            raise InvalidArgument(
+                f"a stop string may have at most {longest} characters; got {len(too_long[0]):,}: "
+                f"{quote(too_long[0])}"
+            )
         bad = [t for t in request.stop_token_ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidArgument(f"stop_token_ids {bad} are out of range for vocabulary size {vocab}")
+            raise InvalidArgument(
+                f"stop_token_ids {quote_items(bad)} are out of range for vocabulary size {vocab}"
+            )
         most = self.limits.max_flush_interval_ms
         if request.flush_interval_ms is not None and not 0 <= request.flush_interval_ms <= most:
             raise InvalidArgument(
@@ -412,30 +479,44 @@ class Engine:
         """Sample up to max_tokens tokens continuing the session; each is applied to its state.
 
         Yields the tokens in order, in lists of those ready at once (the session generates in the
-        model's running batch while earlier tokens are being sent).
+        model's running batch while earlier tokens are being sent). A Generate is the session's last
+        applied message from the moment its prompt (or first token) is applied: a retry of it with the
+        same expected_position is refused, saying where it ended (see _position_mismatch). If the
+        session is closed meanwhile, it stops at the next run; the reader gets the tokens made until
+        then, then NotFound.
         """
         session = self.sessions.get(session_id)
         self._validate_generate(session, request)
         prompt = (
-            None if request.prompt is None else self.resolve_input(session.model, request.prompt, "prompt")
+            None
+            if request.prompt is None
+            else await self.resolve_input(session.model, request.prompt, "prompt")
         )
         eos = session.model.manifest.special_tokens.get("eos")
         async with session.use():
-            if request.expected_position is not None and request.expected_position != session.position:
-                raise FailedPrecondition(
-                    f"session {session.id} is at position {session.position}, but the request expected "
-                    f"{request.expected_position}"
-                )
+            expected = request.expected_position
+            if expected is not None and expected != session.position:
+                raise self._position_mismatch(session, expected)
+            applied = AppliedGeneration(session.position)
+
+            def record(_: _Update) -> None:
+                session.last_applied = applied
+
+            scheduler = self.schedulers[session.model.key]
             if prompt:
-                await self._apply(session, prompt)
-                self.schedulers[session.model.key].metrics.tokens_in.inc(len(prompt))
+                await self._apply(session, prompt, on_commit=record)
+                scheduler.metrics.tokens_in.inc(len(prompt))
             if session.next_logprobs is None:
                 # An empty session starts a new document, as the model saw documents in training.
                 if eos is None:
                     raise FailedPrecondition("the session is empty and the model has no <eos>: give a prompt")
-                await self._apply(session, [eos])
-            scheduler = self.schedulers[session.model.key]
-            generation = _Generation(session, request, eos, scheduler, self._flush_policy(request))
+                await self._apply(session, [eos], on_commit=record)
+            if session.closed:  # while its prompt ran
+                raise session_not_found(session.id)
+            generation = Generation(
+                session, request, eos, scheduler, self._flush_policy(request), applied, self.clock
+            )
+            session.on_close = generation.session_closed
             scheduler.add_generation(generation)
             try:
                 while True:
@@ -447,13 +528,13 @@ class Engine:
                 generation.cancel()
                 await generation.gone  # no run on the session's slot is in flight any more
 
-    def _flush_policy(self, request: GenerateRequest) -> _FlushPolicy:
+    def _flush_policy(self, request: GenerateRequest) -> FlushPolicy:
         if request.max_tokens_per_message <= 1:
-            return _FlushPolicy(1, 0.0)  # one token per message: nothing to wait for
+            return FlushPolicy(1, 0.0)  # one token per message: nothing to wait for
         per_message = min(request.max_tokens_per_message, MAX_AHEAD)
         if request.flush_interval_ms is not None:
-            return _FlushPolicy(per_message, request.flush_interval_ms / 1000)
-        return _FlushPolicy(
+            return FlushPolicy(per_message, request.flush_interval_ms / 1000)
+        return FlushPolicy(
             per_message, self.limits.generate_flush_ms / 1000, self.limits.generate_flush_min_sessions
         )
 
@@ -476,8 +557,15 @@ async def _finish_even_if_cancelled(work: Awaitable[T]) -> T:
 class _Update:
     """What running an input changes in a session, applied to it at once by `commit`."""
 
-    def __init__(self, session: Session, ids: list[int], want_token_logprobs: bool) -> None:
+    def __init__(
+        self,
+        session: Session,
+        ids: list[int],
+        want_token_logprobs: bool,
+        on_commit: Callable[[_Update], None] | None = None,
+    ) -> None:
         self.session = session
+        self.on_commit = on_commit
         self.ids = ids
         self.want_token_logprobs = want_token_logprobs
         self.next_logprobs = session.next_logprobs
@@ -499,7 +587,8 @@ class _Update:
             self.next_logprobs = all_logprobs[-1]
 
     def commit(self, chunk: np.ndarray, outputs: Outputs) -> None:
-        """Take in the last chunk's outputs and apply the whole input to the session."""
+        """Take in the last chunk's outputs and apply the whole input to the session, all at once (on
+        the event loop, in the scheduler's commit callback: no await between the parts)."""
         self.absorb(chunk, outputs)
         s = self.session
         # Own copies: a row of a batch's array would keep the whole batch's array alive.
@@ -508,183 +597,5 @@ class _Update:
         s.position += len(self.ids)
         s.recent_tokens.extend(self.ids)
         s.touch()
-
-
-@dataclass(frozen=True)
-class _FlushPolicy:
-    """When a generation hands its tokens to the reader (one message each hand-over, when allowed)."""
-
-    per_message: int  # as soon as this many are ready
-    interval_s: float  # or once the oldest has waited this long (0: at once)
-    min_sessions: int = 0  # the interval applies only while this many sessions generate on the model
-
-    def interval(self, generating: int, phase: float) -> float:
-        """The wait for a generation whose phase is in [0, 1): spread over [interval/2, interval], so
-        that the sessions of a batch, which get their tokens in the same runs, do not all become due
-        in the same run (64 messages at once would hold the event loop, and so the next run, for
-        milliseconds)."""
-        if generating < self.min_sessions:
-            return 0.0
-        return self.interval_s * (0.5 + 0.5 * phase)
-
-
-class _Generation:
-    """One Generate call in the model's running batch (implements scheduler.Generation).
-
-    The scheduler feeds `token` and calls `stepped` with what follows it; this applies the token to the
-    session and queues it for the reader, who is woken when the flush policy says the tokens should go
-    out. Whether a token ends the generation (stop strings and ids, <eos>, max_tokens) is decided when
-    it is sampled (`_sampled_next`), a run before it is applied, which lets the scheduler start the next
-    run before handing this one over.
-
-    `stepped` runs for every session of the batch between two model runs, so it does as little as it
-    can: without stop strings, turning tokens into text waits for the reader (`take`), which runs while
-    the next batch is in ONNX Runtime.
-    """
-
-    def __init__(
-        self,
-        session: Session,
-        request: GenerateRequest,
-        eos: int | None,
-        scheduler: Scheduler,
-        flush: _FlushPolicy,
-    ) -> None:
-        assert session.next_logprobs is not None
-        self.session = session
-        self.slot = session.slot
-        self._request = request
-        self._eos = eos
-        self._scheduler = scheduler
-        self.sampler = Sampler(request.sampling)
-        self._decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
-        self._stops = _StopMatcher(request.stop)
-        self._stop_ids = set(request.stop_token_ids)
-        self._decode_late = not request.stop  # no stop strings: text is made by the reader (see take)
-        self._sampled = 0  # tokens sampled
-        self._count = 0  # tokens generated (sampled and applied to the session)
-        self._counted = 0  # of them, counted in the metric
-        self._ready: list[GeneratedToken] = []
-        self._first_ready_at = 0.0  # time.monotonic() when the oldest of _ready was made
-        self._handed_over = 0  # tokens taken by the reader so far
-        self._flush = flush
-        self._flush_phase = (session.slot * _GOLDEN_RATIO) % 1.0  # evenly spread over the slots in use
-        self._wakeup = asyncio.Event()
-        self._finished = False
-        self._cancelled = False
-        self._tokens_out = scheduler.metrics.tokens_out
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.ready_at = time.monotonic()
-        first = self.sampler.choose(session.next_logprobs)
-        self._sampled_next(first, float(session.next_logprobs[first]))
-
-    @property
-    def active(self) -> bool:
-        return not (self._finished or self._cancelled)
-
-    @property
-    def runnable(self) -> bool:
-        return len(self._ready) < MAX_AHEAD
-
-    def continues_after_run(self) -> bool:
-        return self.active and self._token_finish is None and len(self._ready) + 1 < MAX_AHEAD
-
-    def _sampled_next(self, token: int, logprob: float) -> None:
-        """`token` was sampled: the next run feeds it. Whether it ends the generation (a stop string
-        or id, <eos>, max_tokens) is decided now, so that the scheduler can start that next run
-        before this one's results are handed over (see Scheduler._loop)."""
-        self.token, self._logprob = token, logprob
-        self._sampled += 1
-        finish: str | None = None
-        text = ""
-        if not self._decode_late:
-            text, stopped = self._stops.push(self._decoder.push(token))
-            finish = FinishReason.STOP if stopped else None
-        if finish is None:
-            if token in self._stop_ids:
-                finish = FinishReason.STOP
-            elif token == self._eos and not self._request.ignore_eos:
-                finish = FinishReason.EOS
-            elif self._sampled == self._request.max_tokens:
-                finish = FinishReason.LENGTH
-            if finish and not self._decode_late:
-                text += self._stops.flush()
-        self._token_text, self._token_finish = text, finish
-
-    def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
-        session, token, finish = self.session, self.token, self._token_finish
-        session.position += 1
-        session.recent_tokens.append(token)
-        session.next_logprobs = logprobs  # [vocab]; a row of the batch's array until we leave (see left)
-        self._count += 1
-        now = time.monotonic()
-        if not self._ready:
-            self._first_ready_at = now
-        self._ready.append(GeneratedToken(token, self._token_text, self._logprob, session.position, finish))
-        self.ready_at = now
-        if finish:
-            self._finished = True
-        else:
-            self._sampled_next(next_token, float(logprobs[next_token]))
-        if self._due(now):
-            self._wakeup.set()
-
-    def _due(self, now: float) -> bool:
-        """Whether the ready tokens should go to the reader now."""
-        ready = len(self._ready)
-        if not ready:
-            return False
-        if ready >= self._flush.per_message or ready >= MAX_AHEAD or not self.active or self.gone.done():
-            return True
-        if not self._handed_over:
-            return True  # the first token never waits: time to first token is what a reader feels most
-        return now - self._first_ready_at >= self._flush.interval(
-            self._scheduler.generating, self._flush_phase
-        )
-
-    def _count_out(self) -> None:
-        """The tokens-out metric, updated per hand-over to the reader rather than per token."""
-        if self._count > self._counted:
-            self._tokens_out.inc(self._count - self._counted)
-            self._counted = self._count
-
-    def left(self) -> None:
-        if self.gone.done():
-            return  # released already (see cancel)
-        self._count_out()
-        if self.session.next_logprobs is not None:
-            self.session.next_logprobs = np.array(self.session.next_logprobs)  # own copy (see stepped)
-        self.session.touch()
-        self.gone.set_result(None)
-        self._wakeup.set()
-
-    def cancel(self) -> None:
-        """The reader went away: leave the batch at the next run."""
-        if self._finished:
-            # Its last run was handed over and no run since included it (a finished token is known
-            # when sampled): nothing is in flight on its slot, so the session is free now, a run
-            # earlier than the scheduler would notice.
-            self.left()
-            return
-        if self.active:
-            self._cancelled = True
-        self._scheduler.wake()
-
-    async def take(self) -> list[GeneratedToken]:
-        """The tokens generated since the last call (at least one, in order), once they are due."""
-        while not self._due(time.monotonic()):
-            if self.gone.done() and not self._ready:
-                raise RuntimeError(
-                    f"generation on session {self.session.id} stopped: the model failed (see the server log)"
-                )
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        tokens, self._ready = self._ready, []
-        self._handed_over += len(tokens)
-        if self._decode_late:
-            for t in tokens:
-                t.text = self._decoder.push(t.token_id)
-        self._count_out()
-        if len(tokens) >= MAX_AHEAD:
-            self._scheduler.wake()  # it was sitting out runs
-        return tokens
+        if self.on_commit is not None:
+            self.on_commit(self)

@@ -23,7 +23,8 @@ is sampled); the others wait for the hand-over.
 
 Results are committed by callbacks the scheduler calls on the event loop for every row that ran, even
 if the caller went away meanwhile: the slab already holds the new state, so the session's position
-must follow. A step whose caller left before its run is dropped.
+must follow (and the caller, cancelled, returns only once that commit is done, so the next request on
+its session sees it). A step whose caller left before its run is dropped.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 from rnnserve.server import metrics
 from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, Outputs, SlotRunner
 from rnnserve.server.sampling import Sampler, draw_batch, log_softmax_and_weights, sample_batch
-from rnnserve.server.slab import StateSlab
+from rnnserve.server.slab import SlotError, StateSlab
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,13 @@ class StepRequest:
     commit: Callable[[Outputs], None] | None  # called on the loop once the step ran, caller or not
     future: asyncio.Future[Outputs] = field(repr=False)
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
+    taken: bool = field(default=False, repr=False)  # in a batch: it will run and be committed
+    # Made only when the caller is cancelled while the step is in flight: set once it was committed.
+    settled: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    def settle(self) -> None:
+        if self.settled is not None and not self.settled.done():
+            self.settled.set_result(None)
 
 
 class Generation(Protocol):
@@ -165,6 +173,7 @@ class Scheduler:
         self._small_run_s = float("inf")  # moving average of small batches' run time; inf = not yet seen
         self._busy = False  # a batch is being run by the loop (inline or in the worker)
         self._idle_since = 0.0  # perf_counter() when the last run ended
+        self._running: tuple[_Batch, asyncio.Future[_Result]] | None = None  # the run in flight, if any
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler {self.model.key}")
@@ -174,6 +183,9 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._running is not None:  # a batch in flight when stopped: its callers must not wait on
+            self._fail(self._running[0], RuntimeError(f"model {self.model.key} stopped"))
+            self._running = None
         for generation in self._generations:
             generation.left()
         self._generations.clear()
@@ -201,6 +213,8 @@ class Scheduler:
         Returns this row's outputs: {"logprobs_last": [vocab]} when `last` (language model), else
         logits [seq, vocab] (language model) or probs [classes] (streaming classifier).
         """
+        if src < 0 or dst < 0:  # -1 is "no slot" (a closed session's): it would index the last row
+            raise SlotError(f"internal error: a step on state slot {src} -> {dst}")
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         request = StepRequest(tokens, src, dst, last, commit, future)
         if self._may_run_directly(len(tokens)):
@@ -216,7 +230,16 @@ class Scheduler:
             return future.result()
         self._steps.append(request)
         self._wake.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if request.taken:
+                # Its run is in flight and will be committed: the caller lets go of its session only
+                # after that, so the next request on the session sees the session as this one left it
+                # (and a retry of this input is recognised as applied).
+                request.settled = asyncio.get_running_loop().create_future()
+                await asyncio.wait([request.settled])
+            raise  # (not taken: it is dropped, never run)
 
     def _may_run_directly(self, tokens: int) -> bool:
         return (
@@ -230,6 +253,8 @@ class Scheduler:
 
     def add_generation(self, generation: Generation) -> None:
         """Put a generation into the running batch from the next run on."""
+        if generation.slot < 0:
+            raise SlotError(f"internal error: a generation on state slot {generation.slot}")
         self._generations.append(generation)
         self._wake.set()
 
@@ -247,6 +272,7 @@ class Scheduler:
         while self._steps and len(steps) < room:
             request = self._steps.popleft()
             if not request.future.done():  # its caller went away before it ran: drop it
+                request.taken = True
                 steps.append(request)
         room -= len(steps)
         chosen: list[Generation] = []
@@ -291,11 +317,13 @@ class Scheduler:
                 result = await job
             except Exception as exc:
                 log.exception("model %s failed on a batch of %d rows", self.model.key, batch.tokens)
+                self._running = None
                 self._fail(batch, exc)
                 running = None
                 continue
             finally:
                 self._idle_since = time.perf_counter()
+            self._running = None
             handing_over = dict(zip(batch.generations, self._sampled(result), strict=True))
             following = self._next_batch(handing_over)
             if following and not self._runs_inline(following):
@@ -331,8 +359,10 @@ class Scheduler:
                 job.set_result(self._execute_small(batch))
             except Exception as exc:
                 job.set_exception(exc)
+            self._running = batch, job
             return batch, job
         job = asyncio.wrap_future(self._executor.submit(self._execute_timed, batch))
+        self._running = batch, job  # until its results are handed over (failed by stop() if not)
         # Let go of the GIL for a moment: the worker thread, just woken, needs it to get into ONNX
         # Runtime, and whatever the loop runs next (handing results over, gRPC) would hold it until
         # the loop next blocks. Measured with 64 sessions generating in-process: ~30k -> ~33k tokens/s.
@@ -370,6 +400,7 @@ class Scheduler:
         for request in batch.steps:
             if not request.future.done():
                 request.future.set_exception(exc)
+            request.settle()
         for generation in batch.generations:  # its state may be half-written: it cannot go on
             self._generations.remove(generation)
             generation.left()
@@ -380,11 +411,13 @@ class Scheduler:
             if isinstance(outputs, Exception):
                 if not request.future.done():
                     request.future.set_exception(outputs)
+                request.settle()
                 continue
             if request.commit is not None:
                 request.commit(outputs)
             if not request.future.done():
                 request.future.set_result(outputs)
+            request.settle()
         for generation, stepped in zip(batch.generations, result.generations, strict=True):
             if isinstance(stepped, Exception):  # it cannot go on; its reader gets the error
                 self._generations.remove(generation)

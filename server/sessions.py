@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,17 @@ import numpy as np
 
 from rnnserve.server import metrics
 from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from rnnserve.server.quoting import quote
 from rnnserve.server.repository import LoadedModel
 from rnnserve.server.slab import State, StateSlab
 
 RECENT_TOKENS = 8  # context kept so generated text joins the prompt correctly (e.g. word spacing)
-# Slots beyond max_sessions per model, for work in flight that is not a session yet: a long input runs
-# into a scratch slot before it is committed, a streaming Classify runs each text in one.
-SCRATCH_SLOTS = 2048
+# Slots beyond one per session, for work in flight that is not a session yet: a long input runs into a
+# scratch slot before it is committed (at most one per session: a request holds its session), and a
+# streaming Classify runs each text in one (at most CLASSIFY_SLOTS at once per model; more texts wait
+# for a slot, see Engine.classify). So no request ever fails for want of a slot while sessions are
+# under max_sessions. The slab's pages are touched only as rows are used (see slab.py).
+CLASSIFY_SLOTS = 256
 
 
 @dataclass
@@ -33,6 +38,19 @@ class AppliedInput:
     start_position: int
     tokens: tuple[int, ...]
     result: Any
+
+
+@dataclass
+class AppliedGeneration:
+    """A Generate was the last message applied to a session (its prompt or any token of it).
+
+    It cannot be replayed token by token: a retry of it is refused, saying where it ended, and a retry
+    of the message before it is refused too (the session moved on)."""
+
+    start_position: int  # the session's position when the Generate began (before its prompt)
+
+
+Applied = AppliedInput | AppliedGeneration
 
 
 @dataclass(slots=True)
@@ -53,12 +71,15 @@ class Session:
     # A streaming classifier's class probabilities for the text so far: [classes]; None before any token.
     class_probs: np.ndarray | None = None
     recent_tokens: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_TOKENS))
-    last_applied: AppliedInput | None = None
+    # The last message applied, recorded in the same synchronous step that changes state and position.
+    last_applied: Applied | None = None
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: two streams on one session apply their inputs in turn.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False  # closed or expired; its slot is freed once no request holds the session
+    # Called once when the session closes while a request holds it (a Generate stops generating).
+    on_close: Callable[[], None] | None = None
 
     @property
     def state(self) -> State:
@@ -66,24 +87,29 @@ class Session:
         return self.slab.read(self.slot)
 
     def use(self) -> _Held:
-        """`async with session.use():` holds the session for one request (one at a time); a close
-        meanwhile frees its slot when the request ends."""
+        """`async with session.use():` holds the session for one request (one at a time), and counts as
+        a use (the idle TTL starts again). Raises NotFound if the session is closed by the time the
+        request gets it (requests queued behind a request that was holding it when it closed); a close
+        while held frees its slot when the request ends."""
         return _Held(self)
 
     def close(self) -> None:
-        """Mark closed; the slot goes back to the slab now, or when the request holding it ends."""
+        """Mark closed (once); the slot goes back to the slab now, or when the request holding it ends.
+        Requests still waiting for the session get NotFound."""
+        if self.closed:
+            return
         self.closed = True
         if not self.lock.locked():
-            self._free_slot()
+            self.free_slot_if_closed()
+        elif self.on_close is not None:
+            self.on_close()
 
     def free_slot_if_closed(self) -> None:
-        if self.closed:
-            self._free_slot()
-
-    def _free_slot(self) -> None:
-        if self.slot >= 0:
-            self.slab.free(self.slot)
-            self.slot = -1
+        """The one place a session's slot goes back to the slab: exactly once, when it is closed and no
+        request holds it."""
+        if self.closed and self.slot >= 0:
+            slot, self.slot = self.slot, -1
+            self.slab.free(slot)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -106,12 +132,29 @@ class _Held:
         self.session = session
 
     async def __aenter__(self) -> Session:
-        await self.session.lock.acquire()
-        return self.session
+        session = self.session
+        await session.lock.acquire()
+        if session.closed:  # closed while this request waited for the one before it
+            self._release()
+            raise session_not_found(session.id)
+        session.touch()
+        return session
 
     async def __aexit__(self, *exc: object) -> None:
-        self.session.lock.release()
-        self.session.free_slot_if_closed()
+        self.session.on_close = None
+        self._release()
+
+    def _release(self) -> None:
+        session = self.session
+        session.lock.release()
+        session.free_slot_if_closed()
+
+
+def session_not_found(session_id: str) -> NotFound:
+    return NotFound(
+        f"session {quote(session_id)} does not exist (closed, expired after its idle TTL, "
+        "or created on another server); create a new one"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,7 +176,7 @@ class SessionStore:
         """The state slab of a model version, sized for max_sessions plus scratch slots."""
         slab = self._slabs.get(model.key)
         if slab is None:
-            capacity = self.limits.max_sessions + SCRATCH_SLOTS
+            capacity = 2 * self.limits.max_sessions + CLASSIFY_SLOTS
             slab = self._slabs[model.key] = StateSlab(model.manifest.state, capacity)
         return slab
 
@@ -170,11 +213,8 @@ class SessionStore:
             raise InvalidArgument("session_id is required")
         session = self._sessions.get(session_id)
         if session is None:
-            raise NotFound(
-                f"session {session_id!r} does not exist (closed, expired after its idle TTL, "
-                "or created on another server); create a new one"
-            )
-        session.touch()
+            raise session_not_found(session_id)
+        # A lookup is not a use: it does not restart the idle TTL (see GetSession in the .proto).
         return session
 
     def close(self, session_id: str) -> Session:
@@ -184,9 +224,10 @@ class SessionStore:
         metrics.session_closed(session.model.key)
         return session
 
-    def evict_expired(self) -> int:
-        """Drop idle sessions past their TTL; returns how many were dropped."""
-        now = time.monotonic()
+    def evict_expired(self, now: float | None = None) -> int:
+        """Drop idle sessions past their TTL at `now` (time.monotonic(), by default the present);
+        returns how many were dropped."""
+        now = time.monotonic() if now is None else now
         expired = [sid for sid, s in self._sessions.items() if s.expired(now)]
         for sid in expired:
             session = self._sessions.pop(sid)

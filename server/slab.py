@@ -23,6 +23,10 @@ from rnnserve.server.errors import ResourceExhausted
 State = dict[str, np.ndarray]  # state name -> array shaped like StateSpec.shape, e.g. [layers, batch, hidden]
 
 
+class SlotError(RuntimeError):
+    """A slot freed twice or never allocated: an internal invariant broken (not a client error)."""
+
+
 class StateSlab:
     """Batch-major storage for the state of up to `capacity` sessions of one model version.
 
@@ -45,6 +49,7 @@ class StateSlab:
             s.name: tuple(int(i) for i in np.argsort(self._to_graph[s.name])) for s in self.specs
         }
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        self._allocated = np.zeros(capacity, dtype=bool)  # [capacity]: handed out and not freed yet
         self._lock = threading.Lock()
         # Called with a slot before the host reads or resets it (CUDA: copy device-resident state back).
         self.before_host_access: list[Callable[[Sequence[int]], None]] = []
@@ -76,11 +81,18 @@ class StateSlab:
                     f"no free state slot ({self.capacity} in use for this model); close sessions or retry"
                 )
             slot = self._free.pop()
+            self._allocated[slot] = True
         self.reset(slot)
         return slot
 
     def free(self, slot: int) -> None:
+        """Give a slot back. Freeing a slot that is not allocated (twice, or -1: "no slot") is a bug in
+        the caller that would let two sessions share a row of state: it raises instead."""
         with self._lock:
+            if not 0 <= slot < self.capacity or not self._allocated[slot]:
+                state = "out of range" if not 0 <= slot < self.capacity else "not allocated (freed twice?)"
+                raise SlotError(f"internal error: freeing state slot {slot}, which is {state}")
+            self._allocated[slot] = False
             self._free.append(slot)
 
     def reset(self, slot: int) -> None:

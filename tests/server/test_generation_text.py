@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from rnnserve.server.engine import _StopMatcher
+from rnnserve.server.generation import StopMatcher
 from rnnserve.server.text import IncrementalDecoder, TextCodec
 
 
@@ -30,7 +30,7 @@ def test_special_tokens_decode_to_nothing_but_have_a_name() -> None:
 
 
 def test_stop_string_split_across_tokens_is_held_back_and_never_sent() -> None:
-    stops = _StopMatcher(["END"])
+    stops = StopMatcher(["END"])
     sent = []
     for piece in ["ab", "cE", "N", "Dxyz"]:
         text, stopped = stops.push(piece)
@@ -42,7 +42,7 @@ def test_stop_string_split_across_tokens_is_held_back_and_never_sent() -> None:
 
 
 def test_held_back_text_is_released_when_it_is_not_a_stop() -> None:
-    stops = _StopMatcher(["END"])
+    stops = StopMatcher(["END"])
     assert stops.push("aE") == ("a", False)
     assert stops.push("x") == ("Ex", False)
     assert stops.push("E") == ("", False)
@@ -50,6 +50,6 @@ def test_held_back_text_is_released_when_it_is_not_a_stop() -> None:
 
 
 def test_earliest_of_several_stop_strings_wins() -> None:
-    stops = _StopMatcher(["zz", "\n\n"])
+    stops = StopMatcher(["zz", "\n\n"])
     text, stopped = stops.push("ab\n\ncd zz")
     assert (text, stopped) == ("ab", True)

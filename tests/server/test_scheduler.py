@@ -18,6 +18,8 @@ import pytest
 
 from rnnserve.export.manifest import read_manifest
 from rnnserve.server.engine import Engine, EngineLimits, GeneratedToken, GenerateRequest
+from rnnserve.server.errors import NotFound
+from rnnserve.server.generation import MAX_AHEAD
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, SlotRunner
 from rnnserve.server.sampling import SamplingParams, log_softmax
@@ -318,20 +320,29 @@ def test_slab_sessions_created_and_closed_interleaved_never_see_each_others_stat
     with_engine(lm_repo, work, bound)
 
 
-def test_a_session_closed_while_generating_frees_its_slot_after(lm_repo: Path) -> None:
+def test_a_session_closed_while_generating_stops_it_and_frees_its_slot_after(lm_repo: Path) -> None:
+    """Closing stops the generation at the next run (issue 12, item 7: it used to run to max_tokens);
+    the reader gets the tokens made until then, then NotFound; the slot is freed once the call ends."""
+
     async def work(engine: Engine) -> None:
         session = engine.create_session("tiny")
         slab = session.slab
         request = GenerateRequest(
-            SamplingParams(temperature=1.0, seed=1), max_tokens=20, ignore_eos=True, prompt="a"
+            SamplingParams(temperature=1.0, seed=1), max_tokens=4000, ignore_eos=True, prompt="a"
         )
         stream = engine.generate(session.id, request)
         first = await anext(stream)
         engine.sessions.close(session.id)
-        assert session.slot >= 0 and slab.in_use == 1  # still generating on it
-        rest = [t for tokens in [tok async for tok in stream] for t in tokens]
-        assert len(first) + len(rest) == 20
+        assert session.slot >= 0 and slab.in_use == 1  # the call still holds it
+        rest: list[GeneratedToken] = []
+        with pytest.raises(NotFound, match="closed while generating"):
+            async for tokens in stream:
+                rest += tokens
+        # At most a reader's lead (MAX_AHEAD) and the run in flight past what the reader had.
+        assert len(first) + len(rest) <= len(first) + MAX_AHEAD + 1
+        assert [t.position for t in first + rest] == list(range(2, 2 + len(first) + len(rest)))
         assert session.slot == -1 and slab.in_use == 0
+        assert engine.schedulers["tiny@1"].generating == 0
 
     with_engine(lm_repo, work)
 
@@ -558,9 +569,9 @@ def test_the_default_flush_holds_tokens_only_while_enough_sessions_generate(lm_r
 
 
 def test_flush_policy_interval() -> None:
-    from rnnserve.server.engine import _FlushPolicy
+    from rnnserve.server.generation import FlushPolicy
 
-    policy = _FlushPolicy(per_message=64, interval_s=0.05, min_sessions=8)
+    policy = FlushPolicy(per_message=64, interval_s=0.05, min_sessions=8)
     assert policy.interval(generating=7, phase=0.5) == 0.0  # light load: tokens go out at once
     assert policy.interval(generating=8, phase=0.0) == pytest.approx(0.025)
     assert policy.interval(generating=64, phase=0.999) == pytest.approx(0.05, rel=1e-3)

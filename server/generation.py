@@ -1,0 +1,298 @@
+"""A Generate call in the model's running batch: sampling state, stop rules, the flush policy that
+decides when tokens go to the reader, and the matcher that finds stop strings in the generated text.
+
+The engine (engine.py) validates a request, applies its prompt and puts a `Generation` into the
+scheduler's running batch; the scheduler feeds it tokens and calls `stepped` after every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.errors import NotFound
+from rnnserve.server.sampling import Sampler, SamplingParams
+from rnnserve.server.scheduler import Scheduler
+from rnnserve.server.sessions import AppliedGeneration, Session
+from rnnserve.server.text import IncrementalDecoder
+
+# A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
+# reader catches up (the tokens it makes are applied to the session whether or not anyone reads them).
+MAX_AHEAD = 64
+_GOLDEN_RATIO = 0.6180339887498949  # k * it mod 1 spreads any run of integers k evenly over [0, 1)
+Clock = Callable[[], float]  # seconds, monotonic (time.monotonic; tests drive their own)
+
+
+class FinishReason:
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+
+
+@dataclass(slots=True)
+class GeneratedToken:
+    token_id: int
+    text: str  # text made visible by this token (stop strings held back / never sent)
+    logprob: float
+    position: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    sampling: SamplingParams
+    max_tokens: int
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    prompt: str | list[int] | None = None
+    expected_position: int | None = None
+    max_tokens_per_message: int = 1  # tokens one hand-over to the reader may carry
+    flush_interval_ms: float | None = None  # how long a token may wait for company; None: the default
+
+
+class StopMatcher:
+    """Finds stop strings in generated text and holds back text that may be the start of one.
+
+    Only text not sent yet is kept: a stop string can begin only there (text that could begin one is
+    held back), so each push costs O(stops x longest stop), however long the generation (the stop
+    strings' length is bounded by EngineLimits.max_stop_chars).
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.pending = ""  # text held back: a suffix shorter than the longest stop (between pushes)
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Add delta; returns (text safe to send now, whether a stop string was found)."""
+        if not self.stops:
+            return delta, False  # nothing to find or hold back (the common case, once per token)
+        text = self.pending + delta
+        hit = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.pending = ""  # the stop string and what follows are never sent
+            return text[:hit], True
+        cut = len(text) - max(self._partial_len(text, s) for s in self.stops)
+        self.pending = text[cut:]
+        return text[:cut], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    @staticmethod
+    def _partial_len(text: str, stop: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of `stop` (0 if none)."""
+        first = stop[0]
+        # Candidates start where stop's first character occurs within the last len(stop) - 1 characters;
+        # the earliest that matches is the longest.
+        i = text.find(first, max(0, len(text) - len(stop) + 1))
+        while i >= 0:
+            if stop.startswith(text[i:]):
+                return len(text) - i
+            i = text.find(first, i + 1)
+        return 0
+
+
+@dataclass(frozen=True)
+class FlushPolicy:
+    """When a generation hands its tokens to the reader (one message each hand-over, when allowed)."""
+
+    per_message: int  # as soon as this many are ready
+    interval_s: float  # or once the oldest has waited this long (0: at once)
+    min_sessions: int = 0  # the interval applies only while this many sessions generate on the model
+
+    def interval(self, generating: int, phase: float) -> float:
+        """The wait for a generation whose phase is in [0, 1): spread over [interval/2, interval], so
+        that the sessions of a batch, which get their tokens in the same runs, do not all become due
+        in the same run (64 messages at once would hold the event loop, and so the next run, for
+        milliseconds)."""
+        if generating < self.min_sessions:
+            return 0.0
+        return self.interval_s * (0.5 + 0.5 * phase)
+
+
+class Generation:
+    """One Generate call in the model's running batch (implements scheduler.Generation).
+
+    The scheduler feeds `token` and calls `stepped` with what follows it; this applies the token to the
+    session and queues it for the reader, who is woken when the flush policy says the tokens should go
+    out. Whether a token ends the generation (stop strings and ids, <eos>, max_tokens) is decided when
+    it is sampled (`_sampled_next`), a run before it is applied, which lets the scheduler start the next
+    run before handing this one over.
+
+    `stepped` runs for every session of the batch between two model runs, so it does as little as it
+    can: without stop strings, turning tokens into text waits for the reader (`take`), which runs while
+    the next batch is in ONNX Runtime.
+
+    When its session closes it stops at the next run (`session_closed`), whether or not the reader is
+    reading; the reader gets the tokens already made, then NotFound.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        request: GenerateRequest,
+        eos: int | None,
+        scheduler: Scheduler,
+        flush: FlushPolicy,
+        applied: AppliedGeneration,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        assert session.next_logprobs is not None
+        self.session = session
+        self._applied = applied  # the session's last applied message from the first token on
+        self._clock = clock  # for the flush interval
+        self.slot = session.slot
+        self._request = request
+        self._eos = eos
+        self._scheduler = scheduler
+        self.sampler = Sampler(request.sampling)
+        self._decoder = IncrementalDecoder(session.model.codec, list(session.recent_tokens))
+        self._stops = StopMatcher(request.stop)
+        self._stop_ids = set(request.stop_token_ids)
+        self._decode_late = not request.stop  # no stop strings: text is made by the reader (see take)
+        self._sampled = 0  # tokens sampled
+        self._count = 0  # tokens generated (sampled and applied to the session)
+        self._counted = 0  # of them, counted in the metric
+        self._ready: list[GeneratedToken] = []
+        self._first_ready_at = 0.0  # clock() when the oldest of _ready was made
+        self._handed_over = 0  # tokens taken by the reader so far
+        self._flush = flush
+        self._flush_phase = (session.slot * _GOLDEN_RATIO) % 1.0  # evenly spread over the slots in use
+        self._wakeup = asyncio.Event()
+        self._finished = False
+        self._cancelled = False
+        self._tokens_out = scheduler.metrics.tokens_out
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready_at = time.monotonic()
+        first = self.sampler.choose(session.next_logprobs)
+        self._sampled_next(first, float(session.next_logprobs[first]))
+
+    @property
+    def active(self) -> bool:
+        return not (self._finished or self._cancelled or self.session.closed)
+
+    def session_closed(self) -> None:
+        """Its session was closed (Session.on_close): leave the batch at the next run (`active` is
+        False now), even if the reader has stalled."""
+        self._scheduler.wake()
+        self._wakeup.set()
+
+    @property
+    def runnable(self) -> bool:
+        return len(self._ready) < MAX_AHEAD
+
+    def continues_after_run(self) -> bool:
+        return self.active and self._token_finish is None and len(self._ready) + 1 < MAX_AHEAD
+
+    def _sampled_next(self, token: int, logprob: float) -> None:
+        """`token` was sampled: the next run feeds it. Whether it ends the generation (a stop string
+        or id, <eos>, max_tokens) is decided now, so that the scheduler can start that next run
+        before this one's results are handed over (see Scheduler._loop)."""
+        self.token, self._logprob = token, logprob
+        self._sampled += 1
+        finish: str | None = None
+        text = ""
+        if not self._decode_late:
+            text, stopped = self._stops.push(self._decoder.push(token))
+            finish = FinishReason.STOP if stopped else None
+        if finish is None:
+            if token in self._stop_ids:
+                finish = FinishReason.STOP
+            elif token == self._eos and not self._request.ignore_eos:
+                finish = FinishReason.EOS
+            elif self._sampled == self._request.max_tokens:
+                finish = FinishReason.LENGTH
+            if finish and not self._decode_late:
+                text += self._stops.flush()
+        self._token_text, self._token_finish = text, finish
+
+    def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
+        session, token, finish = self.session, self.token, self._token_finish
+        session.position += 1
+        session.recent_tokens.append(token)
+        session.next_logprobs = logprobs  # [vocab]; a row of the batch's array until we leave (see left)
+        if not self._count:
+            session.last_applied = self._applied  # with the first change it makes (if no prompt did)
+        self._count += 1
+        now = self._clock()
+        if not self._ready:
+            self._first_ready_at = now
+        self._ready.append(GeneratedToken(token, self._token_text, self._logprob, session.position, finish))
+        self.ready_at = time.monotonic()
+        if finish:
+            self._finished = True
+        else:
+            self._sampled_next(next_token, float(logprobs[next_token]))
+        if self._due(now):
+            self._wakeup.set()
+
+    def _due(self, now: float) -> bool:
+        """Whether the ready tokens should go to the reader now."""
+        ready = len(self._ready)
+        if not ready:
+            return False
+        if ready >= self._flush.per_message or ready >= MAX_AHEAD or not self.active or self.gone.done():
+            return True
+        if not self._handed_over:
+            return True  # the first token never waits: time to first token is what a reader feels most
+        return now - self._first_ready_at >= self._flush.interval(
+            self._scheduler.generating, self._flush_phase
+        )
+
+    def _count_out(self) -> None:
+        """The tokens-out metric, updated per hand-over to the reader rather than per token."""
+        if self._count > self._counted:
+            self._tokens_out.inc(self._count - self._counted)
+            self._counted = self._count
+
+    def left(self) -> None:
+        if self.gone.done():
+            return  # released already (see cancel)
+        self._count_out()
+        if self.session.next_logprobs is not None:
+            self.session.next_logprobs = np.array(self.session.next_logprobs)  # own copy (see stepped)
+        self.session.touch()
+        self.gone.set_result(None)
+        self._wakeup.set()
+
+    def cancel(self) -> None:
+        """The reader went away: leave the batch at the next run."""
+        if self._finished:
+            # Its last run was handed over and no run since included it (a finished token is known
+            # when sampled): nothing is in flight on its slot, so the session is free now, a run
+            # earlier than the scheduler would notice.
+            self.left()
+            return
+        if self.active:
+            self._cancelled = True
+        self._scheduler.wake()
+
+    async def take(self) -> list[GeneratedToken]:
+        """The tokens generated since the last call (at least one, in order), once they are due."""
+        while not self._due(self._clock()):
+            if self.gone.done() and not self._ready:
+                if self.session.closed:
+                    raise NotFound(
+                        f"session {self.session.id} was closed while generating, after {self._count} "
+                        "tokens (all of them sent); create a new session"
+                    )
+                raise RuntimeError(
+                    f"generation on session {self.session.id} stopped: the model failed (see the server log)"
+                )
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        tokens, self._ready = self._ready, []
+        self._handed_over += len(tokens)
+        if self._decode_late:
+            for t in tokens:
+                t.text = self._decoder.push(t.token_id)
+        self._count_out()
+        if len(tokens) >= MAX_AHEAD:
+            self._scheduler.wake()  # it was sitting out runs
+        return tokens
