@@ -1,17 +1,19 @@
 """The asyncio Python client: the same API as `rnnserve.client.Client`, with `await` and `async for`.
 
-async with AsyncClient("localhost:50051") as client:
-    async with await client.session("demo") as session:
-        out = await session.feed("def ")
-        async for token in session.generate(max_tokens=50, seed=1):
-            print(token.text, end="")
+async with AsyncClient("localhost:50051") as client, client.session("demo") as session:
+    out = await session.feed("def ")
+    async for token in session.generate(max_tokens=50, seed=1):
+        print(token.text, end="")
+
+`client.session(...)` and `client.attach(...)` are used like the sync client's (`async with ... as s`,
+closed at the end) or awaited for a session that stays open until `await s.close()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -70,11 +72,20 @@ class AsyncClient:
         response = await self._call(self.stub.Classify, classify_request(model, texts, version))
         return [Classification.from_pb(c, response.labels) for c in response.results]
 
-    async def session(self, model: str, *, version: str = "", ttl_seconds: int = 0) -> AsyncSession:
+    def session(self, model: str, *, version: str = "", ttl_seconds: int = 0) -> SessionOpener:
+        """A new session on `model`: `async with client.session(...) as s` closes it at the end, as
+        `Client.session` does; `s = await client.session(...)` keeps it open until `await s.close()`."""
         request = pb.CreateSessionRequest(model=model, version=version, ttl_seconds=ttl_seconds)
+        return SessionOpener(self._create_session(request))
+
+    async def _create_session(self, request: pb.CreateSessionRequest) -> AsyncSession:
         return AsyncSession(self, SessionInfo.from_pb(await self._call(self.stub.CreateSession, request)))
 
-    async def attach(self, session_id: str) -> AsyncSession:
+    def attach(self, session_id: str) -> SessionOpener:
+        """A handle on an existing session (awaited, or `async with`, which closes it at the end)."""
+        return SessionOpener(self._attach(session_id))
+
+    async def _attach(self, session_id: str) -> AsyncSession:
         info = await self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id))
         return AsyncSession(self, SessionInfo.from_pb(info))
 
@@ -86,6 +97,28 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class SessionOpener(Awaitable["AsyncSession"]):
+    """What `AsyncClient.session` and `.attach` return: an awaitable of the session that is also an async
+    context manager (entering awaits it, leaving closes the session). Use it once, either way."""
+
+    def __init__(self, opening: Awaitable[AsyncSession]) -> None:
+        self._opening = opening
+        self._session: AsyncSession | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self._opening
+        return self._session
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._session is not None
+        await self._session.__aexit__(exc_type, exc, tb)
 
 
 class AsyncSession:

@@ -107,6 +107,37 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# The extras (pyproject.toml) a command needs beyond the client install, and which extra brings a module.
+COMMAND_EXTRAS = {
+    "train": "train",
+    "sample": "train",
+    "export": "train",
+    "data": "train",
+    "serve": "serve",
+    "demo": "train,serve",  # it trains, exports and serves
+}
+MODULE_EXTRAS = {
+    "torch": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "tqdm": "train",
+    "onnxruntime": "serve",
+    "tokenizers": "serve",
+    "grpc_health": "serve",
+    "grpc_reflection": "serve",
+    "grpc_status": "serve",
+    "prometheus_client": "serve",
+}
+
+
+def missing_extra(command: str, module: str | None) -> str | None:
+    """The extra to install when `command` fails to import `module` (None: not a module of ours to name)."""
+    top = (module or "").split(".")[0]
+    if top not in MODULE_EXTRAS:
+        return None
+    return COMMAND_EXTRAS.get(command, MODULE_EXTRAS[top])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -133,12 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rnnserve: {error}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as error:
-        extra = {"torch": "train", "onnx": "train", "onnxruntime": "serve", "tokenizers": "serve"}.get(
-            (error.name or "").split(".")[0]
-        )
+        extra = missing_extra(args.command, error.name)
         if extra is None:
             raise
-        print(f"rnnserve {args.command} needs {error.name}: pip install 'rnnserve[{extra}]'", file=sys.stderr)
+        print(
+            f"rnnserve {args.command} needs {error.name}, which a client-only install lacks: "
+            f"pip install 'rnnserve[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -33,8 +33,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Any
 
 CACHE_ENV = "RNNSERVE_DATA_DIR"
 MIRROR_ENV = "RNNSERVE_DATA_URL"
@@ -226,6 +225,27 @@ def _url(dataset: Dataset, file: DataFile, base_url: str | None) -> str:
     return f"{base.rstrip('/')}/{dataset.name}/{file.path}" if base else file.url
 
 
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _bar(total: int | None, name: str, progress: bool) -> Any:
+    """A tqdm byte counter, or nothing where tqdm is absent (a client-only install fetches data too)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not progress,
+                leave=False)  # fmt: skip
+
+
 def _download(url: str, target: Path, sha256: str, timeout: float, progress: bool) -> None:
     """Stream `url` into a temporary file beside `target`; move it into place only if the sha256 matches.
 
@@ -241,8 +261,7 @@ def _download(url: str, target: Path, sha256: str, timeout: float, progress: boo
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
-                      disable=not progress, leave=False) as bar:  # fmt: skip
+            with _bar(total, target.name, progress) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     digest.update(chunk)
                     out.write(chunk)

@@ -50,3 +50,22 @@ def test_async_errors_and_many_concurrent_sessions(server_url: str) -> None:
 
     positions = asyncio.run(run())
     assert positions == [5 * len(f"x{i}") for i in range(32)]
+
+
+def test_async_session_is_an_async_context_manager_like_the_sync_clients(server_url: str) -> None:
+    # Issue 12 item 10: the README's form, `async with client.session(...)`, raised TypeError ('coroutine'
+    # object does not support the asynchronous context manager protocol); `await` keeps working.
+    async def run() -> None:
+        async with AsyncClient(server_url) as aclient:
+            async with aclient.session("tiny") as session:
+                assert (await session.feed("ab")).position == 2
+                assert (await (await aclient.attach(session.id)).info()).position == 2
+            with pytest.raises(NotFoundError):  # leaving `async with` closed the session
+                await aclient.attach(session.id)
+            kept = await aclient.session("tiny")  # awaited: open until closed
+            async with aclient.attach(kept.id) as handle:  # attach has the same two forms
+                assert handle.id == kept.id and handle.position == 0
+            with pytest.raises(NotFoundError):
+                await aclient.attach(kept.id)
+
+    asyncio.run(run())
