@@ -79,7 +79,10 @@ class RnnServeServer:
     async def start(self) -> int:
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            # No send limit: an answer is bounded by the server's own limits (tokens per input, top_k,
+            # max_tokens), and can outgrow its request (a token id of 1 byte comes back with a 4-byte
+            # log-probability). Refusing to send it would fail a call whose message was already applied.
+            ("grpc.max_send_message_length", -1),
         ]
         server = aio.server(interceptors=[ErrorInterceptor(self.calls)], options=options)
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine), server)

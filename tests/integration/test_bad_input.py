@@ -195,3 +195,13 @@ def test_stream_switching_to_a_long_session_id_is_invalid_argument_with_a_readab
         details = assert_short(error, grpc.StatusCode.INVALID_ARGUMENT, "this stream is bound to session")
         assert details.endswith(f"open another stream for {'q' * 64!r}… (+19,936 more characters)")
         assert session.info().position == 1
+
+
+def test_an_answer_larger_than_the_request_limit_is_sent(client: Client, bystander: object) -> None:
+    # 60,000 ids (a 60 kB request) answered with their log-probabilities (~300 kB), over the test
+    # server's 256 KiB message limit: the answer goes out, it does not end as RESOURCE_EXHAUSTED with the
+    # message applied to the session anyway.
+    with client.session("tiny") as session:
+        result = session.feed([1] * 60_000, token_logprobs=True)
+        assert result.position == session.info().position == 60_000
+        assert len(result.token_logprobs) == 60_000
