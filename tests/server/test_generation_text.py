@@ -53,3 +53,28 @@ def test_earliest_of_several_stop_strings_wins() -> None:
     stops = StopMatcher(["zz", "\n\n"])
     text, stopped = stops.push("ab\n\ncd zz")
     assert (text, stopped) == ("ab", True)
+
+
+def test_stop_matching_equals_a_naive_search_and_keeps_only_a_short_tail() -> None:
+    """Whatever the split into deltas: the text sent is the text up to the earliest stop string (all of
+    it if none), and the matcher never holds more than the longest stop minus one character between
+    pushes, so each token costs the same however long the generation (issue 12, item 7: it was
+    quadratic)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choices("abc", k=rng.randint(0, 40)))
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        expected = (text[: min(hits)], True) if hits else (text, False)
+        matcher, sent, stopped, at = StopMatcher(stops), "", False, 0
+        while at < len(text) and not stopped:
+            delta = text[at : at + rng.randint(1, 4)]
+            at += len(delta)
+            out, stopped = matcher.push(delta)
+            sent += out
+            assert stopped or len(matcher.pending) < max(len(s) for s in stops)
+        if not stopped:
+            sent += matcher.flush()
+        assert (sent, stopped) == expected, (stops, text)

@@ -243,17 +243,31 @@ def test_sessions_join_and_leave_the_running_batch(lm_repo: Path, bound: bool) -
             SamplingParams(temperature=1.0, seed=seed), max_tokens=n, ignore_eos=True, prompt="de"
         )
 
-    plan = [(0.0, 40, 1), (0.0, 5, 2), (0.01, 25, 3), (0.02, 3, 4), (0.03, 30, 5)]
+    # (start once the first generation has handed over this many tokens, max_tokens, seed): joins are
+    # driven by the first generation's progress, not by timers, so they happen mid-run on any machine.
+    plan = [(0, 40, 1), (0, 5, 2), (5, 25, 3), (10, 3, 4), (15, 30, 5)]
 
     async def alone(engine: Engine) -> list[list[int]]:
         return [[t.token_id for t in await generate(engine, request(n, s))] for _, n, s in plan]
 
     async def staggered(engine: Engine) -> list[list[int]]:
-        async def one(delay: float, n: int, seed: int) -> list[int]:
-            await asyncio.sleep(delay)
-            return [t.token_id for t in await generate(engine, request(n, seed))]
+        made, changed = [0], asyncio.Event()
 
-        return list(await asyncio.gather(*(one(*p) for p in plan)))
+        async def one(index: int, after: int, n: int, seed: int) -> list[int]:
+            while made[0] < after:
+                changed.clear()
+                await changed.wait()
+            session = engine.create_session("tiny")
+            ids: list[int] = []
+            async for tokens in engine.generate(session.id, request(n, seed)):
+                ids += [t.token_id for t in tokens]
+                if index == 0:
+                    made[0] = len(ids)
+                    changed.set()
+            engine.sessions.close(session.id)
+            return ids
+
+        return list(await asyncio.gather(*(one(i, *p) for i, p in enumerate(plan))))
 
     assert with_engine(lm_repo, alone) == with_engine(lm_repo, staggered, bound)
 
@@ -550,11 +564,16 @@ def test_the_default_flush_holds_tokens_only_while_enough_sessions_generate(lm_r
     request = GenerateRequest(
         SamplingParams(seed=1), max_tokens=60, ignore_eos=True, prompt="a", max_tokens_per_message=64
     )
-    # The first token goes out at once (time to first token); the other 59, made in a few milliseconds
-    # by the tiny model, are held for 300 ms, so they arrive in one piece when the generation ends.
+
+    def frozen(engine: Engine) -> Awaitable[list[int]]:
+        engine.clock = lambda: 0.0  # the flush interval never passes, however slow the machine
+        return hand_overs(engine, 2, request)
+
+    # The first token goes out at once (time to first token); the other 59 are held (the interval
+    # never passes on the frozen clock), so they arrive in one piece when the generation ends.
     held = with_engine(
         lm_repo,
-        lambda e: hand_overs(e, 2, request),
+        frozen,
         options=SchedulerOptions(inline_max_tokens=0),
         generate_flush_ms=300,
         generate_flush_min_sessions=2,

@@ -34,13 +34,34 @@ def test_session_limit_is_resource_exhausted(model: LoadedModel) -> None:
 
 def test_idle_sessions_expire_after_their_ttl(model: LoadedModel) -> None:
     store = SessionStore()
-    short = store.create(model, ttl_seconds=0.05)
+    short = store.create(model, ttl_seconds=5)
     long = store.create(model, ttl_seconds=60)
-    time.sleep(0.1)
-    assert store.evict_expired() == 1
+    later = time.monotonic() + 10  # a given time, not a sleep: no dependence on the machine's speed
+    assert store.evict_expired(now=later) == 1
     with pytest.raises(NotFound, match="expired"):
         store.get(short.id)
     assert store.get(long.id) is long
+    assert short.closed and short.slot == -1
+
+
+def test_a_lookup_does_not_restart_the_idle_ttl(model: LoadedModel) -> None:
+    """GetSession is a lookup, not a use (documented on GetSession in the .proto)."""
+    store = SessionStore()
+    session = store.create(model, ttl_seconds=5)
+    session.last_used -= 4  # idle for 4 of its 5 seconds
+    before = session.last_used
+    assert store.get(session.id) is session
+    assert session.last_used == before
+    assert store.evict_expired(now=before + 6) == 1
+
+
+def test_a_closed_session_frees_its_slot_once(model: LoadedModel) -> None:
+    store = SessionStore()
+    session = store.create(model)
+    slab = session.slab
+    store.close(session.id)
+    session.close()  # again (e.g. closed, then found expired): nothing more happens
+    assert session.slot == -1 and slab.in_use == 0
 
 
 def test_bad_ttl_and_missing_id(model: LoadedModel) -> None:
