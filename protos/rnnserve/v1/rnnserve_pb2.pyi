@@ -451,7 +451,10 @@ class StreamRequest(_message.Message):
     expected_position: _builtins.int
     """If set, the position the client believes the session is at before this message. A retry of the
     message applied last (same start position, same tokens) is answered again without advancing
-    the state; any other mismatch is FAILED_PRECONDITION.
+    the state, with replayed set, even if the first call was cancelled or its reply lost (a message
+    is recorded as applied together with its state change); any other mismatch is
+    FAILED_PRECONDITION. A Generate counts as a message: after one, a retry of the message before it
+    is FAILED_PRECONDITION.
     """
     top_k: _builtins.int
     """How many next-token candidates to return (0: server default of 5; at most 100)."""
@@ -720,7 +723,10 @@ class GenerateRequest(_message.Message):
     """do not stop at the model's end-of-sequence token"""
     prompt_text: _builtins.str
     expected_position: _builtins.int
-    """as in StreamRequest, checked before the prompt"""
+    """As in StreamRequest, checked before the prompt. A Generate cannot be replayed (its tokens were
+    sampled once): a retry with the expected_position of the Generate applied last is
+    FAILED_PRECONDITION, saying that the generation already ran and the position where it ended.
+    """
     max_tokens_per_message: _builtins.int
     """Most tokens one response may carry. 0 or 1: one token per message, in fields 1-5 of
     GenerateResponse (what older clients get). More: the server may put the tokens made while it was
@@ -738,7 +744,7 @@ class GenerateRequest(_message.Message):
     def sampling(self) -> Global___SamplingParams: ...
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """stop when the generated text contains any of these"""
+        """Stop when the generated text contains any of these (at most 16, each at most 256 characters)."""
 
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -90,14 +90,18 @@ class RnnServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Describes an open session (its position, model, expiry).
+        """Describes an open session (its position, model, expiry). A lookup is not a use: it does not
+        restart the idle TTL (only Stream messages and Generate calls do), so a monitor polling sessions
+        never keeps abandoned ones alive. Ask for a longer ttl_seconds to keep an idle session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Closes a session and frees its state. Closing an unknown session is NOT_FOUND.
+        """Closes a session and frees its state. Closing an unknown session is NOT_FOUND. Requests still
+        waiting for the session (queued behind the one in progress) get NOT_FOUND; a Generate in
+        progress stops at its next token and ends with NOT_FOUND after the tokens already made.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

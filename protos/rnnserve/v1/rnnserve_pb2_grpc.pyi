@@ -52,9 +52,15 @@ class RnnServeStub:
     classifier needs whole texts, so a session on it is FAILED_PRECONDITION (use Classify).
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.GetSessionRequest, _rnnserve_pb2.SessionInfo]
-    """Describes an open session (its position, model, expiry)."""
+    """Describes an open session (its position, model, expiry). A lookup is not a use: it does not
+    restart the idle TTL (only Stream messages and Generate calls do), so a monitor polling sessions
+    never keeps abandoned ones alive. Ask for a longer ttl_seconds to keep an idle session.
+    """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.CloseSessionRequest, _rnnserve_pb2.CloseSessionResponse]
-    """Closes a session and frees its state. Closing an unknown session is NOT_FOUND."""
+    """Closes a session and frees its state. Closing an unknown session is NOT_FOUND. Requests still
+    waiting for the session (queued behind the one in progress) get NOT_FOUND; a Generate in
+    progress stops at its next token and ends with NOT_FOUND after the tokens already made.
+    """
     Stream: _grpc.StreamStreamMultiCallable[_rnnserve_pb2.StreamRequest, _rnnserve_pb2.StreamResponse]
     """Bidirectional stream bound to one session: every request appends tokens (or text) to the
     session and gets exactly one response, carrying the model's output after the appended tokens.
@@ -83,9 +89,15 @@ class RnnServeAsyncStub(RnnServeStub):
     classifier needs whole texts, so a session on it is FAILED_PRECONDITION (use Classify).
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.GetSessionRequest, _rnnserve_pb2.SessionInfo]  # type: ignore[assignment]
-    """Describes an open session (its position, model, expiry)."""
+    """Describes an open session (its position, model, expiry). A lookup is not a use: it does not
+    restart the idle TTL (only Stream messages and Generate calls do), so a monitor polling sessions
+    never keeps abandoned ones alive. Ask for a longer ttl_seconds to keep an idle session.
+    """
     CloseSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.CloseSessionRequest, _rnnserve_pb2.CloseSessionResponse]  # type: ignore[assignment]
-    """Closes a session and frees its state. Closing an unknown session is NOT_FOUND."""
+    """Closes a session and frees its state. Closing an unknown session is NOT_FOUND. Requests still
+    waiting for the session (queued behind the one in progress) get NOT_FOUND; a Generate in
+    progress stops at its next token and ends with NOT_FOUND after the tokens already made.
+    """
     Stream: _aio.StreamStreamMultiCallable[_rnnserve_pb2.StreamRequest, _rnnserve_pb2.StreamResponse]  # type: ignore[assignment]
     """Bidirectional stream bound to one session: every request appends tokens (or text) to the
     session and gets exactly one response, carrying the model's output after the appended tokens.
@@ -129,7 +141,10 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
         request: _rnnserve_pb2.GetSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rnnserve_pb2.SessionInfo, _abc.Awaitable[_rnnserve_pb2.SessionInfo]]:
-        """Describes an open session (its position, model, expiry)."""
+        """Describes an open session (its position, model, expiry). A lookup is not a use: it does not
+        restart the idle TTL (only Stream messages and Generate calls do), so a monitor polling sessions
+        never keeps abandoned ones alive. Ask for a longer ttl_seconds to keep an idle session.
+        """
 
     @_abc_1.abstractmethod
     def CloseSession(
@@ -137,7 +152,10 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
         request: _rnnserve_pb2.CloseSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rnnserve_pb2.CloseSessionResponse, _abc.Awaitable[_rnnserve_pb2.CloseSessionResponse]]:
-        """Closes a session and frees its state. Closing an unknown session is NOT_FOUND."""
+        """Closes a session and frees its state. Closing an unknown session is NOT_FOUND. Requests still
+        waiting for the session (queued behind the one in progress) get NOT_FOUND; a Generate in
+        progress stops at its next token and ends with NOT_FOUND after the tokens already made.
+        """
 
     @_abc_1.abstractmethod
     def Stream(
