@@ -4,7 +4,8 @@ the server runs before serving a bundle.
 A bundle `<repo>/<name>/<version>/` is good when its manifest fits the schema (and is not from a newer
 rnnserve), it lives where its manifest says, every file it names exists with the recorded sha256, every
 graph loads in ONNX Runtime with exactly the inputs/outputs (names, dtypes, fixed and dynamic axes) the
-manifest and its state spec describe, and the tokenizer has the manifest's vocabulary size.
+manifest and its state spec describe (a generation graph: exactly its `generate[]` record's, which
+the manifest checks against the generation contract), and the tokenizer has the manifest's vocabulary size.
 Torch-free: ONNX Runtime and tokenizers (the `serve` extra).
 """
 
@@ -36,7 +37,14 @@ def graph_problems(
     manifest: Manifest, role: str, inputs: Sequence[GraphArg], outputs: Sequence[GraphArg]
 ) -> list[str]:
     """How a graph's inputs/outputs (as ONNX Runtime reports them) differ from what the manifest says
-    the graph of `role` ("step" or "last") has; [] when they match."""
+    the graph of `role` ("step", "last", "generate" or a generation graph's file) has; [] when they match."""
+    gen = next((g for g in manifest.generate if g.file == role), None) or (
+        manifest.generate_graph() if role == "generate" else None
+    )
+    if gen is not None:  # a K-step generation graph: exactly the inputs/outputs its record lists
+        return _match(gen.file, "input", gen.inputs, inputs, set()) + _match(
+            gen.file, "output", gen.outputs, outputs, set()
+        )
     file = manifest.graph_file(role) or manifest.model_file
     state_outputs = [s.output_name for s in manifest.state]
     if role == "step":
@@ -91,6 +99,8 @@ def _session_problems(bundle: Path, manifest: Manifest) -> list[str]:
 
     problems = []
     roles = {"step": manifest.model_file, **manifest.graphs}
+    roles.pop("generate", None)  # one of the generation graphs, each checked under its own file name
+    roles.update({g.file: g.file for g in manifest.generate})
     for role, file in roles.items():
         if not (bundle / file).is_file() or (role != "step" and file == manifest.model_file):
             continue  # missing files are reported already; a shared file is checked as "step"

@@ -10,6 +10,8 @@ plus `Manifest.validate`'s consistency rules. It is checked when a manifest is w
   2  adds `precision` and `graphs` (the export/serving contract). A version-1 manifest reads as fp32 with
      only a "step" graph; a manifest newer than SCHEMA_VERSION is refused (NewerSchemaError) rather than
      half understood.
+  3  adds `generate` (the K-step generation graphs, `GenerateGraph`) and the "generate" graph role. A
+     version-1 or -2 manifest reads with no generation graph: the server keeps its host sampling path.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -41,8 +43,9 @@ CLASSIFIER_MODES: tuple[str, ...] = ("streaming", "whole")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 # Graph roles in `Manifest.graphs`: "step" = logits for every position (the model file); "last" (language
 # models) = logits for the last position only, as output `logits_last` [batch, vocab] (it may be the same
-# file as "step" when that graph carries the extra output).
-GRAPH_ROLES: tuple[str, ...] = ("step", "last")
+# file as "step" when that graph carries the extra output); "generate" (language models) = the default
+# K-step generation graph, one of the files in `Manifest.generate`.
+GRAPH_ROLES: tuple[str, ...] = ("step", "last", "generate")
 
 
 class ManifestError(ValueError):
@@ -95,6 +98,27 @@ class StateSpec:
         return 0.0 if self.initial == "zeros" else float(self.initial)
 
 
+@dataclass(frozen=True)
+class GenerateGraph:
+    """One K-step generation graph of a language model (export/generate_graph.py has the contract).
+
+    K steps unrolled with sampling inside: tokens [batch, 1] (x0, not yet applied) + state + uniforms
+    [batch, K] + temperature/top_k/top_p [batch] -> ids [batch, K], logprobs [batch, K] + the state after
+    x0..x_{K-1}. `top_k_max`: the largest top_k the graph honours (one TopK of that width per step); a row
+    asking for more, or for top_p < 1 with top_k 0 when vocab_size > top_k_max, keeps the host path.
+    Several K coexist; `graphs["generate"]` names the default. Why the exported K: bench/generate_graph.py
+    (docs/bench/generate_graph.json): K=8 already takes most of the gain of unrolling on the CPU, K=16 adds
+    little and doubles the rollback replay of a generation that stops inside a block; K=1 samples
+    on the device one token at a time (a GPU with logits that never leave it) and serves short tails.
+    """
+
+    file: str
+    steps: int  # K
+    top_k_max: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
 @dataclass
 class Manifest:
     """Describes one exported model version (written as manifest.json in its bundle)."""
@@ -128,6 +152,15 @@ class Manifest:
     precision: str = "fp32"  # one of PRECISIONS
     # Role (GRAPH_ROLES) -> file in the bundle. Empty (older manifests) means {"step": model_file}.
     graphs: dict[str, str] = field(default_factory=dict)
+    # Language models (schema 3): the K-step generation graphs, fewest steps first. Empty: none (older).
+    generate: list[GenerateGraph] = field(default_factory=list)
+
+    def generate_graph(self, steps: int | None = None) -> GenerateGraph | None:
+        """The generation graph of `steps` (None: the default, graphs["generate"]), or None."""
+        for g in self.generate:
+            if (g.steps == steps) if steps is not None else (g.file == self.graphs.get("generate")):
+                return g
+        return None
 
     def graph_file(self, role: str) -> str | None:
         """The bundle file that plays `role` ("step" is always the model file), or None if there is none."""
@@ -161,6 +194,16 @@ class Manifest:
         kwargs["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
         kwargs["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
         kwargs["state"] = [StateSpec(**s) for s in data["state"]]
+        kwargs["generate"] = [
+            GenerateGraph(
+                **{
+                    **g,
+                    "inputs": [TensorSpec(**t) for t in g["inputs"]],
+                    "outputs": [TensorSpec(**t) for t in g["outputs"]],
+                }
+            )
+            for g in data.get("generate", [])
+        ]
         manifest = cls(**kwargs)
         manifest.validate()
         return manifest
@@ -238,6 +281,27 @@ class Manifest:
             raise ManifestError(f"graphs['step'] must be the model file {self.model_file!r}")
         if "last" in self.graphs and self.task != "lm":
             raise ManifestError("only a language model has a 'last' (last-position logits) graph")
+        self._validate_generate()
+
+    def _validate_generate(self) -> None:
+        if not self.generate and "generate" not in self.graphs:
+            return
+        if self.task != "lm":
+            raise ManifestError("only a language model has generation graphs")
+        files = [g.file for g in self.generate]
+        if self.graphs.get("generate") not in files:
+            raise ManifestError(f"graphs['generate'] must name one of the generate[] files {files}")
+        if len(set(files)) != len(files) or len({g.steps for g in self.generate}) != len(files):
+            raise ManifestError("generate[]: each graph needs its own file and its own number of steps")
+        state_in = [t for t in self.inputs if t.name in {s.input_name for s in self.state}]
+        for i, g in enumerate(self.generate):
+            if g.steps < 1 or not 1 <= g.top_k_max <= self.vocab_size:
+                raise ManifestError(f"generate[{i}]: steps >= 1 and 1 <= top_k_max <= vocab_size required")
+            ins, outs = generate_specs(state_in, g.steps)
+            if (g.inputs, g.outputs) != (ins, outs):
+                raise ManifestError(
+                    f"generate[{i}] ({g.file}): inputs/outputs are not the generation contract"
+                )
 
     def _validate_classifier(self, has_recurrent_state: bool) -> None:
         if len(self.labels) < 2:
@@ -273,6 +337,21 @@ def _state_fits(spec: StateSpec, tensor: TensorSpec) -> bool:
         isinstance(t, str) if i == spec.batch_axis else t == d
         for i, (d, t) in enumerate(zip(spec.shape, tensor.shape, strict=True))
     )
+
+
+def generate_specs(state_inputs: list[TensorSpec], steps: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A K-step generation graph's (inputs, outputs), from the step graph's state inputs (GenerateGraph)."""
+    ins = [
+        TensorSpec("tokens", ["batch", 1], "int64"),
+        *state_inputs,
+        TensorSpec("uniforms", ["batch", steps], "float32"),
+        TensorSpec("temperature", ["batch"], "float32"),
+        TensorSpec("top_k", ["batch"], "int64"),
+        TensorSpec("top_p", ["batch"], "float32"),
+    ]
+    outs = [TensorSpec("ids", ["batch", steps], "int64"), TensorSpec("logprobs", ["batch", steps], "float32")]
+    outs += [TensorSpec(s.name.replace("state_in.", "state_out."), s.shape, s.dtype) for s in state_inputs]
+    return ins, outs
 
 
 def sha256_file(path: Path) -> str:
@@ -317,6 +396,8 @@ def file_problems(bundle_dir: Path, manifest: Manifest, *, verify_sha256: bool =
     files = {manifest.model_file: "model file", manifest.tokenizer_file: "tokenizer file"}
     for role, name in manifest.graphs.items():
         files.setdefault(name, f"{role!r} graph")
+    for g in manifest.generate:
+        files.setdefault(g.file, f"{g.steps}-step generation graph")
     for name, what in files.items():
         if not (bundle_dir / name).is_file():
             problems.append(f"{name} ({what} named by the manifest) is missing")

@@ -79,9 +79,15 @@ def export_lm_last_to_onnx(model: RNNLanguageModel, path: Path, exporter: str = 
 
 
 def finish_lm_graphs(model: RNNLanguageModel, bundle: Path, manifest: Manifest, precision: str) -> None:
-    """`finish_graphs` for a language model: adds the last-position graph first (same exporter)."""
+    """`finish_graphs` for a language model: adds the last-position graph first (same exporter), and the
+    K-step generation graphs (built from the validated fp32 step graph: export/generate_bundle.py)."""
+    from rnnserve.export import generate_bundle
+
     export_lm_last_to_onnx(model, bundle / LAST_FILE, str(manifest.export.get("exporter", DEFAULT_EXPORTER)))
-    finish_graphs(bundle, manifest, precision, {"last": LAST_FILE})
+    with tempfile.TemporaryDirectory() as work:
+        against_torch = generate_bundle.build_and_validate(model, bundle / manifest.model_file, Path(work))
+        finish_graphs(bundle, manifest, precision, {"last": LAST_FILE})
+        generate_bundle.finish(bundle, manifest, precision, Path(work), against_torch)
 
 
 def finish_graphs(bundle: Path, manifest: Manifest, precision: str, extra: dict[str, str]) -> None:

@@ -42,7 +42,14 @@ def test_bundle_layout_and_manifest(cell: str, tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path, cell)
     bundle = export_checkpoint(ckpt, tmp_path / "repo", "tiny")
     assert bundle == tmp_path / "repo" / "tiny" / "1"
-    files = ["manifest.json", "model.onnx", "model_last.onnx", "tokenizer.json"]  # + last-position graph
+    files = [
+        "manifest.json",
+        "model.onnx",
+        "model_gen_k1.onnx",
+        "model_gen_k8.onnx",
+        "model_last.onnx",
+        "tokenizer.json",
+    ]  # + last-position and generation graphs
     assert sorted(p.name for p in bundle.iterdir()) == files
     m = read_manifest(bundle)  # validates, and checks the sha256
     assert m.model_sha256 == sha256_file(bundle / "model.onnx")

@@ -53,8 +53,13 @@ def _data(**changes: Any) -> dict[str, Any]:
 
 def test_round_trip_and_current_version() -> None:
     m = _manifest()
-    assert m.schema_version == SCHEMA_VERSION == 2
+    assert m.schema_version == SCHEMA_VERSION == 3
     assert Manifest.from_dict(json.loads(m.to_json())) == m
+
+
+def test_version_2_reads_with_no_generation_graph() -> None:
+    m = Manifest.from_dict(_data(schema_version=2))
+    assert (m.generate, m.generate_graph(), m.graph_file("generate")) == ([], None, None)
 
 
 def test_version_1_reads_as_fp32_with_only_a_step_graph() -> None:
@@ -71,9 +76,9 @@ def test_version_1_reads_as_fp32_with_only_a_step_graph() -> None:
 
 def test_a_newer_schema_is_refused_in_plain_words() -> None:
     with pytest.raises(
-        NewerSchemaError, match=r"schema_version 3 is newer than this rnnserve reads \(2\).*upgrade"
+        NewerSchemaError, match=r"schema_version 4 is newer than this rnnserve reads \(3\).*upgrade"
     ):
-        Manifest.from_dict(_data(schema_version=3, some_future_field=1))
+        Manifest.from_dict(_data(schema_version=4, some_future_field=1))
     with pytest.raises(ManifestError, match="schema_version: must be a positive integer"):
         Manifest.from_dict(_data(schema_version="2"))
 

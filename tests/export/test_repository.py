@@ -115,6 +115,10 @@ def _fix_graph_hidden_size(bundle: Path) -> None:
             spec["shape"][2] = 13
         for t in data["inputs"][1:] + data["outputs"][1:]:
             t["shape"][2] = 13
+        for g in data["generate"]:  # the generation graphs' state tensors, consistently
+            for t in g["inputs"] + g["outputs"]:
+                if t["name"].startswith("state_"):
+                    t["shape"][2] = 13
 
     _edit_manifest(bundle, edit)
 
@@ -129,10 +133,12 @@ def _fix_batch_in_graph(bundle: Path) -> None:
                 dim.dim_value = 2
     onnx.save(model, str(bundle / "model.onnx"))
     digest = hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()
-    _edit_manifest(bundle, lambda d: d.update(model_sha256=digest, graphs={}))
-    for extra in set(json.loads((bundle / "manifest.json").read_text()).get("graphs", {}).values()) - {
+    extras = set(json.loads((bundle / "manifest.json").read_text()).get("graphs", {}).values()) - {
         "model.onnx"
-    }:
+    }
+    extras |= {g["file"] for g in json.loads((bundle / "manifest.json").read_text()).get("generate", [])}
+    _edit_manifest(bundle, lambda d: d.update(model_sha256=digest, graphs={}, generate=[]))
+    for extra in extras:
         (bundle / extra).unlink()
 
 
@@ -189,7 +195,7 @@ def broken_repo(versions: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_models_validate_names_each_problem(broken_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rnnserve_main(["models", "validate", str(broken_repo)]) == 1
     out, err = capsys.readouterr()
-    assert "good/1: ok (lm lstm 2x12, fp32, torchscript exporter, schema 2)" in out.splitlines()
+    assert "good/1: ok (lm lstm 2x12, fp32, torchscript exporter, schema 3)" in out.splitlines()
     for name, (_, message) in BREAKAGES.items():
         block = out.split(f"{name}/1: BAD\n", 1)[1].split("/1:", 1)[0]
         assert message in block, (name, block)
@@ -199,7 +205,7 @@ def test_models_validate_names_each_problem(broken_repo: Path, capsys: pytest.Ca
 def test_models_validate_on_a_good_repository(versions: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rnnserve_main(["models", "validate", str(versions)]) == 0
     out = capsys.readouterr().out
-    assert "m/candidate: ok (lm lstm 2x12, fp32, dynamo exporter, schema 2)" in out
+    assert "m/candidate: ok (lm lstm 2x12, fp32, dynamo exporter, schema 3)" in out
     assert "3 bundle(s), 0 bad" in out
     assert rnnserve_main(["models", "validate", str(versions / "nowhere")]) == 2
 

@@ -56,7 +56,11 @@ def _feeds(m: Manifest, batch: int, seq: int, seed: int = 1) -> dict[str, np.nda
 def test_last_position_graph_equals_the_step_graphs_last_logits(cell: str, tmp_path: Path) -> None:
     bundle = export_checkpoint(_lm_checkpoint(tmp_path, cell), tmp_path / "repo", "lm")
     m = read_manifest(bundle)
-    assert m.precision == "fp32" and m.graphs == {"step": "model.onnx", "last": LAST_FILE}
+    assert m.precision == "fp32" and m.graphs == {
+        "step": "model.onnx",
+        "last": LAST_FILE,
+        "generate": "model_gen_k8.onnx",
+    }
     assert m.graph_file("step") == m.model_file and m.graph_file("last") == LAST_FILE
     assert m.export["variants"]["optimization"] == "basic"
     assert m.export["variants"]["graphs_sha256"][LAST_FILE] == sha256_file(bundle / LAST_FILE)
@@ -87,7 +91,7 @@ def test_int8_bundle_quantises_recurrent_and_projection_weights(cell: str, tmp_p
     fp32 = export_checkpoint(ckpt, repo, "lm")
     int8 = export_checkpoint(ckpt, repo, "lm", precision="int8")
     m = read_manifest(int8)
-    assert m.precision == "int8" and set(m.graphs) == {"step", "last"}
+    assert m.precision == "int8" and set(m.graphs) == {"step", "last", "generate"}
     ops = op_counts(int8 / "model.onnx")
     assert ops.get("MatMulInteger") == 1  # the vocabulary projection
     # ORT quantises LSTM weights only; a GRU keeps its recurrent weights in fp32
