@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   train a small LSTM LM, export it, serve it, stream a continuation (a few minutes, CPU)
+#   make demo   train a small LSTM LM, export it, serve it, stream a continuation (~2 min on an idle
+#               2-core CPU, longer when the machine is loaded)
 #   make test   the whole suite: generated-code drift, ruff, mypy, pytest
 PYTHON ?= python3
 VENV ?= .venv

@@ -7,6 +7,7 @@ A smoke test with tiny windows (speed is measured by running the benchmark itsel
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ def test_serving_benchmark_writes_its_table_goals_and_plot(tmp_path: Path) -> No
     assert {("grpc-echo", "stream", 1), ("rnnserve flush 0 ms", "generate", 2)} <= rows
     assert ("rnnserve calls of 4", "generate", 2) in rows
     assert {("engine", "in-process", 2), ("ort-ceiling", "in-process", 2)} <= rows
-    assert all(r["tokens_per_s"] > 0 for r in report["rows"])
+    # A rate, not a speed bound: a slow machine may complete nothing in a 0.3 s window.
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] >= 0 for r in report["rows"])
 
     # The ceiling: the fastest of the raw loop's thread counts (1, 2, the server's), measured side by side.
     threads = report["ceiling_threads"]

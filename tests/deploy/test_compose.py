@@ -289,7 +289,8 @@ def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
     assert any(during), "the generations finished before the drain could be observed"
     for g in generations:  # steps in flight finished: every generation ran to its end
         assert g.error is None and g.finish_reason == "length" and g.count == 4096, (g.error, g.count)
-    assert stack.timings["compose stop"] < 30  # within stop_grace_period: the server exited by itself
+    # Exit code 0: the server exited by itself (Docker's kill at stop_grace_period would give 137); how long
+    # the drain took depends on the machine and is only reported (stack.timings).
     assert exit_code(stack.compose("ps", "-a", "-q", "server").stdout.strip()) == 0
     logs = stack.compose("logs", "--no-color", "server").stdout
     assert "draining (grace 20s)" in logs and "stopped;" in logs, logs[-3000:]

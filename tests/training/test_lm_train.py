@@ -44,7 +44,7 @@ def test_tiny_training_lowers_loss_and_checkpoints(tmp_path: Path) -> None:
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["format"] == 1 and ckpt["tokenizer_kind"] == "char"
     assert set(ckpt["metrics"]) == {"val_loss", "val_ppl", "train_loss", "epoch", "elapsed_s"}
-    assert 0 < ckpt["metrics"]["elapsed_s"] < 600
+    assert ckpt["metrics"]["elapsed_s"] > 0  # a wall time: no bound on how long a machine may take
     history = ckpt["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     vocab = ckpt["model_args"]["vocab_size"]
