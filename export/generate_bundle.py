@@ -32,9 +32,7 @@ from rnnserve.export.manifest import Manifest, sha256_file
 from rnnserve.export.quantize import session_options
 from rnnserve.training.model import RNNLanguageModel
 
-# The K exported, and the default (graphs["generate"]). Chosen by bench/generate_graph.py (see the
-# GenerateGraph docstring in manifest.py): 8 steps per run take most of the unrolling gain; 1 step
-# serves a GPU sampling on the device token by token and the last few tokens of a generation.
+# The K exported, and the default (graphs["generate"]): why, in the GenerateGraph docstring (manifest.py).
 GENERATE_STEPS: tuple[int, ...] = (1, 8)
 DEFAULT_STEPS = 8
 VARIANT_ATOL = {"fp32": 1e-4, "int8": 1e-4, "fp16": 1e-3}  # generation graph vs its own step graph

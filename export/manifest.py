@@ -106,10 +106,13 @@ class GenerateGraph:
     [batch, K] + temperature/top_k/top_p [batch] -> ids [batch, K], logprobs [batch, K] + the state after
     x0..x_{K-1}. `top_k_max`: the largest top_k the graph honours (one TopK of that width per step); a row
     asking for more, or for top_p < 1 with top_k 0 when vocab_size > top_k_max, keeps the host path.
-    Several K coexist; `graphs["generate"]` names the default. Why the exported K: bench/generate_graph.py
-    (docs/bench/generate_graph.json): K=8 already takes most of the gain of unrolling on the CPU, K=16 adds
-    little and doubles the rollback replay of a generation that stops inside a block; K=1 samples
-    on the device one token at a time (a GPU with logits that never leave it) and serves short tails.
+    Several K coexist; `graphs["generate"]` names the default. Why K in (1, 8), default 8:
+    bench/generate_graph.py (docs/bench/generate_graph.json, a loaded 2-core CPU) found no K worth it
+    on the CPU at batch >= 8 (the host's vectorised numpy sampler beats ~70 small sampler nodes per step,
+    which also pay a TopK and a second exp for every row), ~1.0-1.2x at batch 1: a CPU server should keep
+    its host path there. The graph is for the GPU, where the logits never leave the device and unrolling
+    pays (DESIGN.md's ceiling: 16 steps vs 1, 1.3x at 64 sessions, 1.7x at 1); 8 takes most of that
+    while halving the rollback replay of a generation that stops inside a block; 1 serves short tails.
     """
 
     file: str
