@@ -316,18 +316,25 @@ def generate_row(system: str, concurrency: int, load: GenerateLoad) -> Row:
 
 @contextmanager
 def server_process(command: list[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with Client(url) as client:
-            if not client.wait_ready(timeout=120):
-                raise RuntimeError(f"{command[:4]} did not come up")
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    """A server in its own process, up and answering; if it exits or does not come up within 120 s, an
+    error with the end of its stderr."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            with Client(url) as client:
+                deadline = time.monotonic() + 120
+                while not client.wait_ready(timeout=1):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        stderr.seek(0)
+                        tail = stderr.read().decode(errors="replace")[-3000:]
+                        raise RuntimeError(f"{command[:4]} did not come up (exit {proc.poll()}):\n{tail}")
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def flush_sweep(
