@@ -595,6 +595,7 @@ def plot(rows: list[Row], path: Path, title: str = "") -> None:
             linestyle=":",
             marker=marker,
             linewidth=1,
+            zorder=3,  # over the best, which runs through one of them at every point
             label=f"raw ORT loop, {threads_name(n)[4:]}",
         )
     for system in ("rnnserve", "naive-torch"):
