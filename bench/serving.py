@@ -83,6 +83,9 @@ IN_PROCESS = "in-process"  # the workload of the engine's row and of the raw loo
 
 
 def percentiles(latencies_s: list[float]) -> tuple[float, float, float]:
+    """p50, p90, p99 in ms (NaN for a window in which nothing completed)."""
+    if not latencies_s:
+        return float("nan"), float("nan"), float("nan")
     p = np.percentile(np.asarray(latencies_s) * 1000, [50, 90, 99])
     return float(p[0]), float(p[1]), float(p[2])
 
@@ -307,7 +310,7 @@ def generate_row(system: str, concurrency: int, load: GenerateLoad) -> Row:
         "generate",
         concurrency,
         load.tokens_per_s,
-        *(percentiles(load.message_gaps) if load.message_gaps else (float("nan"),) * 3),
+        *percentiles(load.message_gaps),
         first_token_p50_ms=None if first[0] is None else float(first[0]),
         first_token_p99_ms=None if first[1] is None else float(first[1]),
         tokens_per_message=load.tokens / load.messages if load.messages else None,
