@@ -2,8 +2,9 @@
 
 `finish_lm_graphs` (export/variants.py) calls `build_and_validate` on the freshly exported fp32
 `model.onnx` (before it is optimised) and `finish` once the bundle's other graphs are final:
-1. each K in GENERATE_STEPS: `model_gen_k<K>.onnx` built from the fp32 step graph (generate_graph.py)
-   and checked against PyTorch's model + the reference sampler (generate_check.py);
+1. each K in GENERATE_STEPS: `model_gen_k<K>.onnx` built from the fp32 step graph (generate_graph.py),
+   and each K in PLAIN_STEPS: the plain variant `model_gen_plain_k<K>.onnx` (rows without a top-k/top-p
+   cut only), each checked against PyTorch's model + the reference sampler (generate_check.py);
 2. rebuilt from the bundle's final step graph (optimised at BASIC, at the bundle's precision; the
    sampler is optimised at BASIC on its own), so it is that step graph K times plus the sampler;
 3. checked again, against that step graph + the reference sampler: the bundle's generation graph must
@@ -25,6 +26,7 @@ from rnnserve.export.generate_check import agreement_rate, check_generate_graph,
 from rnnserve.export.generate_graph import (
     TOP_K_MAX,
     build_generate_graph,
+    build_plain_generate_graph,
     generate_file,
     generate_graph_record,
 )
@@ -35,6 +37,12 @@ from rnnserve.training.model import RNNLanguageModel
 # The K exported, and the default (graphs["generate"]): why, in the GenerateGraph docstring (manifest.py).
 GENERATE_STEPS: tuple[int, ...] = (1, 8)
 DEFAULT_STEPS = 8
+# The plain graphs' K: the cut graphs' K, so a run of any length finds a plain graph of the K it would
+# take. Measured (bench/generate_graph.py, docs/bench/generate_graph.json, 1 intra-op thread, 2-core CPU
+# at load ~5): plain K4 and K8 are within ~5% of each other everywhere (K4 a little ahead on the demo
+# LM, K16 on the design LM at batch 64), all beating the host path (step graph + numpy sampler) at every
+# batch: 1.02-1.14x demo fp32, 1.01-1.09x design fp32, 1.06-1.29x int8 (the cut graphs: 0.6-1.07x).
+PLAIN_STEPS: tuple[int, ...] = (1, 8)
 VARIANT_ATOL = {"fp32": 1e-4, "int8": 1e-4, "fp16": 1e-3}  # generation graph vs its own step graph
 
 
@@ -42,26 +50,38 @@ def _session(path: Path, precision: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), session_options(precision), providers=["CPUExecutionProvider"])
 
 
-def build_and_validate(
-    model: RNNLanguageModel, step_path: Path, work: Path, steps: tuple[int, ...] = GENERATE_STEPS
-) -> dict[str, Any]:
-    """Build the fp32 generation graphs of `step_path` into `work`; check each against PyTorch.
+def _build(step_path: Path, dst: Path, steps: int, vocab_size: int, plain: bool) -> Path:
+    if plain:
+        return build_plain_generate_graph(step_path, dst, steps, vocab_size)
+    return build_generate_graph(step_path, dst, steps, vocab_size, TOP_K_MAX)
 
-    Returns {file: figures}. Raises ExportValidationError on a mismatch.
+
+def build_and_validate(
+    model: RNNLanguageModel,
+    step_path: Path,
+    work: Path,
+    steps: tuple[int, ...] = GENERATE_STEPS,
+    plain_steps: tuple[int, ...] = PLAIN_STEPS,
+) -> dict[str, Any]:
+    """Build the fp32 generation graphs (cut: `steps`, plain: `plain_steps`) of `step_path` into `work`;
+    check each against PyTorch.
+
+    Returns {file: figures (with "steps" and "plain")}. Raises ExportValidationError on a mismatch.
     """
     a = model.args
     figures = {}
-    for k in steps:
-        path = build_generate_graph(step_path, work / generate_file(k), k, a.vocab_size, TOP_K_MAX)
+    for k, plain in [(k, False) for k in steps] + [(k, True) for k in plain_steps]:
+        path = _build(step_path, work / generate_file(k, plain=plain), k, a.vocab_size, plain)
         figures[path.name] = {
             "steps": k,
+            "plain": plain,
             **check_generate_graph(
                 _session(path, "fp32"),
                 torch_step(model),
                 a.state_names,
                 a.vocab_size,
                 (a.num_layers, a.hidden_size),
-                min(TOP_K_MAX, a.vocab_size),
+                0 if plain else min(TOP_K_MAX, a.vocab_size),
             ),
         }
     return figures
@@ -78,23 +98,30 @@ def finish(
     step = ort_step(bundle / manifest.model_file, names, session_options(precision))
     records, figures = [], {}
     for file in against_torch:
-        steps = int(against_torch[file]["steps"])
-        dst = build_generate_graph(bundle / manifest.model_file, bundle / file, steps, manifest.vocab_size)
+        steps, plain = int(against_torch[file]["steps"]), bool(against_torch[file].get("plain", False))
+        k_max = 0 if plain else kmax
+        dst = _build(bundle / manifest.model_file, bundle / file, steps, manifest.vocab_size, plain)
         gen = _session(dst, precision)
         fig: dict[str, Any] = {"against_pytorch": against_torch[file]}
         fig["against_step_graph"] = check_generate_graph(
-            gen, step, names, manifest.vocab_size, hidden, kmax, atol=VARIANT_ATOL[precision]
+            gen, step, names, manifest.vocab_size, hidden, k_max, atol=VARIANT_ATOL[precision]
         )
         if precision != "fp32":
             ref = _session(work / file, "fp32")
             fig["first_id_agreement_with_fp32"] = agreement_rate(
-                gen, ref, names, manifest.vocab_size, hidden, kmax
+                gen, ref, names, manifest.vocab_size, hidden, k_max
             )
         figures[file] = fig
-        records.append(generate_graph_record(file, steps, manifest.inputs, manifest.vocab_size, TOP_K_MAX))
-    records.sort(key=lambda g: g.steps)
+        records.append(
+            generate_graph_record(
+                file, steps, manifest.inputs, manifest.vocab_size, 0 if plain else TOP_K_MAX
+            )
+        )
+    # by K, the plain graph before the cut one: a reader that keys graphs by K alone keeps the cut one
+    records.sort(key=lambda g: (g.steps, g.top_k_max))
     manifest.generate = records
-    default = next((g for g in records if g.steps == DEFAULT_STEPS), records[-1])
+    cut = [g for g in records if not g.plain]
+    default = next((g for g in cut if g.steps == DEFAULT_STEPS), cut[-1])
     manifest.graphs["generate"] = default.file
     variants = manifest.export.setdefault("variants", {})
     variants.setdefault("graphs_sha256", {}).update({f: sha256_file(bundle / f) for f in figures})

@@ -45,12 +45,12 @@ class RowParams:
 
 
 def validation_rows(vocab_size: int, top_k_max: int) -> list[RowParams]:
-    """The settings the validation cycles through: greedy, temperatures, top-k, top-p, both."""
-    rows = [
-        RowParams(0.0),
-        RowParams(1.0),
-        RowParams(0.7),
-        RowParams(1.6),
+    """The settings the validation cycles through: greedy, temperatures, top-k, top-p, both (top_k_max 0,
+    a plain graph: greedy and temperatures only)."""
+    rows = [RowParams(0.0), RowParams(1.0), RowParams(0.7), RowParams(1.6)]
+    if top_k_max == 0:
+        return rows
+    rows += [
         RowParams(1.0, 5),
         RowParams(0.8, top_k_max, 0.9),
         RowParams(1.2, 3, 0.5),
@@ -129,16 +129,36 @@ def generate_feeds(
     state_names: Sequence[str],
     tokens: np.ndarray,
     uniforms: np.ndarray,
+    *,
+    plain: bool = False,
 ) -> Arrays:
-    """The generation graph's inputs for rows of `rows` (state tensors [layers, B, hidden])."""
-    return {
+    """The generation graph's inputs for rows of `rows` (state tensors [layers, B, hidden]); a plain
+    graph takes no top_k/top_p (its rows must have none)."""
+    feeds = {
         "tokens": tokens,  # [B, 1]
         **{f"state_in.{n}": s for n, s in zip(state_names, state, strict=True)},
         "uniforms": uniforms.astype(np.float32),  # [B, K]
         "temperature": np.array([r.temperature for r in rows], np.float32),
-        "top_k": np.array([r.top_k for r in rows], np.int64),
-        "top_p": np.array([r.top_p for r in rows], np.float32),
     }
+    if plain:
+        assert not any(r.top_k or r.top_p < 1.0 for r in rows), "a plain graph cannot cut"
+    else:
+        feeds["top_k"] = np.array([r.top_k for r in rows], np.int64)
+        feeds["top_p"] = np.array([r.top_p for r in rows], np.float32)
+    return feeds
+
+
+def is_plain_graph(gen: ort.InferenceSession) -> bool:
+    """Whether `gen` is a plain generation graph (no top_k input)."""
+    return "top_k" not in {i.name for i in gen.get_inputs()}
+
+
+def _row_sets(settings: list[RowParams], plain: bool) -> list[list[RowParams]]:
+    """The rows' settings to cycle through, per run: all of them; for a plain graph also only greedy and
+    temperature 1 (its untempered branch, taken when no row needs exp((logits - max) / t))."""
+    if not plain:
+        return [settings]
+    return [settings, [r for r in settings if r.temperature in (0.0, 1.0)]]
 
 
 def check_generate_graph(
@@ -156,20 +176,26 @@ def check_generate_graph(
 ) -> dict[str, float]:
     """Figures of `gen` against `step` + reference_draw (teacher-forced, see the module doc); raises
     ExportValidationError on the first real id mismatch, too many ties, or logprobs/state over atol.
-    `hidden` is (layers, hidden_size)."""
+    `hidden` is (layers, hidden_size); `top_k_max` 0 for a plain graph (greedy and temperature rows only,
+    each batch size run twice: with all of them, and with greedy and temperature 1 only)."""
     steps = int(gen.get_inputs()[[i.name for i in gen.get_inputs()].index("uniforms")].shape[1])
+    plain = is_plain_graph(gen)
     rng = np.random.default_rng(seed)
-    settings = validation_rows(vocab_size, top_k_max)
     figures = {"draws": 0.0, "boundary_ties": 0.0, "logprobs_max_abs_diff": 0.0, "state_max_abs_diff": 0.0}
     state_out = [f"state_out.{n}" for n in state_names]
-    for batch in batch_sizes:
+    runs = [
+        (batch, settings)
+        for settings in _row_sets(validation_rows(vocab_size, 0 if plain else top_k_max), plain)
+        for batch in batch_sizes
+    ]
+    for batch, settings in runs:
         rows = [settings[(batch + i) % len(settings)] for i in range(batch)]
         state = tuple(
             rng.uniform(-1, 1, (hidden[0], batch, hidden[1])).astype(np.float32) for _ in state_names
         )
         tokens = rng.integers(0, vocab_size, (batch, 1), dtype=np.int64)
         uniforms = rng.random((batch, steps), dtype=np.float32)
-        feeds = generate_feeds(rows, state, state_names, tokens, uniforms)
+        feeds = generate_feeds(rows, state, state_names, tokens, uniforms, plain=plain)
         ids, logprobs, *new = gen.run(["ids", "logprobs", *state_out], feeds)
         x, carried = tokens, state
         for i in range(steps):
@@ -216,11 +242,12 @@ def agreement_rate(
     random states, tokens and uniforms. Only the first id is compared: after a disagreement the two runs
     apply different tokens, so later ids measure divergence, not the variant's accuracy."""
     rng = np.random.default_rng(seed)
-    settings = validation_rows(vocab_size, top_k_max)
+    plain = is_plain_graph(variant)
+    settings = validation_rows(vocab_size, 0 if plain else top_k_max)
     rows = [settings[i % len(settings)] for i in range(batch)]
     state = tuple(rng.uniform(-1, 1, (hidden[0], batch, hidden[1])).astype(np.float32) for _ in state_names)
     tokens = rng.integers(0, vocab_size, (batch, 1), dtype=np.int64)
     steps = int(variant.get_inputs()[[i.name for i in variant.get_inputs()].index("uniforms")].shape[1])
-    feeds = generate_feeds(rows, state, state_names, tokens, rng.random((batch, steps)))
+    feeds = generate_feeds(rows, state, state_names, tokens, rng.random((batch, steps)), plain=plain)
     a, b = variant.run(["ids"], feeds)[0], reference.run(["ids"], feeds)[0]
     return float(np.mean(a[:, 0] == b[:, 0]))

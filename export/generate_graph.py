@@ -1,6 +1,7 @@
-"""The K-step generation graph: K unrolled LM steps with sampling inside, so a run returns token ids.
+"""The K-step generation graphs: K unrolled LM steps with sampling inside, so a run returns token ids.
 
     build_generate_graph(Path("model.onnx"), Path("model_gen_k8.onnx"), steps=8, vocab_size=96)
+    build_plain_generate_graph(Path("model.onnx"), Path("model_gen_plain_k8.onnx"), steps=8, vocab_size=96)
 
 Contract (`model_gen_k<K>.onnx`, manifest `generate[]` / `graphs["generate"]`), B dynamic:
   inputs   tokens       int64 [B, 1]   x0, the last sampled token, not yet applied to the state
@@ -20,6 +21,22 @@ side="right"), two-level in blocks of CDF_BLOCK so a 10k vocabulary needs no 10k
 A row the graph cannot express (top_k > top_k_max, or top_p < 1 with top_k 0 and vocab > top_k_max)
 must keep the host path.
 
+The plain variant (`model_gen_plain_k<K>.onnx`, manifest `generate[]` with top_k_max 0) has the same
+contract minus the cut: no top_k/top_p inputs, and it samples every row as a plain row (greedy at
+temperature 0, else the inverse CDF above), so it serves a run whose rows all have top_k 0 and top_p 1.
+Its sampler is written node by node (`_plain_sampler`) for the CPU, where per node and per vocabulary-
+wide pass costs are what a step pays on top of the step graph:
+  - no ArgMax over the vocabulary (ORT's is ~10x a ReduceMax: 390 vs 40 us at batch 64 x 10k): the
+    logits are padded with -inf to whole CDF blocks once, the block maxima give the row max, and greedy
+    is the first block holding the max, then ArgMax inside that block (first index on ties, as argmax);
+  - exp once: e = exp(logits - max) gives the row's logsumexp (the sum of its block sums) and, at
+    temperature 1, the weights themselves; only when some row's temperature is neither 0 nor 1 does an
+    If branch compute weights = exp((logits - max) * (1 / t)) (Mul, not Div: ~half the cost);
+  - the logprob of the chosen id from the shifted logits: (logits - max)[id] - log(sum e);
+  - the two CDF levels (block sums [B, blocks], one block [B, 128]) in float64 as the host's cumsums,
+    cheap since they are small: the vocabulary-wide passes stay float32.
+bench/generate_graph.py measures it against the host path (docs/bench/generate_graph.json).
+
 How it is built: the validated step graph (`model.onnx`) is copied K times, node for node, with its
 weights shared (one initializer each, whatever K), chained through the state, and a sampler subgraph
 (`Sampler`, exported from torch once) is spliced after each copy. So each step computes exactly what
@@ -37,6 +54,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -52,9 +70,9 @@ TOP_K_MAX = 64  # one TopK(kmax) per step serves every row's top_k <= kmax (vLLM
 GENERATE_INPUTS = ("tokens", "uniforms", "temperature", "top_k", "top_p")  # besides the state
 
 
-def generate_file(steps: int) -> str:
-    """The bundle file of the K-step generation graph."""
-    return f"model_gen_k{steps}.onnx"
+def generate_file(steps: int, *, plain: bool = False) -> str:
+    """The bundle file of the K-step generation graph (cut, or plain)."""
+    return f"model_gen_plain_k{steps}.onnx" if plain else f"model_gen_k{steps}.onnx"
 
 
 class Sampler(nn.Module):
@@ -234,10 +252,216 @@ def build_generate_graph(
 def generate_graph_record(
     file: str, steps: int, step_inputs: list[TensorSpec], vocab_size: int, top_k_max: int = TOP_K_MAX
 ) -> GenerateGraph:
-    """The manifest's description of one generation graph."""
-    ins, outs = generate_specs([s for s in step_inputs if s.name.startswith("state_in.")], steps)
+    """The manifest's description of one generation graph (top_k_max 0: a plain graph)."""
+    state = [s for s in step_inputs if s.name.startswith("state_in.")]
+    ins, outs = generate_specs(state, steps, plain=top_k_max == 0)
     return GenerateGraph(
         file=file, steps=steps, top_k_max=min(top_k_max, vocab_size), inputs=ins, outputs=outs
+    )
+
+
+def build_plain_generate_graph(
+    step_path: Path, dst: Path, steps: int, vocab_size: int, *, temperature_branch: bool = True
+) -> Path:
+    """Write the K-step plain generation graph of the LM step graph at `step_path` (any precision).
+
+    `temperature_branch` False computes the tempered weights for every batch (no If): for measuring.
+    """
+    step = onnx.load(str(step_path))
+    opset = next(o.version for o in step.opset_import if o.domain in ("", "ai.onnx"))
+    state_in = [i.name for i in step.graph.input if i.name.startswith("state_in.")]
+    shared = {t.name for t in step.graph.initializer}
+    b = _Builder(opset)
+    nodes = b.nodes
+    # Once per run: the rows' controls and draws.
+    b.add("Greater", ["temperature", b.const("zero", np.float32(0))], "gen/sampling")  # [B] bool
+    b.add("Unsqueeze", ["gen/sampling", b.const("axes1", [1])], "gen/sampling2")  # [B, 1]
+    t = b.add("Where", ["gen/sampling", "temperature", b.const("one", np.float32(1))], "gen/t")
+    b.add("Reciprocal", [b.add("Unsqueeze", [t, "gen/axes1"], "gen/t2")], "gen/inv_t")  # [B, 1]
+    tempered = None
+    if temperature_branch:  # whether any row's weights are not exp(logits - max): temperature not in {0, 1}
+        b.add("Equal", ["temperature", "gen/one"], "gen/t_is_1")
+        b.add("And", ["gen/sampling", b.add("Not", ["gen/t_is_1"], "gen/t_not_1")], "gen/tempered_rows")
+        b.add("Cast", ["gen/tempered_rows"], "gen/tempered_rows_f", to=TensorProto.FLOAT)
+        b.reduce("ReduceMax", "gen/tempered_rows_f", "gen/tempered_any_f", axis=0, keepdims=False)
+        tempered = b.add("Cast", ["gen/tempered_any_f"], "gen/tempered_any", to=TensorProto.BOOL)
+    b.add("Cast", ["uniforms"], "gen/u64", to=TensorProto.DOUBLE)  # [B, K]
+    us = [f"gen/u{i}" for i in range(steps)]  # [B, 1] each
+    if steps == 1:
+        b.add("Identity", ["gen/u64"], us[0])
+    else:
+        b.add("Split", ["gen/u64"], us, axis=1, **({"num_outputs": steps} if opset >= 18 else {}))
+    token, state = "tokens", {n: n for n in state_in}
+    ids, logprobs = [], []
+    for i in range(steps):
+        step_nodes, out = _splice(step.graph, f"s{i}/", f"s{i}/", {"tokens": token, **state}, shared)
+        nodes += step_nodes
+        state = {n: out[n.replace("state_in.", "state_out.")] for n in state_in}
+        token, logprob = _plain_sampler(b, f"d{i}/", out["logits"], us[i], vocab_size, tempered)
+        ids.append(token)
+        logprobs.append(logprob)
+    b.add("Concat", ids, "ids", axis=1)
+    b.add("Concat", logprobs, "logprobs", axis=1)
+    for n, last in state.items():
+        b.add("Identity", [last], n.replace("state_in.", "state_out."))
+    state_specs = [s for s in _specs(step.graph.input) if s.name in state_in]
+    ins, outs = generate_specs(state_specs, steps, plain=True)
+    graph = helper.make_graph(
+        nodes,
+        f"generate_plain_k{steps}",
+        [_value_info(s) for s in ins],
+        [_value_info(s) for s in outs],
+        [*step.graph.initializer, *b.consts.values()],
+    )
+    model = helper.make_model(graph, opset_imports=list(step.opset_import), producer_name="rnnserve")
+    model.functions.extend(step.functions)
+    model.ir_version = step.ir_version
+    model = onnx.shape_inference.infer_shapes(model)
+    if all(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return Path(dst)
+
+
+class _Builder:
+    """Nodes and constants of a hand-written graph (each node named after its first output)."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: dict[str, onnx.TensorProto] = {}
+
+    def const(self, name: str, value: object) -> str:
+        name = f"gen/{name}"
+        if name not in self.consts:
+            array = np.asarray(value)
+            self.consts[name] = numpy_helper.from_array(
+                array.astype(np.int64) if array.dtype == int else array, name
+            )
+        return name
+
+    def add(self, op: str, inputs: list[str], output: str | list[str], **attrs: Any) -> str:
+        outputs = [output] if isinstance(output, str) else output
+        self.nodes.append(helper.make_node(op, inputs, outputs, outputs[0], **attrs))
+        return outputs[0]
+
+    def reduce(self, op: str, x: str, out: str, axis: int, keepdims: bool = True) -> str:
+        """ReduceMax/ReduceSum over one axis (ReduceMax takes its axes as an input from opset 18)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.add(op, [x, self.const(f"axes{axis}", [axis])], out, keepdims=int(keepdims))
+        return self.add(op, [x], out, axes=[axis], keepdims=int(keepdims))
+
+
+def _plain_sampler(
+    b: _Builder, p: str, logits: str, u: str, vocab: int, tempered: str | None
+) -> tuple[str, str]:
+    """One step's plain sampling of logits [B, 1, vocab] with u [B, 1] float64: (next token [B, 1] int64,
+    logprob [B, 1]). Semantics of server.sampling.sample_batch for rows without a cut (module doc)."""
+    blk = CDF_BLOCK
+    blocks = -(-vocab // blk)
+    x = b.add("Squeeze", [logits, b.const("axes1", [1])], p + "logits")  # [B, V]
+    if blocks > 1:  # -inf up to whole blocks: exp gives them weight 0, no max comes from them
+        pads = b.const(f"pads{vocab}", [0, 0, 0, blocks * blk - vocab])
+        x = b.add("Pad", [x, pads, b.const("neg_inf", np.float32(-np.inf))], p + "padded")  # [B, V']
+        x3 = b.add("Reshape", [x, b.const("blocks3", [0, blocks, blk])], p + "logits3")  # [B, blocks, blk]
+        b.reduce("ReduceMax", x3, p + "block_max", axis=2, keepdims=False)  # [B, blocks]
+        m = b.reduce("ReduceMax", p + "block_max", p + "max", axis=1)  # [B, 1]
+        # greedy: the first block holding the max, then the first max inside it
+        b.add("Equal", [p + "block_max", m], p + "is_max_block")
+        b.add("Cast", [p + "is_max_block"], p + "is_max_block_f", to=TensorProto.FLOAT)
+        b.add("ArgMax", [p + "is_max_block_f"], p + "greedy_block", axis=1, keepdims=1)  # [B, 1]
+        b.add("GatherND", [x3, p + "greedy_block"], p + "greedy_logits", batch_dims=1)  # [B, blk]
+        b.add("ArgMax", [p + "greedy_logits"], p + "greedy_inner", axis=1, keepdims=1)
+        b.add("Mul", [p + "greedy_block", b.const("block", np.int64(blk))], p + "greedy_base")
+        greedy = b.add("Add", [p + "greedy_base", p + "greedy_inner"], p + "greedy")  # [B, 1]
+    else:
+        m = b.reduce("ReduceMax", x, p + "max", axis=1)
+        greedy = b.add("ArgMax", [x], p + "greedy", axis=1, keepdims=1)  # first index on ties
+    s = b.add("Sub", [x, m], p + "shifted")  # [B, V'], max 0
+    e = b.add("Exp", [s], p + "exp")
+
+    def block_sums(w: str, q: str) -> list[str]:  # nodes' outputs: [B, blocks, blk] and [B, blocks]
+        w3 = b.add("Reshape", [w, "gen/blocks3"], q + "w3")
+        return [w3, b.reduce("ReduceSum", w3, q + "block_sums", axis=2, keepdims=False)]
+
+    def tempered_weights(q: str) -> str:
+        return b.add("Exp", [b.add("Mul", [s, "gen/inv_t"], q + "scaled")], q + "weights")
+
+    if blocks > 1:
+        w3_e, sums_e = block_sums(e, p + "e_")
+        z = b.reduce("ReduceSum", sums_e, p + "sum_exp", axis=1)  # [B, 1]
+    else:
+        z = b.reduce("ReduceSum", e, p + "sum_exp", axis=1)
+    lse = b.add("Log", [z], p + "lse")
+
+    def sample(q: str, w: str, w3: str, sums: str) -> str:  # the inverse CDF: sampled ids [B, 1]
+        return _two_level(b, q, w3, sums, u, vocab, blocks) if blocks > 1 else _one_level(b, q, w, u, vocab)
+
+    def sample_tempered(q: str) -> str:
+        w = tempered_weights(q)
+        return sample(q, w, *(block_sums(w, q) if blocks > 1 else ("", "")))
+
+    # the sampling weights: e itself when every row's temperature is 0 or 1, else exp(shifted / t)
+    if tempered is None:
+        sampled = sample_tempered(p)
+    else:  # the inverse CDF inside both branches: the If returns ids [B, 1], not a copy of the weights
+        outer, b.nodes = b.nodes, []
+        got = sample_tempered(p + "t/")
+        then_nodes, b.nodes = b.nodes, []
+        kept = sample(p + "e/", e, *((w3_e, sums_e) if blocks > 1 else ("", "")))
+        else_nodes, b.nodes = b.nodes, outer
+
+        def branch(name: str, nodes: list[onnx.NodeProto], result: str) -> onnx.GraphProto:
+            return helper.make_graph(
+                nodes, p + name, [], [helper.make_tensor_value_info(result, TensorProto.INT64, None)]
+            )
+
+        sampled = b.add("If", [tempered], p + "sampled", then_branch=branch("tempered", then_nodes, got),
+                        else_branch=branch("untempered", else_nodes, kept))  # fmt: skip
+    token = b.add("Where", ["gen/sampling2", sampled, greedy], p + "token")  # [B, 1]
+    chosen = b.add("GatherElements", [s, token], p + "chosen", axis=1)  # [B, 1]
+    return token, b.add("Sub", [chosen, lse], p + "logprob")
+
+
+def _count_at_most(b: _Builder, q: str, cdf: str, target: str, cap: int) -> str:
+    """min(#(cdf <= target), cap) per row, [B, 1] int64: searchsorted side="right", clamped."""
+    b.add("LessOrEqual", [cdf, target], q + "le")
+    b.add("Cast", [q + "le"], q + "le_i", to=TensorProto.INT64)
+    b.reduce("ReduceSum", q + "le_i", q + "count", axis=1)
+    return b.add("Min", [q + "count", b.const(f"cap{cap}", np.int64(cap))], q + "found")
+
+
+def _one_level(b: _Builder, p: str, w: str, u: str, vocab: int) -> str:
+    cdf = b.add(
+        "CumSum",
+        [b.add("Cast", [w], p + "w64", to=TensorProto.DOUBLE), b.const("axis1", np.int64(1))],
+        p + "cdf",
+    )
+    total = b.add("Gather", [cdf, b.const(f"last{vocab}", [vocab - 1])], p + "total", axis=1)  # [B, 1]
+    target = b.add("Mul", [u, total], p + "target")
+    return _count_at_most(b, p, cdf, target, vocab - 1)
+
+
+def _two_level(b: _Builder, p: str, w3: str, sums: str, u: str, vocab: int, blocks: int) -> str:
+    """server.sampling.inverse_cdf: block sums' cumulative sum finds the block, that block's the id."""
+    sums64 = b.add("Cast", [sums], p + "sums64", to=TensorProto.DOUBLE)  # [B, blocks]
+    before_all = b.add("CumSum", [sums64, b.const("axis1", np.int64(1))], p + "before_all", exclusive=1)
+    block_cdf = b.add("Add", [before_all, sums64], p + "block_cdf")  # == the inclusive CumSum
+    total = b.add("Gather", [block_cdf, b.const(f"last{blocks}", [blocks - 1])], p + "total", axis=1)
+    target = b.add("Mul", [u, total], p + "target")  # [B, 1]
+    block = _count_at_most(b, p + "b_", block_cdf, target, blocks - 1)  # [B, 1]
+    before = b.add("GatherElements", [before_all, block], p + "before", axis=1)  # [B, 1]
+    inner_w = b.add("GatherND", [w3, block], p + "inner_w", batch_dims=1)  # [B, blk]
+    inner64 = b.add("Cast", [inner_w], p + "inner64", to=TensorProto.DOUBLE)
+    inner_cdf = b.add(
+        "Add", [b.add("CumSum", [inner64, "gen/axis1"], p + "inner_cs"), before], p + "inner_cdf"
+    )
+    inner = _count_at_most(b, p + "i_", inner_cdf, target, CDF_BLOCK - 1)
+    base = b.add("Mul", [block, b.const("block", np.int64(CDF_BLOCK))], p + "base")
+    return b.add(
+        "Min",
+        [b.add("Add", [base, inner], p + "raw"), b.const(f"cap{vocab - 1}", np.int64(vocab - 1))],
+        p + "sampled",
     )
 
 

@@ -10,8 +10,9 @@ plus `Manifest.validate`'s consistency rules. It is checked when a manifest is w
   2  adds `precision` and `graphs` (the export/serving contract). A version-1 manifest reads as fp32 with
      only a "step" graph; a manifest newer than SCHEMA_VERSION is refused (NewerSchemaError) rather than
      half understood.
-  3  adds `generate` (the K-step generation graphs, `GenerateGraph`) and the "generate" graph role. A
-     version-1 or -2 manifest reads with no generation graph: the server keeps its host sampling path.
+  3  adds `generate` (the K-step generation graphs, `GenerateGraph`: cut graphs, and plain ones with
+     top_k_max 0) and the "generate" graph role. A version-1 or -2 manifest reads with no generation
+     graph: the server keeps its host sampling path.
 """
 
 from __future__ import annotations
@@ -100,26 +101,38 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class GenerateGraph:
-    """One K-step generation graph of a language model (export/generate_graph.py has the contract).
+    """One K-step generation graph of a language model (export/generate_graph.py has the contracts).
 
     K steps unrolled with sampling inside: tokens [batch, 1] (x0, not yet applied) + state + uniforms
-    [batch, K] + temperature/top_k/top_p [batch] -> ids [batch, K], logprobs [batch, K] + the state after
-    x0..x_{K-1}. `top_k_max`: the largest top_k the graph honours (one TopK of that width per step); a row
-    asking for more, or for top_p < 1 with top_k 0 when vocab_size > top_k_max, keeps the host path.
-    Several K coexist; `graphs["generate"]` names the default. Why K in (1, 8), default 8:
-    bench/generate_graph.py (docs/bench/generate_graph.json, a loaded 2-core CPU) found no K worth it
-    on the CPU at batch >= 8 (the host's vectorised numpy sampler beats ~70 small sampler nodes per step,
-    which also pay a TopK and a second exp for every row), ~1.0-1.2x at batch 1: a CPU server should keep
-    its host path there. The graph is for the GPU, where the logits never leave the device and unrolling
-    pays (DESIGN.md's ceiling: 16 steps vs 1, 1.3x at 64 sessions, 1.7x at 1); 8 takes most of that
-    while halving the rollback replay of a generation that stops inside a block; 1 serves short tails.
+    [batch, K] + temperature [batch] (+ top_k/top_p [batch]) -> ids [batch, K], logprobs [batch, K] +
+    the state after x0..x_{K-1}. Two kinds, told apart by `top_k_max`:
+      top_k_max >= 1, a "cut" graph: inputs top_k and top_p too; it honours top_k up to top_k_max (one
+        TopK of that width per step); a row asking for more, or for top_p < 1 with top_k 0 when
+        vocab_size > top_k_max, keeps the host path.
+      top_k_max == 0, a "plain" graph (`model_gen_plain_k<K>.onnx`): no top_k/top_p inputs; it serves
+        only rows without a cut (top_k 0, top_p 1: greedy or any temperature), with no TopK and about
+        half the sampler's nodes, so a run whose rows are all plain should take it.
+    One graph per (K, kind); `graphs["generate"]` names the default (a cut graph). Why K in (1, 8) for
+    the cut graphs, default 8: bench/generate_graph.py (docs/bench/generate_graph.json, a loaded 2-core
+    CPU) found no K worth it on the CPU at batch >= 8 (the host's vectorised numpy sampler beats ~70
+    small sampler nodes per step, which also pay a TopK and a second exp for every row), ~1.0-1.2x at
+    batch 1: a CPU server should keep its host path there. The graph is for the GPU, where the logits
+    never leave the device and unrolling pays (DESIGN.md's ceiling: 16 steps vs 1, 1.3x at 64 sessions,
+    1.7x at 1); 8 takes most of that while halving the rollback replay of a generation that stops inside
+    a block; 1 serves short tails. The plain graphs' K and where they beat the host path on the CPU:
+    export/generate_bundle.py (PLAIN_STEPS).
     """
 
     file: str
     steps: int  # K
-    top_k_max: int
+    top_k_max: int  # 0: a plain graph (no top_k/top_p inputs, rows without a cut only)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is a plain graph (rows without a top-k/top-p cut only, no top_k/top_p inputs)."""
+        return self.top_k_max == 0
 
 
 @dataclass
@@ -155,13 +168,16 @@ class Manifest:
     precision: str = "fp32"  # one of PRECISIONS
     # Role (GRAPH_ROLES) -> file in the bundle. Empty (older manifests) means {"step": model_file}.
     graphs: dict[str, str] = field(default_factory=dict)
-    # Language models (schema 3): the K-step generation graphs, fewest steps first. Empty: none (older).
+    # Language models (schema 3): the K-step generation graphs, by (steps, top_k_max). Empty: none (older).
     generate: list[GenerateGraph] = field(default_factory=list)
 
-    def generate_graph(self, steps: int | None = None) -> GenerateGraph | None:
-        """The generation graph of `steps` (None: the default, graphs["generate"]), or None."""
+    def generate_graph(self, steps: int | None = None, *, plain: bool = False) -> GenerateGraph | None:
+        """The cut (or with `plain`, the plain) generation graph of `steps` (None: the default,
+        graphs["generate"], whatever `plain`), or None."""
         for g in self.generate:
-            if (g.steps == steps) if steps is not None else (g.file == self.graphs.get("generate")):
+            if steps is None and g.file == self.graphs.get("generate"):
+                return g
+            if steps is not None and g.steps == steps and g.plain == plain:
                 return g
         return None
 
@@ -294,13 +310,18 @@ class Manifest:
         files = [g.file for g in self.generate]
         if self.graphs.get("generate") not in files:
             raise ManifestError(f"graphs['generate'] must name one of the generate[] files {files}")
-        if len(set(files)) != len(files) or len({g.steps for g in self.generate}) != len(files):
-            raise ManifestError("generate[]: each graph needs its own file and its own number of steps")
+        kinds = {(g.steps, g.plain) for g in self.generate}
+        if len(set(files)) != len(files) or len(kinds) != len(files):
+            raise ManifestError(
+                "generate[]: each graph needs its own file and its own number of steps (per kind: plain, cut)"
+            )
         state_in = [t for t in self.inputs if t.name in {s.input_name for s in self.state}]
         for i, g in enumerate(self.generate):
-            if g.steps < 1 or not 1 <= g.top_k_max <= self.vocab_size:
-                raise ManifestError(f"generate[{i}]: steps >= 1 and 1 <= top_k_max <= vocab_size required")
-            ins, outs = generate_specs(state_in, g.steps)
+            if g.steps < 1 or not 0 <= g.top_k_max <= self.vocab_size:
+                raise ManifestError(
+                    f"generate[{i}]: steps >= 1 and 0 <= top_k_max <= vocab_size required (0: a plain graph)"
+                )
+            ins, outs = generate_specs(state_in, g.steps, plain=g.plain)
             if (g.inputs, g.outputs) != (ins, outs):
                 raise ManifestError(
                     f"generate[{i}] ({g.file}): inputs/outputs are not the generation contract"
@@ -342,16 +363,19 @@ def _state_fits(spec: StateSpec, tensor: TensorSpec) -> bool:
     )
 
 
-def generate_specs(state_inputs: list[TensorSpec], steps: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """A K-step generation graph's (inputs, outputs), from the step graph's state inputs (GenerateGraph)."""
+def generate_specs(
+    state_inputs: list[TensorSpec], steps: int, *, plain: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A K-step generation graph's (inputs, outputs), from the step graph's state inputs (GenerateGraph);
+    a plain graph has no top_k/top_p inputs."""
     ins = [
         TensorSpec("tokens", ["batch", 1], "int64"),
         *state_inputs,
         TensorSpec("uniforms", ["batch", steps], "float32"),
         TensorSpec("temperature", ["batch"], "float32"),
-        TensorSpec("top_k", ["batch"], "int64"),
-        TensorSpec("top_p", ["batch"], "float32"),
     ]
+    if not plain:
+        ins += [TensorSpec("top_k", ["batch"], "int64"), TensorSpec("top_p", ["batch"], "float32")]
     outs = [TensorSpec("ids", ["batch", steps], "int64"), TensorSpec("logprobs", ["batch", steps], "float32")]
     outs += [TensorSpec(s.name.replace("state_in.", "state_out."), s.shape, s.dtype) for s in state_inputs]
     return ins, outs
@@ -400,7 +424,7 @@ def file_problems(bundle_dir: Path, manifest: Manifest, *, verify_sha256: bool =
     for role, name in manifest.graphs.items():
         files.setdefault(name, f"{role!r} graph")
     for g in manifest.generate:
-        files.setdefault(g.file, f"{g.steps}-step generation graph")
+        files.setdefault(g.file, f"{g.steps}-step {'plain ' if g.plain else ''}generation graph")
     for name, what in files.items():
         if not (bundle_dir / name).is_file():
             problems.append(f"{name} ({what} named by the manifest) is missing")

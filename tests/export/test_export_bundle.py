@@ -47,12 +47,19 @@ def test_bundle_layout_and_manifest(cell: str, tmp_path: Path) -> None:
         "model.onnx",
         "model_gen_k1.onnx",
         "model_gen_k8.onnx",
+        "model_gen_plain_k1.onnx",
+        "model_gen_plain_k8.onnx",
         "model_last.onnx",
         "tokenizer.json",
     ]  # + last-position and generation graphs
     assert sorted(p.name for p in bundle.iterdir()) == files
     m = read_manifest(bundle)  # validates, and checks the sha256
     assert m.model_sha256 == sha256_file(bundle / "model.onnx")
+    kinds = [(g.steps, g.plain, g.file) for g in m.generate]  # by K, plain first
+    assert kinds == [(1, True, "model_gen_plain_k1.onnx"), (1, False, "model_gen_k1.onnx"),
+                     (8, True, "model_gen_plain_k8.onnx"), (8, False, "model_gen_k8.onnx")]  # fmt: skip
+    assert m.generate_graph(8, plain=True).file == "model_gen_plain_k8.onnx"  # type: ignore[union-attr]
+    assert m.generate_graph().file == "model_gen_k8.onnx"  # type: ignore[union-attr]
     assert (m.name, m.version, m.task, m.cell, m.num_layers, m.hidden_size) == (
         "tiny",
         "1",
