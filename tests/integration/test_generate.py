@@ -1,8 +1,28 @@
-"""Generate through the real server: reproducible under a seed, greedy = argmax, stops, state kept."""
+"""Generate through the real server: reproducible under a seed, greedy = argmax, stops, state kept.
+
+How tokens are packed into messages depends on when the Generate handler takes them, relative to the
+model's runs. Those tests use a server of their own and set that up with hooks in it (a reader held
+until the generation has run ahead, model runs that wait for the reader, a frozen flush clock), so
+their outcome does not depend on how fast the machine is.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pytest
+
 from rnnserve.client import Client
+from rnnserve.server.app import RnnServeServer, background_server
+from rnnserve.server.config import ServerConfig
+from rnnserve.server.engine import Engine, GeneratedToken, GenerateRequest
+from rnnserve.server.generation import MAX_AHEAD, Generation
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 PROMPT = "def add(a, b):\n"
@@ -97,11 +117,155 @@ def test_several_tokens_per_message_change_the_packaging_not_the_tokens(client: 
     assert one_each == packed and len(packed) == 120
 
 
-def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(client: Client) -> None:
-    import time
+@pytest.fixture(scope="module")
+def own_server(lm_repo: Path) -> Iterator[RnnServeServer]:
+    """A server whose engine the tests hook into. Every model run goes to the ORT worker thread
+    (inline_max_tokens=0), where a hook may hold it without holding the event loop."""
+    config = ServerConfig(repo=lm_repo, host="127.0.0.1", port=0, inline_max_tokens=0)
+    with background_server(config) as server:
+        yield server
+
+
+@pytest.fixture
+def own_client(own_server: RnnServeServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{own_server.port}", timeout=60) as c:
+        yield c
+
+
+Tokens = AsyncIterator[list[GeneratedToken]]
+
+
+def model_runs(scheduler: Any) -> Any:
+    """What a scheduler's ONNX Runtime runs go through, as `.run(...)` in the worker thread (a hook
+    replaces it): its SlotRunner (`scheduler.runner`, or `scheduler.runner.slots` once the runner
+    also plans generation blocks)."""
+    return getattr(scheduler.runner, "slots", scheduler.runner)
+
+
+class ReaderHook:
+    """Wraps the engine's `generate`, which the Generate handler takes its tokens from (one list per
+    hand-over), with `around(hand_overs)`; undone on exit."""
+
+    def __init__(self, server: RnnServeServer) -> None:
+        self.server = server
+        self.engine = server.engine
+
+    def __enter__(self) -> ReaderHook:
+        real = Engine.generate.__get__(self.engine)
+
+        def generate(session_id: str, request: GenerateRequest) -> Tokens:
+            return self.around(real(session_id, request))
+
+        self.engine.generate = generate  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine.generate  # the class's method again
+
+    def around(self, hand_overs: Tokens) -> Tokens:
+        return hand_overs
+
+
+class HeldAfterFirstMessage(ReaderHook):
+    """The handler takes nothing after its first hand-over until `release()`, as when a slow reader's
+    flow-control window is full and the handler's writes wait; the generation goes on meanwhile."""
+
+    def __init__(self, server: RnnServeServer) -> None:
+        super().__init__(server)
+        self._released = asyncio.Event()  # (bound to the server's loop when first awaited there)
+
+    async def around(self, hand_overs: Tokens) -> Tokens:  # type: ignore[override]
+        first = True
+        async for tokens in hand_overs:
+            yield tokens
+            if first:
+                first = False
+                await self._released.wait()
+
+    def release(self) -> None:
+        assert self.server.loop is not None
+        self.server.loop.call_soon_threadsafe(self._released.set)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        super().__exit__(*exc)
+
+
+class PacedByTheReader(ReaderHook):
+    """Model runs wait (in the ORT worker) while the handler is busy sending what it took, so it is
+    always back for the next tokens before they are due: what a reader faster than the model sees, on
+    any machine. (A run already started when the handler took its tokens still finishes.)"""
+
+    def __init__(self, server: RnnServeServer) -> None:
+        super().__init__(server)
+        self._waiting = threading.Event()  # the handler waits for tokens (or has not started)
+        self._waiting.set()
+        self._runs: dict[Any, Callable[..., Any]] = {}
+
+    def __enter__(self) -> PacedByTheReader:
+        for scheduler in self.engine.schedulers.values():
+            runner = model_runs(scheduler)
+            run = self._runs[runner] = runner.run
+
+            def paced(*args: Any, run: Callable[..., Any] = run) -> Any:  # in the worker thread
+                assert self._waiting.wait(60), "the Generate handler never came back for tokens"
+                return run(*args)
+
+            runner.run = paced
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._waiting.set()
+        for runner, run in self._runs.items():
+            runner.run = run
+        super().__exit__(*exc)
+
+    async def around(self, hand_overs: Tokens) -> Tokens:  # type: ignore[override]
+        try:
+            async for tokens in hand_overs:  # (received in the same step as the handler took them)
+                self._waiting.clear()
+                yield tokens
+                self._waiting.set()
+        finally:
+            self._waiting.set()
+
+
+class FrozenFlushClock:
+    """The engine's flush clock stands still: a flush interval never passes, however slow the machine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.real = engine.clock
+
+    def __enter__(self) -> None:
+        self.engine.clock = lambda: 0.0
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.engine.clock = self.real
+
+
+def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(
+    own_server: RnnServeServer, own_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler is held after its first message (a reader too slow to take more) until the
+    generation has run MAX_AHEAD tokens ahead and sits out; it then takes those tokens at once, and
+    they go out max_tokens_per_message to a message (an older client's request: one per message)."""
+    ahead = threading.Event()
+    stepped = Generation.stepped
+
+    def reporting(self: Generation, logprobs: np.ndarray, next_token: int) -> None:
+        stepped(self, logprobs, next_token)
+        if not self.runnable:  # MAX_AHEAD tokens wait for the reader: it sits out runs
+            ahead.set()
+
+    monkeypatch.setattr(Generation, "stepped", reporting)
 
     def responses(per_message: int) -> list[pb.GenerateResponse]:
-        with client.session("tiny") as session:
+        ahead.clear()
+        with own_client.session("tiny") as session, HeldAfterFirstMessage(own_server) as reader:
             request = pb.GenerateRequest(
                 session_id=session.id,
                 max_tokens=200,
@@ -109,15 +273,19 @@ def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(client: Cli
                 prompt_text=PROMPT,
                 max_tokens_per_message=per_message,
             )
-            call = client.stub.Generate(request)
+            call = own_client.stub.Generate(request)
             first = next(call)
-            time.sleep(0.5)  # the server keeps generating meanwhile
+            assert ahead.wait(60), "the generation never ran ahead of its held reader"
+            sent = max(1, len(first.tokens))
+            assert session.info().position >= len(PROMPT) + sent + MAX_AHEAD  # made meanwhile
+            reader.release()
             return [first, *call]
 
     packed = responses(16)
     tokens = [t for r in packed for t in r.tokens]
     assert [t.position for t in tokens] == list(range(len(PROMPT) + 1, len(PROMPT) + 201))
-    assert all(1 <= len(r.tokens) <= 16 for r in packed) and len(packed) < 200
+    assert all(1 <= len(r.tokens) <= 16 for r in packed)
+    assert [len(r.tokens) for r in packed[1:5]] == [16] * 4  # the MAX_AHEAD tokens made meanwhile
     assert tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
     old_style = responses(0)  # what an older client asks: one token per message, in the message itself
     assert len(old_style) == 200 and not any(r.tokens for r in old_style)
@@ -131,18 +299,26 @@ def generate_messages(client: Client, **fields: object) -> list[pb.GenerateRespo
         return list(client.stub.Generate(request))
 
 
-def test_a_flush_interval_gathers_tokens_into_full_messages(client: Client) -> None:
-    # The tiny model makes 48 tokens in far less than a second: after the first message (sent at once,
-    # for the time to first token), every message waits until it is full.
-    packed = generate_messages(client, max_tokens=48, max_tokens_per_message=16, flush_interval_ms=1000)
-    sizes = [len(r.tokens) for r in packed]
-    assert sum(sizes) == 48 and len(sizes) <= 4 and all(n == 16 for n in sizes[1:-1])
-    # ... and the end of the generation is sent at once, however long the interval.
-    short = generate_messages(client, max_tokens=20, max_tokens_per_message=64, flush_interval_ms=1000)
-    assert len(short) <= 2 and sum(len(r.tokens) for r in short) == 20
+def test_a_flush_interval_gathers_tokens_into_full_messages(
+    own_server: RnnServeServer, own_client: Client
+) -> None:
+    # The flush interval never passes (a frozen clock) and the reader is always back before tokens are
+    # due (model runs wait for it): the first token goes out at once (time to first token), then every
+    # message waits until it is full ...
+    with FrozenFlushClock(own_server.engine), PacedByTheReader(own_server):
+        packed = generate_messages(
+            own_client, max_tokens=48, max_tokens_per_message=16, flush_interval_ms=1000
+        )
+        # ... and the end of the generation is sent at once, though the interval never passes.
+        short = generate_messages(
+            own_client, max_tokens=20, max_tokens_per_message=64, flush_interval_ms=1000
+        )
+    sizes = [len(r.tokens) for r in packed]  # [1, 16, 16, 15] when each run makes one token
+    assert sum(sizes) == 48 and len(sizes) <= 4 and sizes[0] < 16 and all(n == 16 for n in sizes[1:-1])
+    assert len(short) == 2 and sum(len(r.tokens) for r in short) == 20
     assert short[-1].tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
     # Packaging only: the same tokens as one per message (greedy).
-    single = generate_messages(client, max_tokens=48, max_tokens_per_message=1)
+    single = generate_messages(own_client, max_tokens=48, max_tokens_per_message=1)
     assert [r.token_id for r in single] == [t.token_id for r in packed for t in r.tokens]
 
 

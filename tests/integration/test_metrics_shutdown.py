@@ -1,5 +1,9 @@
 """Prometheus metrics count real traffic, and shutdown drains: in-process servers and a `rnnserve serve`
 subprocess configured by environment variables alone (as in the container), stopped with SIGTERM.
+
+The in-process tests wait for what they check through hooks in the server (the sweeper reporting an
+eviction, the drain reporting that it began or cut its calls, model runs held in the ORT worker until
+the test lets them go), never for a time to pass, so the outcome does not depend on machine speed.
 """
 
 from __future__ import annotations
@@ -12,8 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from rnnserve.server.errors import SHUTTING_DOWN
 def health(url: str) -> int:
     with grpc.insecure_channel(url) as channel:
         request = health_pb2.HealthCheckRequest(service="rnnserve.v1.RnnServe")
-        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=30).status)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,11 @@ def test_metrics_count_the_traffic(metered: RnnServeServer) -> None:
             generated = list(session.generate("a", max_tokens=12, ignore_eos=True, seed=1))
         with pytest.raises(NotFoundError):
             client.session("nope")
+    # A call is counted when its handler ends, which may be just after its client saw the status (an
+    # error, or a Stream the client cancelled): wait until the server has no call in flight.
+    assert metered.loop is not None
+    idle = asyncio.run_coroutine_threadsafe(metered.calls.wait_finished(60), metered.loop)
+    assert idle.result(timeout=90), "calls still in flight on the server"
     after = scrape(metered.metrics_port)
 
     def delta(name: str, **labels: str) -> float:
@@ -90,14 +98,30 @@ def test_metrics_count_the_traffic(metered: RnnServeServer) -> None:
 
 
 def test_expired_sessions_count_as_evicted(tiny_repo: Path) -> None:
+    """The server's own sweeper drops a session idle past its TTL, and counts it as evicted."""
     config = ServerConfig(repo=tiny_repo, port=0, metrics_port=0, session_ttl_s=0.2)
     with background_server(config) as server:
+        store = server.engine.sessions
+        swept, dropped = threading.Event(), []
+        evict_expired = store.evict_expired
+
+        def reporting(now: float | None = None) -> int:  # what the sweeper calls, on the server's loop
+            n = evict_expired(now)
+            if n:
+                dropped.append(n)
+                swept.set()
+            return n
+
+        store.evict_expired = reporting  # type: ignore[method-assign]
         before = scrape(server.metrics_port)
-        with Client(f"127.0.0.1:{server.port}") as client:
-            client.session("tiny")
-            time.sleep(0.4)  # the server's sweeper runs every ttl / 2 and drops the idle session
-            client.session("tiny")
+        with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+            idle = client.session("tiny")  # the server's default TTL: 0.2 s
+            assert swept.wait(60), "the sweeper never dropped the idle session"
+            with pytest.raises(NotFoundError):
+                idle.info()
+            client.session("tiny", ttl_seconds=600)  # still open when the metrics are read
         after = scrape(server.metrics_port)
+    assert dropped == [1]
     labels = {"model": "tiny@1", "reason": "idle_ttl"}
     assert (
         value(after, "rnnserve_sessions_evicted_total", **labels)
@@ -127,16 +151,75 @@ def test_a_metrics_port_in_use_is_fatal_only_when_asked_for(tiny_repo: Path) -> 
             pass
 
 
-def slow_down(server: RnnServeServer, seconds: float) -> None:
-    """Make every model run take at least `seconds`, so calls stay in flight long enough to watch."""
-    for scheduler in server.engine.schedulers.values():
-        run = scheduler.runner.run
+@pytest.fixture
+def drainable(tiny_repo: Path) -> Iterator[RnnServeServer]:
+    """A server whose model runs all go to the ORT worker thread (inline_max_tokens=0), where a test
+    can hold them (see HeldRuns) without holding the event loop."""
+    config = ServerConfig(repo=tiny_repo, host="127.0.0.1", port=0, metrics_port=0, inline_max_tokens=0)
+    with background_server(config) as server:
+        yield server
 
-        def slow(*args: Any, run: Any = run) -> Any:
-            time.sleep(seconds)
-            return run(*args)
 
-        scheduler.runner.run = slow  # type: ignore[method-assign]
+def model_runs(scheduler: Any) -> Any:
+    """What a scheduler's ONNX Runtime runs go through, as `.run(...)` in the worker thread (a hook
+    replaces it): its SlotRunner (`scheduler.runner`, or `scheduler.runner.slots` once the runner
+    also plans generation blocks)."""
+    return getattr(scheduler.runner, "slots", scheduler.runner)
+
+
+class HeldRuns:
+    """From the `start`-th model run after entering on, runs wait in the ORT worker until `release()`
+    (or exit): calls that need a run stay in flight, however fast the machine. `held` is set once a
+    run waits."""
+
+    def __init__(self, server: RnnServeServer, start: int) -> None:
+        self.server = server
+        self.start = start
+        self.runs = 0  # counted in the (one) worker thread
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._real: dict[Any, Callable[..., Any]] = {}
+
+    def __enter__(self) -> HeldRuns:
+        for scheduler in self.server.engine.schedulers.values():
+            runner = model_runs(scheduler)
+            run = self._real[runner] = runner.run
+
+            def held(*args: Any, run: Callable[..., Any] = run) -> Any:
+                self.runs += 1
+                if self.runs >= self.start and not self._released.is_set():
+                    self.held.set()
+                    assert self._released.wait(60), "the test never released the held run"
+                return run(*args)
+
+            runner.run = held
+        return self
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        for runner, run in self._real.items():
+            runner.run = run
+
+
+def reporting(obj: Any, method: str, before: Callable[[], None] | None = None) -> threading.Event:
+    """Wrap obj.method (an instance attribute from now on): the event is set once it has been called
+    (after calling `before`, then the method)."""
+    called = threading.Event()
+    real = getattr(obj, method)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            before()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            called.set()
+
+    setattr(obj, method, wrapper)
+    return called
 
 
 class Generation(threading.Thread):
@@ -164,37 +247,40 @@ class Generation(threading.Thread):
             self.first.set()
 
 
-def test_drain_finishes_calls_in_flight_and_refuses_new_work(metered: RnnServeServer) -> None:
-    slow_down(metered, 0.02)
-    url = f"127.0.0.1:{metered.port}"
-    with Client(url, timeout=10) as client:
+def test_drain_finishes_calls_in_flight_and_refuses_new_work(drainable: RnnServeServer) -> None:
+    """A Generate is in flight (its next model run held) when the server drains: health turns
+    NOT_SERVING, new work and the idle stream are refused, lookups answered; once its runs go on, the
+    Generate runs to its end and the drain ends with it, well inside the grace period."""
+    server = drainable
+    drain_began = reporting(server.calls, "begin_drain")
+    calls_cut = reporting(server.calls, "cancel_all")  # only when the grace period runs out
+    url = f"127.0.0.1:{server.port}"
+    assert server.loop is not None
+    with Client(url, timeout=60) as client:
         idle = client.session("tiny")
         idle.feed("x")  # its Stream stays open, waiting for the next message
-        generation = Generation(client, max_tokens=60)  # ≥ 1.2 s of model runs
-        generation.start()
-        assert generation.first.wait(10)
+        with HeldRuns(server, start=10) as runs:  # the prompt, then 8 tokens; the 9th token's run waits
+            generation = Generation(client, max_tokens=60)
+            generation.start()
+            assert runs.held.wait(60) and generation.first.wait(60)
 
-        assert metered.loop is not None
-        t0 = time.monotonic()
-        stopping = asyncio.run_coroutine_threadsafe(metered.stop(grace=20), metered.loop)
-        deadline = time.monotonic() + 5
-        while health(url) != health_pb2.HealthCheckResponse.NOT_SERVING:
-            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
-            time.sleep(0.01)
-        with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
-            client.session("tiny")
-        with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
-            idle.feed("y")  # the idle stream was ended by the drain
-        assert idle.info().position == 1  # lookups still work while draining
-        assert generation.is_alive(), "the generation should still be running during the checks"
-        assert metrics_of(metered)["draining"] == 1
+            stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=60), server.loop)
+            assert drain_began.wait(60), "the drain never began"
+            assert health(url) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
+                client.session("tiny")
+            with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
+                idle.feed("y")  # the idle stream was ended by the drain
+            assert idle.info().position == 1  # lookups still work while draining
+            assert metrics_of(server)["draining"] == 1
+            assert generation.is_alive() and not stopping.done()  # the drain waits for the Generate
 
-        stopping.result(timeout=30)
-        elapsed = time.monotonic() - t0
-        generation.join(timeout=10)
+            runs.release()
+            stopping.result(timeout=120)  # (a guard against a hang: the Generate needs ~50 tiny runs)
+        generation.join(timeout=60)
     assert generation.error is None
     assert len(generation.tokens) == 60 and generation.finish_reason == "length"  # it ran to its end
-    assert elapsed < 20
+    assert not calls_cut.is_set()  # the drain ended with its last call, not at the grace period's end
 
 
 def metrics_of(server: RnnServeServer) -> dict[str, float]:
@@ -202,22 +288,24 @@ def metrics_of(server: RnnServeServer) -> dict[str, float]:
     return {"draining": value(samples, "rnnserve_draining")}
 
 
-def test_grace_period_ends_what_is_left_with_unavailable(metered: RnnServeServer) -> None:
-    slow_down(metered, 0.02)
-    with Client(f"127.0.0.1:{metered.port}", timeout=10) as client:
-        generation = Generation(client, max_tokens=500)  # ≥ 10 s: longer than the grace period
+def test_grace_period_ends_what_is_left_with_unavailable(drainable: RnnServeServer) -> None:
+    """A Generate whose model run is held past the grace period is ended with UNAVAILABLE when the
+    period runs out (its held run is let go at that moment, so it can end)."""
+    server = drainable
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as client, HeldRuns(server, start=10) as runs:
+        calls_cut = reporting(server.calls, "cancel_all", before=runs.release)
+        generation = Generation(client, max_tokens=500)
         generation.start()
-        assert generation.first.wait(10)
-        assert metered.loop is not None
-        t0 = time.monotonic()
-        # A grace of a few seconds: the drain's own margin (grace / 4) must outlast a loaded CI machine.
-        asyncio.run_coroutine_threadsafe(metered.stop(grace=3.0), metered.loop).result(30)
-        elapsed = time.monotonic() - t0
-        generation.join(timeout=10)
+        assert runs.held.wait(60) and generation.first.wait(60)
+        assert server.loop is not None
+        # The drain waits out grace - margin (min(1 s, grace / 4)), then cuts what is left; the margin
+        # is for the cut calls to end (here: the held run, released when they are cut, and its hand-over).
+        asyncio.run_coroutine_threadsafe(server.stop(grace=4.0), server.loop).result(120)
+        generation.join(timeout=60)
+    assert calls_cut.is_set()
     assert isinstance(generation.error, UnavailableError), generation.error
     assert SHUTTING_DOWN in str(generation.error)
     assert 0 < len(generation.tokens) < 500
-    assert elapsed < 4.0
 
 
 def test_serve_configured_by_environment_drains_on_sigterm(tiny_repo: Path) -> None:
@@ -260,7 +348,7 @@ def test_serve_configured_by_environment_drains_on_sigterm(tiny_repo: Path) -> N
 
             generation = Generation(client, max_tokens=4000)
             generation.start()
-            assert generation.first.wait(10)
+            assert generation.first.wait(60)
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=30)
             generation.join(timeout=10)
