@@ -154,14 +154,14 @@ async def main_async(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
             "provider": model.provider,
             "cuda": model.provider == CUDA,
             "last_graph": model.last is not None,
-            "io_binding": scheduler.runner.io_binding,
+            "io_binding": scheduler.runner.slots.io_binding,
         }
         print(f"provider in use: {model.provider}" + ("" if report["cuda"] else "  (CUDA is absent here)"))
         report.update(await check_equality(engine, model.manifest.vocab_size))
-        hits, copies = scheduler.runner.resident_hits, scheduler.runner.host_copies
+        hits, copies = scheduler.runner.slots.resident_hits, scheduler.runner.slots.host_copies
         await engine_rate(engine, 8, 64)  # warm-up and a generating batch for the residency check
-        report["resident_hits"] = scheduler.runner.resident_hits - hits
-        report["host_copies"] = scheduler.runner.host_copies - copies
+        report["resident_hits"] = scheduler.runner.slots.resident_hits - hits
+        report["host_copies"] = scheduler.runner.slots.host_copies - copies
         report["io_binding_ok"] = (not report["cuda"]) or report["resident_hits"] > 0
         # On CPU the server's thread setting is not the machine's best: the raw loop with 1 and 2
         # intra-op threads too (on 2 cores, 2 threads run batch 64 1.4-1.9x faster than 1).

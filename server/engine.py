@@ -1,7 +1,7 @@
 """The engine: what the RPC handlers call. Validates input, applies tokens to sessions through the
 scheduler, and runs generation (generation.py). Knows nothing about protobuf.
 
-A session changes in one place: the commit callback of the step that applied an input (`_Update.commit`,
+A session changes in one place: the commit callback of the step that applied an input (`InputUpdate.commit`,
 called by the scheduler on the event loop as soon as the step ran, whether or not its caller is still
 there) or, for a Generate, `Generation.stepped`. Each records the message as the session's last applied
 one in the same synchronous call, so a retry after a lost reply is always recognised.
@@ -10,7 +10,6 @@ one in the same synchronous call, so a retry after a lost reply is always recogn
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +28,12 @@ from rnnserve.server.generation import (
     GenerateRequest,
     Generation,
 )
+from rnnserve.server.output import InputUpdate
 from rnnserve.server.quoting import quote, quote_items
 from rnnserve.server.repository import LoadedModel, ModelRepository
 from rnnserve.server.runtime import Outputs
-from rnnserve.server.sampling import log_softmax, top_candidates
-from rnnserve.server.scheduler import LAST_LOGPROBS, Scheduler, SchedulerOptions
+from rnnserve.server.sampling import top_candidates
+from rnnserve.server.scheduler import Scheduler, SchedulerOptions
 from rnnserve.server.sessions import (
     CLASSIFY_SLOTS,
     AppliedGeneration,
@@ -265,7 +265,7 @@ class Engine:
             start = session.position
             scheduler = self.schedulers[session.model.key]
 
-            def record(update: _Update) -> None:
+            def record(update: InputUpdate) -> None:
                 """In the commit: the reply, recorded as the last applied input with the state change."""
                 result = FeedResult(
                     session_id=session.id,
@@ -331,7 +331,7 @@ class Engine:
         ids: list[int],
         *,
         want_token_logprobs: bool = False,
-        on_commit: Callable[[_Update], None] | None = None,
+        on_commit: Callable[[InputUpdate], None] | None = None,
     ) -> list[float]:
         """Run ids through the model from the session's state and commit the new state.
 
@@ -343,7 +343,7 @@ class Engine:
         # Only the last position's distribution is needed unless per-token log-probabilities are:
         # the "last" graph then skips the vocabulary projection of every other position.
         last = session.model.manifest.task == "lm" and not want_token_logprobs
-        update = _Update(session, ids, want_token_logprobs, on_commit)
+        update = InputUpdate(session, ids, want_token_logprobs, on_commit)
         chunks = self._chunks(ids)
         if len(chunks) == 1:
             # Written in place: the scheduler commits the session as soon as the step ran.
@@ -359,7 +359,12 @@ class Engine:
         return update.token_logprobs
 
     async def _apply_chunks(
-        self, session: Session, scheduler: Scheduler, chunks: list[np.ndarray], last: bool, update: _Update
+        self,
+        session: Session,
+        scheduler: Scheduler,
+        chunks: list[np.ndarray],
+        last: bool,
+        update: InputUpdate,
     ) -> None:
         """A long input: chunks run into a scratch slot, which becomes the session's in the last chunk's
         commit (with the position); the slot left over (the scratch, or the session's old one) is freed."""
@@ -499,7 +504,7 @@ class Engine:
                 raise self._position_mismatch(session, expected)
             applied = AppliedGeneration(session.position)
 
-            def record(_: _Update) -> None:
+            def record(_: InputUpdate) -> None:
                 session.last_applied = applied
 
             scheduler = self.schedulers[session.model.key]
@@ -552,50 +557,3 @@ async def _finish_even_if_cancelled(work: Awaitable[T]) -> T:
         if not task.done():
             await asyncio.wait([task])
         raise
-
-
-class _Update:
-    """What running an input changes in a session, applied to it at once by `commit`."""
-
-    def __init__(
-        self,
-        session: Session,
-        ids: list[int],
-        want_token_logprobs: bool,
-        on_commit: Callable[[_Update], None] | None = None,
-    ) -> None:
-        self.session = session
-        self.on_commit = on_commit
-        self.ids = ids
-        self.want_token_logprobs = want_token_logprobs
-        self.next_logprobs = session.next_logprobs
-        self.class_probs = session.class_probs
-        self.token_logprobs: list[float] = []
-
-    def absorb(self, chunk: np.ndarray, outputs: Outputs) -> None:
-        """Take in the outputs of one chunk tokens [seq]."""
-        if "probs" in outputs:  # a streaming classifier: probabilities of the text so far
-            self.class_probs = outputs["probs"]  # [classes]
-        elif LAST_LOGPROBS in outputs:
-            self.next_logprobs = outputs[LAST_LOGPROBS]  # [vocab]
-        else:
-            all_logprobs = log_softmax(outputs["logits"])  # [seq, vocab]
-            previous = [self.next_logprobs, *all_logprobs[:-1]]
-            self.token_logprobs += [
-                math.nan if p is None else float(p[t]) for p, t in zip(previous, chunk, strict=True)
-            ]
-            self.next_logprobs = all_logprobs[-1]
-
-    def commit(self, chunk: np.ndarray, outputs: Outputs) -> None:
-        """Take in the last chunk's outputs and apply the whole input to the session, all at once (on
-        the event loop, in the scheduler's commit callback: no await between the parts)."""
-        self.absorb(chunk, outputs)
-        s = self.session
-        # Own copies: a row of a batch's array would keep the whole batch's array alive.
-        s.next_logprobs = None if self.next_logprobs is None else np.array(self.next_logprobs)
-        s.class_probs = None if self.class_probs is None else np.array(self.class_probs)
-        s.position += len(self.ids)
-        s.recent_tokens.extend(self.ids)
-        s.touch()
-        if self.on_commit is not None:
-            self.on_commit(self)

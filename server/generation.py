@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rnnserve.server import output
 from rnnserve.server.errors import NotFound
+from rnnserve.server.runtime import Outputs
 from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.server.scheduler import Scheduler
 from rnnserve.server.sessions import AppliedGeneration, Session
+from rnnserve.server.slab import State
+from rnnserve.server.slots import BlockOutput
 from rnnserve.server.text import IncrementalDecoder
 
 # A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
@@ -131,6 +135,14 @@ class Generation:
 
     When its session closes it stops at the next run (`session_closed`), whether or not the reader is
     reading; the reader gets the tokens already made, then NotFound.
+
+    K-step blocks (when the model's generation graph expresses its sampling settings): a block applies
+    x0 (its `token`) and the K-1 tokens sampled after it, and samples one more. `scanned` decides each
+    sampled token's end in order, exactly as one-token runs would; a generation that ends inside a block
+    has run past its end, and leaves by replaying its kept tokens from the block's start state
+    (`rollback`): an RNN's state is a pure function of its inputs, so the session ends exactly where K=1
+    would have left it, with the distribution after its last token. A block's last sampled token that
+    ends the generation is applied by one host step instead, like any finishing token.
     """
 
     def __init__(
@@ -170,6 +182,11 @@ class Generation:
         self._tokens_out = scheduler.metrics.tokens_out
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ready_at = time.monotonic()
+        self._in_graph = scheduler.expresses(self.sampler)  # runs K-step blocks (else host steps)
+        self._block_steps = scheduler.runner.model.default_generate_steps if self._in_graph else 1
+        self._scan: list[GeneratedToken] = []  # a block's tokens kept, decided by `scanned`
+        # The last block handed over and its row, and the tokens it kept: what `rollback` replays.
+        self._last_block: tuple[BlockOutput, int, list[int]] | None = None
         first = self.sampler.choose(session.next_logprobs)
         self._sampled_next(first, float(session.next_logprobs[first]))
 
@@ -185,10 +202,43 @@ class Generation:
 
     @property
     def runnable(self) -> bool:
-        return len(self._ready) < MAX_AHEAD
+        return len(self._ready) + self._run_tokens <= MAX_AHEAD
+
+    @property
+    def in_block(self) -> bool:
+        """Its next run is a K-step block: it can, and its next token does not end it (that one is
+        applied by a host step)."""
+        return self._in_graph and self._token_finish is None
+
+    @property
+    def _run_tokens(self) -> int:
+        return self._block_steps if self.in_block else 1
 
     def continues_after_run(self) -> bool:
-        return self.active and self._token_finish is None and len(self._ready) + 1 < MAX_AHEAD
+        if not self.active:
+            return False
+        if self._scan:  # after a block: it goes on unless a token it applied ends it
+            ends = self._scan[-1].finish_reason is not None
+            return not ends and len(self._ready) + len(self._scan) + self._run_tokens <= MAX_AHEAD
+        return self._token_finish is None and len(self._ready) + 1 < MAX_AHEAD
+
+    def next_token(self, sampled: int) -> int:
+        return self.token if self._scan else sampled
+
+    def scanned(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """A block applied x0 (`token`) and ids[:-1], and sampled ids[-1] (ids, logprobs: [K]). Each
+        sampled token's end is decided in order, as `_sampled_next` does for one-token runs; the tokens
+        up to the first that ends the generation are kept."""
+        kept = [GeneratedToken(self.token, self._token_text, self._logprob, 0, self._token_finish)]
+        last = len(ids) - 1
+        for i, (token, logprob) in enumerate(zip(ids.tolist(), logprobs.tolist(), strict=True)):
+            self._sampled_next(token, logprob)
+            if i == last:
+                break  # x_K: sampled, not applied; the next run feeds it
+            kept.append(GeneratedToken(token, self._token_text, logprob, 0, self._token_finish))
+            if self._token_finish:
+                break  # it ends here: the rest of the block ran past its end
+        self._scan = kept
 
     def _sampled_next(self, token: int, logprob: float) -> None:
         """`token` was sampled: the next run feeds it. Whether it ends the generation (a stop string
@@ -213,24 +263,51 @@ class Generation:
         self._token_text, self._token_finish = text, finish
 
     def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
-        session, token, finish = self.session, self.token, self._token_finish
-        session.position += 1
-        session.recent_tokens.append(token)
-        session.next_logprobs = logprobs  # [vocab]; a row of the batch's array until we leave (see left)
+        """After a host step that applied `token`: logprobs [vocab] follow it (a row of the batch's
+        array until the generation leaves, see left); next_token was sampled from them."""
+        token, finish = self.token, self._token_finish
+        self._last_block = None  # the distribution after the last token is known: nothing to replay
+        position = output.advance_by_generated(self.session, [token], logprobs)
+        self._made([GeneratedToken(token, self._token_text, self._logprob, position, finish)])
+        if not finish:
+            self._sampled_next(next_token, float(logprobs[next_token]))
+
+    def block_stepped(self, block: BlockOutput, row: int) -> None:
+        """After a block (row `row` of it): hand over the tokens `scanned` kept."""
+        kept, self._scan = self._scan, []
+        ids = [t.token_id for t in kept]
+        position = output.advance_by_generated(self.session, ids, None)
+        for i, t in enumerate(kept):
+            t.position = position - len(kept) + 1 + i
+        self._last_block = block, row, ids
+        self._made(kept)
+
+    def _made(self, tokens: list[GeneratedToken]) -> None:
+        """Tokens applied to the session: queue them for the reader (waking it when they are due)."""
         if not self._count:
-            session.last_applied = self._applied  # with the first change it makes (if no prompt did)
-        self._count += 1
+            self.session.last_applied = self._applied  # with the first change it makes (if no prompt did)
+        self._count += len(tokens)
         now = self._clock()
         if not self._ready:
             self._first_ready_at = now
-        self._ready.append(GeneratedToken(token, self._token_text, self._logprob, session.position, finish))
+        self._ready += tokens
         self.ready_at = time.monotonic()
-        if finish:
+        if tokens[-1].finish_reason:
             self._finished = True
-        else:
-            self._sampled_next(next_token, float(logprobs[next_token]))
         if self._due(now):
             self._wakeup.set()
+
+    def rollback(self) -> tuple[State, list[int]] | None:
+        """If its last run was a block, the block's start state and the tokens it kept: replaying them
+        leaves the session exactly after its last kept token (and gives the distribution after it)."""
+        if self._last_block is None or self.session.closed:
+            return None
+        block, row, ids = self._last_block
+        return block.before_row(self._scheduler.runner.model, row), ids
+
+    def settled(self, outputs: Outputs | None) -> None:
+        self._last_block = None
+        output.settle_after_generation(self.session, outputs)
 
     def _due(self, now: float) -> bool:
         """Whether the ready tokens should go to the reader now."""
@@ -255,18 +332,16 @@ class Generation:
         if self.gone.done():
             return  # released already (see cancel)
         self._count_out()
-        if self.session.next_logprobs is not None:
-            self.session.next_logprobs = np.array(self.session.next_logprobs)  # own copy (see stepped)
-        self.session.touch()
+        output.own_copy(self.session)  # (see stepped)
         self.gone.set_result(None)
         self._wakeup.set()
 
     def cancel(self) -> None:
         """The reader went away: leave the batch at the next run."""
-        if self._finished:
+        if self._finished and self._last_block is None:
             # Its last run was handed over and no run since included it (a finished token is known
-            # when sampled): nothing is in flight on its slot, so the session is free now, a run
-            # earlier than the scheduler would notice.
+            # when sampled): nothing is in flight on its slot and nothing to replay, so the session is
+            # free now, a run earlier than the scheduler would notice.
             self.left()
             return
         if self.active:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +17,14 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnserve.export.manifest import Manifest
-from rnnserve.server.slab import State, StateSlab
+from rnnserve.server.slab import State
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+GENERATE_GRAPH_CHOICES = ("auto", "on", "off")
 Outputs = dict[str, np.ndarray]  # the graph's other outputs, batch first: logits [batch, seq, vocab] or probs
 LAST_LOGITS = "logits_last"  # the "last" graph's output: logits of the last position, [batch, vocab]
 
@@ -40,6 +39,12 @@ class RuntimeOptions:
     # under the GIL) needs a core of its own while ORT computes in the worker thread, or each run
     # would stall the I/O of every other session.
     intra_op_threads: int = 0
+    # K-step generation graphs (the bundle's `generate[]`). "auto": on CUDA every graph (the logits never
+    # leave the device); on a CPU only the plain ones (rows without a top-k/top-p cut), which beat the
+    # host's sampler between single steps there, while the cut graphs lose to it (docs/results.md,
+    # "Generation graphs"). "on": every graph; "off": none (the host path for every row).
+    generate_graphs: str = "auto"
+    generate_steps: int = 0  # K of the generation graph used (0: the bundle's default, graphs["generate"])
 
 
 def _session_options(options: RuntimeOptions, precision: str = "fp32") -> ort.SessionOptions:
@@ -86,6 +91,42 @@ def create_inference_session(
     return session
 
 
+@dataclass(frozen=True)
+class GenerateGraphRuntime:
+    """A loaded K-step generation graph (contract: export/generate_graph.py): x0 [batch, 1] + state +
+    uniforms [batch, K] + temperature/top_k/top_p [batch] -> ids [batch, K], logprobs [batch, K] and
+    the state after x0..x_{K-1}."""
+
+    session: ort.InferenceSession
+    steps: int  # K
+    top_k_max: int  # the largest top_k it honours; 0: a plain graph (rows without a cut only)
+    input_names: frozenset[str]
+
+    @property
+    def plain(self) -> bool:
+        return self.top_k_max == 0
+
+    def expresses(self, top_k: int, top_p: float, vocab_size: int) -> bool:
+        """Whether its in-graph sampler honours these settings exactly (else the host path samples)."""
+        if self.plain:
+            return top_k == 0 and top_p >= 1.0
+        if top_k > self.top_k_max:
+            return False
+        return top_p >= 1.0 or top_k > 0 or vocab_size <= self.top_k_max
+
+
+def _loads_generate_graph(options: RuntimeOptions, provider: str, plain: bool) -> bool:
+    """Whether a generation graph (plain or cut) is loaded under options.generate_graphs."""
+    if options.generate_graphs not in GENERATE_GRAPH_CHOICES:
+        raise ValueError(
+            f"generate_graphs must be one of {', '.join(GENERATE_GRAPH_CHOICES)}, "
+            f"got {options.generate_graphs!r}"
+        )
+    if options.generate_graphs == "auto":
+        return provider == CUDA or plain
+    return options.generate_graphs == "on"
+
+
 class OnnxModel:
     """One exported model version: its manifest, its ORT session(s), and batch helpers for its state.
 
@@ -103,9 +144,9 @@ class OnnxModel:
         step_file = manifest.graph_file("step") or manifest.model_file
         self.session = create_inference_session(bundle_dir / step_file, options, manifest.precision)
         self.provider = self.session.get_providers()[0]
-        self._output_names = [o.name for o in self.session.get_outputs()]
-        self._state_outputs = {s.output_name for s in manifest.state}
-        self._state_output_names = [s.output_name for s in manifest.state]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.state_outputs = {s.output_name for s in manifest.state}
+        self.state_output_names = [s.output_name for s in manifest.state]
         # The "last" graph: (session, output names to fetch), or None to slice the step graph's logits.
         self.last: tuple[ort.InferenceSession, list[str]] | None = None
         last_file = manifest.graph_file("last") if manifest.task == "lm" else None
@@ -116,13 +157,27 @@ class OnnxModel:
                 else create_inference_session(bundle_dir / last_file, options, manifest.precision)
             )
             if LAST_LOGITS in {o.name for o in last_session.get_outputs()}:
-                self.last = (last_session, [LAST_LOGITS, *self._state_output_names])
+                self.last = (last_session, [LAST_LOGITS, *self.state_output_names])
             else:
                 log.warning(
                     "%s: graph %s has no %s output; using the step graph", self.key, last_file, LAST_LOGITS
                 )
+        # (K, plain) -> the K-step generation graph (language models whose bundle has them, as chosen
+        # by RuntimeOptions.generate_graphs).
+        self.generate: dict[tuple[int, bool], GenerateGraphRuntime] = {}
+        self._generate_steps = options.generate_steps
+        for g in manifest.generate if manifest.task == "lm" else []:
+            if _loads_generate_graph(options, self.provider, g.plain):
+                session = create_inference_session(bundle_dir / g.file, options, manifest.precision)
+                names = frozenset(i.name for i in session.get_inputs())
+                self.generate[(g.steps, g.plain)] = GenerateGraphRuntime(session, g.steps, g.top_k_max, names)
+        if options.generate_steps and self.generate and options.generate_steps not in self.generate_steps:
+            raise ValueError(
+                f"{self.key}: no generation graph of {options.generate_steps} steps "
+                f"(the bundle has K in {sorted(self.generate_steps)})"
+            )
         log.info(
-            "loaded %s v%s (%s %s, %d layers x %d%s) on %s",
+            "loaded %s v%s (%s %s, %d layers x %d%s%s) on %s",
             manifest.name,
             manifest.version,
             manifest.cell,
@@ -130,12 +185,39 @@ class OnnxModel:
             manifest.num_layers,
             manifest.hidden_size,
             ", last-position graph" if self.last else "",
+            f", generation graphs {sorted(g.file for g in manifest.generate)}" if self.generate else "",
             self.provider,
         )
 
     @property
     def key(self) -> str:
         return f"{self.manifest.name}@{self.manifest.version}"
+
+    @property
+    def generate_steps(self) -> set[int]:
+        """The K of the generation graphs loaded."""
+        return {steps for steps, _ in self.generate}
+
+    @property
+    def default_generate_steps(self) -> int:
+        """K of the generation graphs blocks run on (RuntimeOptions.generate_steps, else the bundle's
+        default, graphs["generate"], else the largest loaded); 0 if none is loaded."""
+        if not self.generate:
+            return 0
+        if self._generate_steps in self.generate_steps:
+            return self._generate_steps
+        default = self.manifest.generate_graph()
+        return (
+            default.steps
+            if default is not None and default.steps in self.generate_steps
+            else max(self.generate_steps)
+        )
+
+    def generate_graph(self, plain: bool) -> GenerateGraphRuntime | None:
+        """The graph a block runs on: of the default K, plain when every row is plain and a plain graph
+        is loaded, else the cut graph (None if that is not loaded)."""
+        steps = self.default_generate_steps
+        return (self.generate.get((steps, True)) if plain else None) or self.generate.get((steps, False))
 
     @property
     def on_cuda(self) -> bool:
@@ -169,9 +251,9 @@ class OnnxModel:
         whole-sequence classifiers, whose padded batches are exact.
         """
         feeds = self.feeds(tokens, state, lengths)
-        by_name = dict(zip(self._output_names, self.session.run(self._output_names, feeds), strict=True))
+        by_name = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
         new_state = {s.name: by_name[s.output_name] for s in self.manifest.state}
-        outputs = {k: v for k, v in by_name.items() if k not in self._state_outputs}
+        outputs = {k: v for k, v in by_name.items() if k not in self.state_outputs}
         return outputs, new_state
 
     def run_last(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -182,105 +264,6 @@ class OnnxModel:
         session, names = self.last
         logits, *states = session.run(names, self.feeds(tokens, state))
         return logits, {s.name: v for s, v in zip(self.manifest.state, states, strict=True)}
-
-
-class SlotRunner:
-    """Runs a batch whose states live in a slab: gather rows → one ORT run → scatter rows.
-
-    On CUDA the new states stay on the device (I/O binding) keyed by the slots they belong to; the next
-    run on exactly those slots (the steady state of a generating batch) binds them as inputs, so the
-    state makes no host round trip per token. Any other use of those slots first copies them back to
-    the slab (the slab's `before_host_access` hook), so the host copy is never read stale.
-    """
-
-    def __init__(self, model: OnnxModel, slab: StateSlab, io_binding: bool | None = None) -> None:
-        self.model = model
-        self.slab = slab
-        # On CUDA by default. Forced on a CPU model (tests), the same bookkeeping runs with the
-        # "resident" states in host OrtValues.
-        self.io_binding = model.on_cuda if io_binding is None else io_binding
-        self._device = "cuda" if model.on_cuda else "cpu"
-        self._resident: dict[tuple[int, ...], list[ort.OrtValue]] = {}  # dst slots -> state on device
-        self._owner: dict[int, tuple[int, ...]] = {}  # slot -> key of the entry holding it
-        self._lock = threading.RLock()  # the worker runs while the event loop may allocate slots
-        self.resident_hits = 0  # runs whose states were already on the device
-        self.host_copies = 0  # resident entries copied back to the host
-        if self.io_binding:
-            slab.before_host_access.append(self.flush)
-
-    def run(self, tokens: np.ndarray, src: Sequence[int], dst: Sequence[int], last: bool) -> Outputs:
-        """tokens int64 [batch, seq] from the states in slots `src`; new states go to slots `dst`.
-
-        Returns {"logits_last": [batch, vocab]} when `last` (language models), else the graph's
-        non-state outputs (logits [batch, seq, vocab] or probs [batch, classes]).
-        """
-        if self.io_binding:
-            with self._lock:
-                return self._run_bound(tokens, src, dst, last)
-        state = self.slab.gather(src)  # graph layout, e.g. [layers, batch, hidden]
-        if last and self.model.manifest.task == "lm":
-            logits, new_state = self.model.run_last(tokens, state)
-            outputs = {LAST_LOGITS: logits}
-        else:
-            outputs, new_state = self.model.run(tokens, state)
-        self.slab.scatter(dst, new_state)
-        return outputs
-
-    def _run_bound(self, tokens: np.ndarray, src: Sequence[int], dst: Sequence[int], last: bool) -> Outputs:
-        model, specs = self.model, self.model.manifest.state
-        use_last = last and model.manifest.task == "lm" and model.last is not None
-        session = model.last[0] if use_last and model.last else model.session
-        wanted = (
-            [LAST_LOGITS] if use_last else [n for n in model._output_names if n not in model._state_outputs]
-        )
-        binding = session.io_binding()
-        binding.bind_cpu_input("tokens", tokens)
-        key = tuple(src)
-        resident = self._resident.get(key) if list(src) == list(dst) else None
-        if resident is not None:
-            self.resident_hits += 1
-            for spec, value in zip(specs, resident, strict=True):
-                binding.bind_ortvalue_input(spec.input_name, value)
-        else:
-            state = self.slab.gather(src)  # copies back any of these slots still on the device first
-            self.flush(dst)
-            for spec in specs:
-                binding.bind_cpu_input(spec.input_name, state[spec.name])
-        for name in wanted:
-            binding.bind_output(name, "cpu")
-        for spec in specs:
-            binding.bind_output(spec.output_name, self._device)
-        session.run_with_iobinding(binding)
-        values = binding.get_outputs()  # in binding order: wanted outputs, then states
-        outputs = {name: values[i].numpy() for i, name in enumerate(wanted)}
-        self._forget(key)
-        new_key = tuple(dst)
-        self._resident[new_key] = list(values[len(wanted) :])
-        for slot in new_key:
-            self._owner[slot] = new_key
-        if last and not use_last and model.manifest.task == "lm":
-            outputs = {LAST_LOGITS: outputs["logits"][:, -1]}
-        return outputs
-
-    def flush(self, slots: Sequence[int]) -> None:
-        """Copy device-resident states holding any of `slots` back into the slab and drop them."""
-        if not self._owner:
-            return
-        with self._lock:
-            for key in {self._owner[s] for s in slots if s in self._owner}:
-                values = self._resident[key]
-                state = {
-                    spec.name: v.numpy() for spec, v in zip(self.model.manifest.state, values, strict=True)
-                }
-                self._forget(key)
-                self.slab.scatter(key, state)
-                self.host_copies += 1
-
-    def _forget(self, key: tuple[int, ...]) -> None:
-        if self._resident.pop(key, None) is not None:
-            for slot in key:
-                if self._owner.get(slot) == key:
-                    del self._owner[slot]
 
 
 def default_intra_op_threads() -> int:

@@ -159,6 +159,10 @@ class Sampler:
         """The next uniform draw of this generation's stream (drawn for every token, greedy too)."""
         return float(self._rng.random())
 
+    def draws(self, count: int) -> np.ndarray:
+        """The next `count` uniform draws, float64 [count] (the same values as `count` calls of draw)."""
+        return self._rng.random(count)
+
     def choose(self, logprobs: np.ndarray) -> int:
         """One token id from logprobs [vocab] (the batch path with a batch of one)."""
         return int(sample_batch(logprobs[None, :], [self.params], np.array([self.draw()]))[0])

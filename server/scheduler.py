@@ -1,39 +1,37 @@
-"""The scheduler: gathers the pending work of many sessions of one model into one ONNX Runtime run.
+"""The scheduler: decides what runs next for one model version, and keeps the model runner busy.
 
-Two kinds of work share each run, stacked along the state's batch axis:
-- steps (streamed input, prompts): tokens [seq] of one session, from a state slot to a state slot;
-- generations: a session generating tokens. It stays in the running batch, one token per run, until it
-  finishes: sessions join and leave between any two runs (continuous batching), and the next tokens of
-  all generating sessions are sampled together, vectorised (sampling.sample_batch), each from its own
-  random stream, so a session's tokens never depend on what else is in the batch.
+Data flows one way: handler → engine → **scheduler** (who runs next) → model runner (runner.py: runs
+graphs, samples) → output processor (output.py: the one place a session advances) → the caller's future
+or the generation's reader.
 
-One iteration: take the queued steps and the runnable generations (at most `max_batch` in all; a
-session has at most one step in flight, because a request holds its session's lock, and a generation
-feeds one token per run), group rows of equal length (no padding, so nothing leaks between sessions),
-run each group once, scatter the new states into the slab, then hand the results back on the event
-loop. Work that arrives while a run is in flight forms the next batch, so batches grow with load by
-themselves (low latency when idle, big batches when busy); `max_wait_s` optionally holds a batch that
-starts from idle a little to let more join.
+Work of many sessions shares each run, stacked along the state's batch axis:
+- steps (streamed input, prompts, rollback replays): tokens [seq] of one session, slot to slot;
+- generations: a session generating tokens stays in the running batch until it finishes (continuous
+  batching: sessions join and leave between any two runs). Each run it makes one token through the step
+  graph and the host sampler, or, when the model has a generation graph and the session's sampling
+  settings fit it, K tokens in one block (see runner.py).
+
+One iteration takes the queued steps and the runnable generations (at most `max_batch` rows; a session
+has at most one step in flight, because a request holds its session's lock), runs them, and hands the
+results back on the event loop. Work that arrives while a run is in flight forms the next batch, so
+batches grow with load by themselves; `max_wait_s` optionally holds a batch that starts from idle.
 
 The next batch is chosen and started as soon as a run ends, before that run's results are handed back
 (a pipeline two runs deep: ONNX Runtime computes while the loop applies tokens and talks gRPC). A
-generation of the finished run goes on at once, with the token just sampled for it, if it will still be
-running once that run is handed back (`Generation.continues_after_run`: a token's end is known when it
-is sampled); the others wait for the hand-over.
+generation of the finished run goes on at once if it will still be running once that run is handed back
+(`Generation.continues_after_run`: a token's end is known when it is sampled).
 
-Results are committed by callbacks the scheduler calls on the event loop for every row that ran, even
-if the caller went away meanwhile: the slab already holds the new state, so the session's position
-must follow (and the caller, cancelled, returns only once that commit is done, so the next request on
-its session sees it). A step whose caller left before its run is dropped.
+Results are committed on the event loop for every row that ran, even if the caller went away meanwhile:
+the slab already holds the new state, so the session must follow (a caller cancelled while its step is in
+flight returns only once that commit is done). A step whose caller left before its run is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -41,16 +39,16 @@ from typing import Protocol
 
 import numpy as np
 
-from rnnserve.server import metrics
-from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, Outputs, SlotRunner
-from rnnserve.server.sampling import Sampler, draw_batch, log_softmax_and_weights, sample_batch
-from rnnserve.server.slab import SlotError, StateSlab
+from rnnserve.server import metrics, output
+from rnnserve.server.runner import ModelRunner, RunOutput, RunPlan
+from rnnserve.server.runtime import OnnxModel, Outputs
+from rnnserve.server.sampling import Sampler
+from rnnserve.server.slab import SlotError, State, StateSlab
+from rnnserve.server.slots import BlockOutput
 
 log = logging.getLogger(__name__)
 
 WORKER_HANDOFF_S = 5e-5  # see Scheduler._launch
-
-LAST_LOGPROBS = "logprobs_last"  # log-softmax of the last position, [vocab] per row (language models)
 
 
 @dataclass
@@ -61,6 +59,7 @@ class StepRequest:
     last: bool  # language model: only the last position's log-probabilities are wanted
     commit: Callable[[Outputs], None] | None  # called on the loop once the step ran, caller or not
     future: asyncio.Future[Outputs] = field(repr=False)
+    start_state: State | None = None  # batch-1 start state (graph layout) instead of slot src
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     taken: bool = field(default=False, repr=False)  # in a batch: it will run and be committed
     # Made only when the caller is cancelled while the step is in flight: set once it was committed.
@@ -72,7 +71,7 @@ class StepRequest:
 
 
 class Generation(Protocol):
-    """A session generating tokens in the running batch (the engine implements it)."""
+    """A session generating tokens in the running batch (generation.py implements it)."""
 
     slot: int
     token: int  # the token to feed at the next run (already sampled)
@@ -89,14 +88,40 @@ class Generation(Protocol):
         """False while its reader is far behind: it sits out runs until they catch up."""
         ...
 
+    @property
+    def in_block(self) -> bool:
+        """Whether its next run is a K-step block of the generation graph (else one host-sampled step)."""
+        ...
+
+    def scanned(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """After a block ran, before `continues_after_run`: the block sampled ids [K] (logprobs [K]);
+        decide where it ends, as sampling one token at a time would."""
+        ...
+
     def continues_after_run(self) -> bool:
-        """Asked after a run fed it `token`, before `stepped` hands the run's results over: whether it
-        will still be active and runnable then. (Whether a token ends a generation is known when the
-        token is sampled, so the next run can start while this one's results are handed over.)"""
+        """Asked after a run, before its results are handed over: whether it will still be active and
+        runnable then, with `next_token` (below) to feed."""
+        ...
+
+    def next_token(self, sampled: int) -> int:
+        """The token it feeds next if it continues (`sampled`: what a host step sampled for it)."""
         ...
 
     def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
-        """After a run: logprobs [vocab] follow `token`; next_token was sampled from them."""
+        """After a host step: logprobs [vocab] follow `token`; next_token was sampled from them."""
+        ...
+
+    def block_stepped(self, block: BlockOutput, row: int) -> None:
+        """After a block: hand over the tokens it kept (row `row` of the block)."""
+        ...
+
+    def rollback(self) -> tuple[State, list[int]] | None:
+        """When it leaves: (start state, tokens) to replay so its session ends exactly after its last
+        kept token with that token's next-token distribution, or None if nothing is to replay."""
+        ...
+
+    def settled(self, outputs: Outputs | None) -> None:
+        """The replay ran (its outputs; None if it failed)."""
         ...
 
     def left(self) -> None:
@@ -128,28 +153,26 @@ class SchedulerOptions:
 
 @dataclass
 class _Batch:
-    steps: list[StepRequest]
-    generations: list[Generation]
-    # the token each generation feeds (its `token`, or the one just sampled for it when the batch
-    # starts before the previous run's results were handed over)
-    generation_tokens: list[int] = field(default_factory=list)
+    steps: list[StepRequest] = field(default_factory=list)
+    sampled: list[Generation] = field(default_factory=list)  # one host-sampled token each
+    sampled_tokens: list[int] = field(default_factory=list)  # what each feeds
+    block: list[Generation] = field(default_factory=list)  # K tokens each in the generation graph
+    block_tokens: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.steps or self.generations)
+        return bool(self.steps or self.sampled or self.block)
 
     @property
-    def tokens(self) -> int:
-        return sum(len(r.tokens) for r in self.steps) + len(self.generations)
+    def generations(self) -> list[Generation]:
+        return self.sampled + self.block
 
-
-Sampled = tuple[np.ndarray, int]  # a generation's logprobs [vocab] after its token, and the next token
-
-
-@dataclass
-class _Result:
-    step_outputs: list[Outputs | Exception]  # per step: its outputs, or why its run failed
-    generations: list[Sampled | Exception]  # per generation: what was sampled, or why its run failed
-    seconds: float  # how long _execute took
+    def add(self, generation: Generation, token: int) -> None:
+        if generation.in_block:
+            self.block.append(generation)
+            self.block_tokens.append(token)
+        else:
+            self.sampled.append(generation)
+            self.sampled_tokens.append(token)
 
 
 class Scheduler:
@@ -160,20 +183,26 @@ class Scheduler:
     ) -> None:
         self.model = model
         self.slab = slab
-        self.runner = SlotRunner(model, slab)
         self.options = options or SchedulerOptions()
-        self._executor = executor
         self.metrics = metrics.ModelMetrics(model.key)
+        self.runner = ModelRunner(model, slab, self.metrics)
+        self._executor = executor
         self._steps: deque[StepRequest] = deque()
         self._generations: deque[Generation] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.batches_run = 0  # ORT runs
-        self.steps_run = 0  # rows run (steps and generated tokens)
         self._small_run_s = float("inf")  # moving average of small batches' run time; inf = not yet seen
         self._busy = False  # a batch is being run by the loop (inline or in the worker)
         self._idle_since = 0.0  # perf_counter() when the last run ended
-        self._running: tuple[_Batch, asyncio.Future[_Result]] | None = None  # the run in flight, if any
+        self._running: tuple[_Batch, asyncio.Future[RunOutput]] | None = None  # the run in flight, if any
+
+    @property
+    def batches_run(self) -> int:
+        return self.runner.batches_run
+
+    @property
+    def steps_run(self) -> int:
+        return self.runner.steps_run
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler {self.model.key}")
@@ -220,7 +249,7 @@ class Scheduler:
         if self._may_run_directly(len(tokens)):
             # Low load: run it here and now; the trip through the queue and the scheduler's task
             # would cost more than the run, and there is nobody to batch with.
-            batch = _Batch([request], [])
+            batch = _Batch(steps=[request])
             self.metrics.observe_queue_wait([request.enqueued_at])
             try:
                 result = self._execute_small(batch)
@@ -228,8 +257,7 @@ class Scheduler:
                 self._idle_since = time.perf_counter()
             self._deliver(batch, result)
             return future.result()
-        self._steps.append(request)
-        self._wake.set()
+        self._enqueue(request)
         try:
             return await future
         except asyncio.CancelledError:
@@ -240,6 +268,10 @@ class Scheduler:
                 request.settled = asyncio.get_running_loop().create_future()
                 await asyncio.wait([request.settled])
             raise  # (not taken: it is dropped, never run)
+
+    def _enqueue(self, request: StepRequest) -> None:
+        self._steps.append(request)
+        self._wake.set()
 
     def _may_run_directly(self, tokens: int) -> bool:
         return (
@@ -258,50 +290,82 @@ class Scheduler:
         self._generations.append(generation)
         self._wake.set()
 
+    def expresses(self, sampler: Sampler) -> bool:
+        """Whether a generation with these settings runs in K-step blocks (see runner.py)."""
+        return self.runner.expresses(sampler)
+
+    # -- leaving the batch --------------------------------------------------------------------------
+
+    def _leave(self, generation: Generation) -> None:
+        """A generation leaves the running batch: if it ran blocks, its session is first settled
+        exactly after its last kept token by replaying that block's kept tokens (see Generation)."""
+        rollback = generation.rollback()
+        if rollback is None:
+            generation.left()
+            return
+        start_state, tokens = rollback
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+
+        def commit(outputs: Outputs) -> None:
+            generation.settled(outputs)
+            generation.left()
+
+        def failed(f: asyncio.Future[Outputs]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                generation.settled(None)
+                generation.left()
+
+        future.add_done_callback(failed)
+        tokens_array = np.asarray(tokens, dtype=np.int64)  # [kept]
+        self._enqueue(
+            StepRequest(tokens_array, generation.slot, generation.slot, True, commit, future, start_state)
+        )
+
     # -- the loop -----------------------------------------------------------------------------------
 
     def _next_batch(self, handing_over: dict[Generation, int | None]) -> _Batch:
         """The queued steps and runnable generations for the next run.
 
         `handing_over`: the generations of a run whose results are not handed over yet, with the token
-        sampled for each (None if its run failed). They continue with that token if they will still
-        be running once it is (`continues_after_run`); the others wait for the hand-over.
+        sampled for each (None if its run failed). They continue if they will still be running once it
+        is (`continues_after_run`); the others wait for the hand-over.
         """
+        # Those that finished or were cancelled leave first: leaving may queue a replay step (see _leave).
+        for generation in [g for g in self._generations if g not in handing_over and not g.active]:
+            self._generations.remove(generation)
+            self._leave(generation)
         room = self.options.max_batch
-        steps: list[StepRequest] = []
-        while self._steps and len(steps) < room:
+        batch = _Batch()
+        while self._steps and len(batch.steps) < room:
             request = self._steps.popleft()
             if not request.future.done():  # its caller went away before it ran: drop it
                 request.taken = True
-                steps.append(request)
-        room -= len(steps)
+                batch.steps.append(request)
+        room -= len(batch.steps)
         chosen: list[Generation] = []
-        tokens: list[int] = []
         waiting: list[Generation] = []
         for generation in self._generations:
             if generation in handing_over:
                 token = handing_over[generation]
                 if token is not None and len(chosen) < room and generation.continues_after_run():
                     chosen.append(generation)
-                    tokens.append(token)
+                    batch.add(generation, generation.next_token(token))
                 else:
                     waiting.append(generation)
-            elif not generation.active:
-                generation.left()
             elif len(chosen) < room and generation.runnable:
                 chosen.append(generation)
-                tokens.append(generation.token)
+                batch.add(generation, generation.token)
             else:
                 waiting.append(generation)
         # Round robin when more generate than fit in a batch: who sat out goes first next time.
         self._generations = deque(waiting + chosen)
-        return _Batch(steps, chosen, tokens)
+        return batch
 
     async def _loop(self) -> None:
         """Run batches one after another. A batch that goes to the worker thread starts as soon as
         the previous run ended, before that run's results are handed over on the loop (a pipeline of
         two: ONNX Runtime computes while the loop applies tokens and talks gRPC)."""
-        running: tuple[_Batch, asyncio.Future[_Result]] | None = None
+        running: tuple[_Batch, asyncio.Future[RunOutput]] | None = None
         while True:
             if running is None:
                 batch = self._next_batch({})
@@ -316,7 +380,7 @@ class Scheduler:
             try:
                 result = await job
             except Exception as exc:
-                log.exception("model %s failed on a batch of %d rows", self.model.key, batch.tokens)
+                log.exception("model %s failed on a batch of %d rows", self.model.key, _rows(batch))
                 self._running = None
                 self._fail(batch, exc)
                 running = None
@@ -324,8 +388,7 @@ class Scheduler:
             finally:
                 self._idle_since = time.perf_counter()
             self._running = None
-            handing_over = dict(zip(batch.generations, self._sampled(result), strict=True))
-            following = self._next_batch(handing_over)
+            following = self._next_batch(self._handing_over(batch, result))
             if following and not self._runs_inline(following):
                 running = self._launch(following)  # the worker runs it while we hand over below
                 self._deliver(batch, result)
@@ -336,25 +399,49 @@ class Scheduler:
                 await asyncio.sleep(0)  # let gRPC I/O (and the callers just answered) through
 
     @staticmethod
-    def _sampled(result: _Result) -> list[int | None]:
-        """The token sampled for each generation of a run (None where its run failed)."""
-        return [None if isinstance(g, Exception) else g[1] for g in result.generations]
+    def _handing_over(batch: _Batch, result: RunOutput) -> dict[Generation, int | None]:
+        """Each generation of a run with the token it sampled last (None where its run failed); a
+        block's generations decide here where they end (`scanned`)."""
+        handing_over: dict[Generation, int | None] = {
+            g: None if isinstance(s, Exception) else s[1]
+            for g, s in zip(batch.sampled, result.sampled, strict=True)
+        }
+        block = result.block
+        for row, generation in enumerate(batch.block):
+            if isinstance(block, BlockOutput):
+                generation.scanned(block.ids[row], block.logprobs[row])
+                handing_over[generation] = int(block.ids[row, -1])
+            else:
+                handing_over[generation] = None
+        return handing_over
 
     def _runs_inline(self, batch: _Batch) -> bool:
         """Small fast batches run on the loop itself (see SchedulerOptions.inline_max_tokens)."""
+        if batch.block:
+            return False  # K tokens a row: never small
         # Alone (one row, nothing queued), a slower run still goes inline: there is little other
         # work for the loop to overlap with it, and the hop to the worker would be pure cost.
-        alone = len(batch.steps) + len(batch.generations) == 1 and not self._steps
+        alone = _rows(batch) == 1 and not self._steps
         limit = self.options.inline_max_run_s if not alone else self.options.inline_alone_max_run_s
-        return batch.tokens <= self.options.inline_max_tokens and self._small_run_s < limit
+        return self._plan(batch).tokens <= self.options.inline_max_tokens and self._small_run_s < limit
 
-    def _launch(self, batch: _Batch) -> tuple[_Batch, asyncio.Future[_Result]]:
+    def _plan(self, batch: _Batch) -> RunPlan:
+        return RunPlan(
+            steps=batch.steps,
+            sampled=batch.sampled,
+            sampled_tokens=batch.sampled_tokens,
+            block=batch.block,
+            block_tokens=batch.block_tokens,
+            block_graph=self.runner.block_graph_for(batch.block),
+        )
+
+    def _launch(self, batch: _Batch) -> tuple[_Batch, asyncio.Future[RunOutput]]:
         """Start a batch: inline (done when this returns) or in the worker thread."""
         self._observe_queue_wait(batch)
         self._busy = True
         loop = asyncio.get_running_loop()
         if self._runs_inline(batch):
-            job: asyncio.Future[_Result] = loop.create_future()
+            job: asyncio.Future[RunOutput] = loop.create_future()
             try:
                 job.set_result(self._execute_small(batch))
             except Exception as exc:
@@ -369,10 +456,11 @@ class Scheduler:
         time.sleep(WORKER_HANDOFF_S)
         return batch, job
 
-    def _execute_timed(self, batch: _Batch) -> _Result:
+    def _execute_timed(self, batch: _Batch) -> RunOutput:
         """In the worker: run a batch, and note how long small ones take (for the inline decision)."""
-        result = self._execute(batch)
-        if batch.tokens <= self.options.inline_max_tokens:
+        plan = self._plan(batch)
+        result = self.runner.execute(plan)
+        if plan.tokens <= self.options.inline_max_tokens:
             self._observe_small(result.seconds)
         return result
 
@@ -380,14 +468,15 @@ class Scheduler:
         """Each step's wait, and the generations' longest (once per run: 64 observations per token
         step would cost more than the sampling)."""
         waited = [r.enqueued_at for r in batch.steps]
-        if batch.generations:
+        generations = batch.generations
+        if generations:
             # (a generation continuing before its last token was handed over has not waited at all)
-            waited.append(min(time.monotonic(), min(g.ready_at for g in batch.generations)))
+            waited.append(min(time.monotonic(), min(g.ready_at for g in generations)))
         self.metrics.observe_queue_wait(waited)
 
-    def _execute_small(self, batch: _Batch) -> _Result:
+    def _execute_small(self, batch: _Batch) -> RunOutput:
         """Run a small batch on the event loop itself."""
-        result = self._execute(batch)
+        result = self.runner.execute(self._plan(batch))
         self._observe_small(result.seconds)
         return result
 
@@ -402,89 +491,29 @@ class Scheduler:
                 request.future.set_exception(exc)
             request.settle()
         for generation in batch.generations:  # its state may be half-written: it cannot go on
-            self._generations.remove(generation)
-            generation.left()
+            self._drop(generation)
 
-    def _deliver(self, batch: _Batch, result: _Result) -> None:
-        """On the loop: commit every row that ran, then wake its caller."""
+    def _drop(self, generation: Generation) -> None:
+        """A generation whose run failed leaves the batch (its reader gets the error)."""
+        if generation in self._generations:
+            self._generations.remove(generation)
+        self._leave(generation)
+
+    def _deliver(self, batch: _Batch, result: RunOutput) -> None:
+        """On the loop: hand every row that ran to the output processor, which commits it."""
         for request, outputs in zip(batch.steps, result.step_outputs, strict=True):
-            if isinstance(outputs, Exception):
-                if not request.future.done():
-                    request.future.set_exception(outputs)
-                request.settle()
-                continue
-            if request.commit is not None:
-                request.commit(outputs)
-            if not request.future.done():
-                request.future.set_result(outputs)
-            request.settle()
-        for generation, stepped in zip(batch.generations, result.generations, strict=True):
+            output.deliver_step(request, outputs)
+        for generation, stepped in zip(batch.sampled, result.sampled, strict=True):
             if isinstance(stepped, Exception):  # it cannot go on; its reader gets the error
-                self._generations.remove(generation)
-                generation.left()
+                self._drop(generation)
             else:
                 generation.stepped(*stepped)
+        for row, generation in enumerate(batch.block):
+            if isinstance(result.block, BlockOutput):
+                generation.block_stepped(result.block, row)
+            else:
+                self._drop(generation)
 
-    # -- in the worker (or inline) ------------------------------------------------------------------
 
-    def _execute(self, batch: _Batch) -> _Result:
-        """Run each group of equal-length rows once; log-softmax and sample the generations' next tokens.
-
-        A group whose run fails fails its rows only; their states are untouched (the slab is written
-        after a successful run). Rows are the steps, then the generations (one token each, only the
-        last position wanted), which all fall into one group, in order, after any steps of that shape.
-        """
-        started = time.perf_counter()
-        steps, n = batch.steps, len(batch.steps)
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)  # (seq, last) -> row indices
-        for i, r in enumerate(steps):
-            groups[(len(r.tokens), r.last)].append(i)
-        if batch.generations:
-            groups[(1, True)].extend(range(n, n + len(batch.generations)))
-        src = [r.src for r in steps] + [g.slot for g in batch.generations]
-        dst = [r.dst for r in steps] + [g.slot for g in batch.generations]
-        generation_tokens = np.asarray(batch.generation_tokens, dtype=np.int64).reshape(-1, 1)  # [gens, 1]
-        step_outputs: list[Outputs | Exception] = [{}] * n
-        generated: list[Sampled | Exception] = []
-        for (_, last), indices in groups.items():
-            first_generation = bisect.bisect_left(indices, n)  # rows before it are steps
-            parts = [generation_tokens] if first_generation < len(indices) else []
-            if first_generation:
-                parts.insert(0, np.stack([steps[i].tokens for i in indices[:first_generation]]))
-            tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # [group, seq]
-            run_started = time.perf_counter()
-            try:
-                out = self.runner.run(tokens, [src[i] for i in indices], [dst[i] for i in indices], last)
-            except Exception as exc:
-                log.exception("model %s failed on a run of %d rows", self.model.key, len(indices))
-                for i in indices[:first_generation]:
-                    step_outputs[i] = exc
-                generated = (
-                    [exc] * (len(indices) - first_generation)
-                    if first_generation < len(indices)
-                    else generated
-                )
-                continue
-            self.metrics.observe_run(len(indices), time.perf_counter() - run_started)
-            if LAST_LOGITS in out:
-                logprobs, weights = log_softmax_and_weights(out[LAST_LOGITS])  # [group, vocab] each
-                out = {LAST_LOGPROBS: logprobs}
-            for j, i in enumerate(indices[:first_generation]):
-                step_outputs[i] = {name: value[j] for name, value in out.items()}
-            if first_generation < len(indices):
-                rows = slice(first_generation, None)
-                generated = self._sample(batch.generations, out[LAST_LOGPROBS][rows], weights[rows])
-            self.batches_run += 1
-            self.steps_run += len(indices)
-        return _Result(step_outputs, generated, time.perf_counter() - started)
-
-    @staticmethod
-    def _sample(
-        generations: list[Generation], logprobs: np.ndarray, weights: np.ndarray
-    ) -> list[tuple[np.ndarray, int] | Exception]:
-        """Each generation's next token from its row of logprobs [generations, vocab] (and of weights,
-        its unnormalised probabilities), sampled for all at once: (its logprobs [vocab], token)."""
-        samplers = [g.sampler for g in generations]
-        uniforms = draw_batch(samplers)  # [generations], each from its session's own stream
-        tokens = sample_batch(logprobs, [s.params for s in samplers], uniforms, weights).tolist()
-        return [(logprobs[k], tokens[k]) for k in range(len(generations))]
+def _rows(batch: _Batch) -> int:
+    return len(batch.steps) + len(batch.sampled) + len(batch.block)

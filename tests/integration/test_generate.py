@@ -15,7 +15,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 import pytest
 
 from rnnserve.client import Client
@@ -136,10 +135,12 @@ Tokens = AsyncIterator[list[GeneratedToken]]
 
 
 def model_runs(scheduler: Any) -> Any:
-    """What a scheduler's ONNX Runtime runs go through, as `.run(...)` in the worker thread (a hook
-    replaces it): its SlotRunner (`scheduler.runner`, or `scheduler.runner.slots` once the runner
-    also plans generation blocks)."""
-    return getattr(scheduler.runner, "slots", scheduler.runner)
+    """What a scheduler's ONNX Runtime runs go through in the worker thread (a hook replaces its
+    methods): its SlotRunner, whose `run` runs steps and `run_block` K-step generation blocks."""
+    return scheduler.runner.slots
+
+
+RUN_METHODS = ("run", "run_block")
 
 
 class ReaderHook:
@@ -200,25 +201,26 @@ class PacedByTheReader(ReaderHook):
         super().__init__(server)
         self._waiting = threading.Event()  # the handler waits for tokens (or has not started)
         self._waiting.set()
-        self._runs: dict[Any, Callable[..., Any]] = {}
+        self._runs: dict[tuple[Any, str], Callable[..., Any]] = {}
 
     def __enter__(self) -> PacedByTheReader:
         for scheduler in self.engine.schedulers.values():
             runner = model_runs(scheduler)
-            run = self._runs[runner] = runner.run
+            for method in RUN_METHODS:
+                run = self._runs[(runner, method)] = getattr(runner, method)
 
-            def paced(*args: Any, run: Callable[..., Any] = run) -> Any:  # in the worker thread
-                assert self._waiting.wait(60), "the Generate handler never came back for tokens"
-                return run(*args)
+                def paced(*args: Any, run: Callable[..., Any] = run) -> Any:  # in the worker thread
+                    assert self._waiting.wait(60), "the Generate handler never came back for tokens"
+                    return run(*args)
 
-            runner.run = paced
+                setattr(runner, method, paced)
         super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._waiting.set()
-        for runner, run in self._runs.items():
-            runner.run = run
+        for (runner, method), run in self._runs.items():
+            setattr(runner, method, run)
         super().__exit__(*exc)
 
     async def around(self, hand_overs: Tokens) -> Tokens:  # type: ignore[override]
@@ -254,14 +256,14 @@ def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(
     generation has run MAX_AHEAD tokens ahead and sits out; it then takes those tokens at once, and
     they go out max_tokens_per_message to a message (an older client's request: one per message)."""
     ahead = threading.Event()
-    stepped = Generation.stepped
+    made = Generation._made  # where a run's tokens (one, or a K-step block's) reach the reader's queue
 
-    def reporting(self: Generation, logprobs: np.ndarray, next_token: int) -> None:
-        stepped(self, logprobs, next_token)
+    def reporting(self: Generation, tokens: list[GeneratedToken]) -> None:
+        made(self, tokens)
         if not self.runnable:  # MAX_AHEAD tokens wait for the reader: it sits out runs
             ahead.set()
 
-    monkeypatch.setattr(Generation, "stepped", reporting)
+    monkeypatch.setattr(Generation, "_made", reporting)
 
     def responses(per_message: int) -> list[pb.GenerateResponse]:
         ahead.clear()

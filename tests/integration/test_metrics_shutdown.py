@@ -87,11 +87,14 @@ def test_metrics_count_the_traffic(metered: RnnServeServer) -> None:
     assert delta("rnnserve_tokens_out_total", model="tiny@1") == 12
     assert delta("rnnserve_sessions_created_total", model="tiny@1") == 1
     assert delta("rnnserve_sessions_active", model="tiny@1") == 0  # opened, then closed
-    # 2 feeds + prompt + 12 sampled tokens = 15 model runs of batch 1, each waited in the queue.
-    assert delta("rnnserve_batch_size_count", model="tiny@1") == 15
-    assert delta("rnnserve_batch_size_sum", model="tiny@1") == 15
-    assert delta("rnnserve_queue_wait_seconds_count", model="tiny@1") == 15
-    assert delta("rnnserve_step_latency_seconds_count", model="tiny@1") == 15
+    # 2 feeds + prompt, then the 12 sampled tokens (no top-k/top-p cut, so K-step blocks of the plain
+    # generation graph, K=8): a block applying tokens 1-8, one applying 9-16 that ends at 12, and the
+    # replay of 9-12 from that block's start state = 6 model runs of batch 1, each waited in the queue.
+    runs = 3 + 2 + 1
+    assert delta("rnnserve_batch_size_count", model="tiny@1") == runs
+    assert delta("rnnserve_batch_size_sum", model="tiny@1") == runs
+    assert delta("rnnserve_queue_wait_seconds_count", model="tiny@1") == runs
+    assert delta("rnnserve_step_latency_seconds_count", model="tiny@1") == runs
     assert delta("rnnserve_step_latency_seconds_sum", model="tiny@1") > 0
     assert value(after, "rnnserve_model_loaded", model="tiny@1", provider="CPUExecutionProvider") == 1
     assert value(after, "rnnserve_draining") == 0
@@ -161,10 +164,12 @@ def drainable(tiny_repo: Path) -> Iterator[RnnServeServer]:
 
 
 def model_runs(scheduler: Any) -> Any:
-    """What a scheduler's ONNX Runtime runs go through, as `.run(...)` in the worker thread (a hook
-    replaces it): its SlotRunner (`scheduler.runner`, or `scheduler.runner.slots` once the runner
-    also plans generation blocks)."""
-    return getattr(scheduler.runner, "slots", scheduler.runner)
+    """What a scheduler's ONNX Runtime runs go through in the worker thread (a hook replaces its
+    methods): its SlotRunner, whose `run` runs steps and `run_block` K-step generation blocks."""
+    return scheduler.runner.slots
+
+
+RUN_METHODS = ("run", "run_block")
 
 
 class HeldRuns:
@@ -178,21 +183,22 @@ class HeldRuns:
         self.runs = 0  # counted in the (one) worker thread
         self.held = threading.Event()
         self._released = threading.Event()
-        self._real: dict[Any, Callable[..., Any]] = {}
+        self._real: dict[tuple[Any, str], Callable[..., Any]] = {}
 
     def __enter__(self) -> HeldRuns:
         for scheduler in self.server.engine.schedulers.values():
             runner = model_runs(scheduler)
-            run = self._real[runner] = runner.run
+            for method in RUN_METHODS:
+                run = self._real[(runner, method)] = getattr(runner, method)
 
-            def held(*args: Any, run: Callable[..., Any] = run) -> Any:
-                self.runs += 1
-                if self.runs >= self.start and not self._released.is_set():
-                    self.held.set()
-                    assert self._released.wait(60), "the test never released the held run"
-                return run(*args)
+                def held(*args: Any, run: Callable[..., Any] = run) -> Any:
+                    self.runs += 1
+                    if self.runs >= self.start and not self._released.is_set():
+                        self.held.set()
+                        assert self._released.wait(60), "the test never released the held run"
+                    return run(*args)
 
-            runner.run = held
+                setattr(runner, method, held)
         return self
 
     def release(self) -> None:
@@ -200,8 +206,8 @@ class HeldRuns:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-        for runner, run in self._real.items():
-            runner.run = run
+        for (runner, method), run in self._real.items():
+            setattr(runner, method, run)
 
 
 def reporting(obj: Any, method: str, before: Callable[[], None] | None = None) -> threading.Event:
@@ -259,7 +265,7 @@ def test_drain_finishes_calls_in_flight_and_refuses_new_work(drainable: RnnServe
     with Client(url, timeout=60) as client:
         idle = client.session("tiny")
         idle.feed("x")  # its Stream stays open, waiting for the next message
-        with HeldRuns(server, start=10) as runs:  # the prompt, then 8 tokens; the 9th token's run waits
+        with HeldRuns(server, start=3) as runs:  # the prompt and a first run of tokens; the next waits
             generation = Generation(client, max_tokens=60)
             generation.start()
             assert runs.held.wait(60) and generation.first.wait(60)

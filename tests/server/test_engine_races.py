@@ -149,14 +149,14 @@ def test_a_feed_cancelled_while_it_runs_is_applied_once_and_replayed_on_retry(
         scheduler = engine.schedulers["tiny@1"]
         loop = asyncio.get_running_loop()
         running, release = asyncio.Event(), threading.Event()
-        run = scheduler.runner.run
+        run = scheduler.runner.slots.run
 
         def held(*args: Any) -> Any:  # in the worker thread
             loop.call_soon_threadsafe(running.set)
             assert release.wait(60)
             return run(*args)
 
-        scheduler.runner.run = held  # type: ignore[method-assign]
+        scheduler.runner.slots.run = held  # type: ignore[method-assign]
         call = asyncio.create_task(engine.feed(session.id, text, expected_position=3, top_k=5))
         await running.wait()  # its (first) run is in ONNX Runtime
         call.cancel()

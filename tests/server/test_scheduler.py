@@ -21,11 +21,13 @@ from rnnserve.server.engine import Engine, EngineLimits, GeneratedToken, Generat
 from rnnserve.server.errors import NotFound
 from rnnserve.server.generation import MAX_AHEAD
 from rnnserve.server.repository import ModelRepository
-from rnnserve.server.runtime import LAST_LOGITS, OnnxModel, SlotRunner
+from rnnserve.server.runner import LAST_LOGPROBS
+from rnnserve.server.runtime import LAST_LOGITS, OnnxModel
 from rnnserve.server.sampling import SamplingParams, log_softmax
-from rnnserve.server.scheduler import LAST_LOGPROBS, Scheduler, SchedulerOptions
+from rnnserve.server.scheduler import Scheduler, SchedulerOptions
 from rnnserve.server.sessions import SessionLimits
 from rnnserve.server.slab import State, StateSlab
+from rnnserve.server.slots import SlotRunner
 
 T = TypeVar("T")
 Step = tuple[np.ndarray, State]  # tokens [seq], batch-1 state
@@ -179,7 +181,7 @@ def with_engine(
         )
         if bound:
             for scheduler in engine.schedulers.values():
-                scheduler.runner = SlotRunner(scheduler.model, scheduler.slab, io_binding=True)
+                scheduler.runner.slots = SlotRunner(scheduler.model, scheduler.slab, io_binding=True)
         engine.start()
         try:
             return await work(engine)
@@ -219,7 +221,7 @@ def test_generation_with_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_man
 
     async def together(engine: Engine) -> tuple[list[list[GeneratedToken]], int]:
         results = await asyncio.gather(*(generate(engine, request(s, p)) for s, p in cases))
-        runner = engine.schedulers["tiny@1"].runner
+        runner = engine.schedulers["tiny@1"].runner.slots
         assert not bound or runner.resident_hits > 0  # states stayed put between runs
         return list(results), engine.schedulers["tiny@1"].batches_run
 
@@ -433,14 +435,14 @@ def test_more_generations_than_a_batch_take_turns(lm_repo: Path) -> None:
 def test_a_failed_run_fails_its_rows_only_and_leaves_their_sessions_as_they_were(lm_repo: Path) -> None:
     async def work(engine: Engine) -> None:
         scheduler = engine.schedulers["tiny@1"]
-        run = scheduler.runner.run
+        run = scheduler.runner.slots.run
 
         def failing(tokens: np.ndarray, *args: object) -> dict[str, np.ndarray]:
             if tokens.shape[1] == 3:
                 raise RuntimeError("simulated ORT failure")
             return run(tokens, *args)  # type: ignore[arg-type]
 
-        scheduler.runner.run = failing  # type: ignore[method-assign]
+        scheduler.runner.slots.run = failing  # type: ignore[method-assign]
         sessions = [engine.create_session("tiny") for _ in range(6)]
         results = await asyncio.gather(
             *(engine.feed(s.id, "abc" if i % 2 else "a") for i, s in enumerate(sessions)),
