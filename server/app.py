@@ -51,7 +51,10 @@ class RnnServeServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         runtime = RuntimeOptions(
-            device=config.device, intra_op_threads=config.intra_op_threads or default_intra_op_threads()
+            device=config.device,
+            intra_op_threads=config.intra_op_threads or default_intra_op_threads(),
+            generate_graphs=config.generate_graphs,
+            generate_steps=config.generate_steps,
         )
         self.engine = Engine(
             ModelRepository.load(config.repo, runtime),

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rnnserve.server.config import ServerConfig
+from rnnserve.server.config import GENERATE_GRAPH_CHOICES, ServerConfig
 
 DEVICES = ("auto", "cuda", "cpu")
 METRICS_PORT = 9464  # when neither --metrics-port nor RNNSERVE_METRICS_PORT says otherwise
@@ -69,6 +69,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "ORT threads per run (default: all cores but one for the event loop)",
         type=int,
     )
+    _add(
+        p,
+        "--generate-graphs",
+        d.generate_graphs,
+        "K-step generation graphs (K tokens per run, sampled inside the graph): auto = every graph on "
+        "CUDA, the plain ones (no top-k/top-p) on a CPU, where they beat host sampling; on; off",
+    )
+    _add(
+        p,
+        "--generate-steps",
+        d.generate_steps,
+        "K of the generation graphs used (a K the bundles have; 0 = each bundle's default)",
+        type=int,
+    )
     _add(p, "--max-batch", d.max_batch, "most sessions in one model run", type=int)
     _add(
         p,
@@ -105,7 +119,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add(p, "--max-sessions", d.max_sessions, "open sessions allowed", type=int)
     _add(p, "--session-ttl", d.session_ttl_s, "idle seconds before a session expires", type=float)
-    _add(p, "--max-message-bytes", d.max_message_bytes, "largest gRPC message", type=int)
+    _add(
+        p, "--max-message-bytes", d.max_message_bytes, "largest request message the server accepts", type=int
+    )
     _add(
         p,
         "--grace",
@@ -138,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.generate_graphs not in GENERATE_GRAPH_CHOICES:
+        print(
+            f"rnnserve serve: --generate-graphs must be one of {', '.join(GENERATE_GRAPH_CHOICES)}, "
+            f"got {args.generate_graphs!r}",
+            file=sys.stderr,
+        )
+        return 2
     if not 0 <= args.generate_flush_ms <= 1000:
         print(
             f"rnnserve serve: --generate-flush-ms must be in [0, 1000], got {args.generate_flush_ms}",
@@ -153,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         device=args.device,
         intra_op_threads=args.intra_op_threads,
+        generate_graphs=args.generate_graphs,
+        generate_steps=args.generate_steps,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         inline_max_tokens=args.inline_max_tokens,

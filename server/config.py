@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+GENERATE_GRAPH_CHOICES = ("auto", "on", "off")  # see RuntimeOptions.generate_graphs
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -15,6 +17,10 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port
     device: str = "auto"  # auto | cuda | cpu
     intra_op_threads: int = 0  # 0 = leave a core to the event loop
+    # K-step generation graphs: auto | on | off (see RuntimeOptions.generate_graphs) and their K
+    # (0 = the bundle's default).
+    generate_graphs: str = "auto"
+    generate_steps: int = 0
     max_message_bytes: int = 4 * 1024 * 1024
     max_batch: int = 64
     max_wait_ms: float = 0.0

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnserve.export.manifest import Manifest
+from rnnserve.server.config import GENERATE_GRAPH_CHOICES
 from rnnserve.server.slab import State
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
-GENERATE_GRAPH_CHOICES = ("auto", "on", "off")
 Outputs = dict[str, np.ndarray]  # the graph's other outputs, batch first: logits [batch, seq, vocab] or probs
 LAST_LOGITS = "logits_last"  # the "last" graph's output: logits of the last position, [batch, vocab]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from rnnserve.export.manifest import read_manifest
 from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.server.engine import Engine, GeneratedToken, GenerateRequest
 from rnnserve.server.repository import ModelRepository
@@ -245,3 +248,26 @@ def test_a_failing_block_ends_the_generation_and_leaves_its_session_consistent(c
         assert (await engine.feed(session.id, "x")).position == twin.position + 1
 
     with_engine(cell_repo, K8, work)
+
+
+def test_graph_settings_are_checked(cell_repo: Path) -> None:
+    """A K the bundles lack, or an unknown --generate-graphs, is refused with a clear error."""
+    from rnnserve.server.runtime import OnnxModel
+
+    bundle = cell_repo / "lstm" / "1"
+    manifest = read_manifest(bundle)
+    with pytest.raises(ValueError, match="no generation graph of 5 steps"):
+        OnnxModel(bundle, manifest, RuntimeOptions(device="cpu", generate_graphs="on", generate_steps=5))
+    with pytest.raises(ValueError, match="generate_graphs must be one of auto, on, off"):
+        OnnxModel(bundle, manifest, RuntimeOptions(device="cpu", generate_graphs="always"))
+    off = OnnxModel(bundle, manifest, RuntimeOptions(device="cpu", generate_graphs="off"))
+    auto = OnnxModel(bundle, manifest, RuntimeOptions(device="cpu"))
+    assert not off.generate
+    assert auto.generate and all(plain for _, plain in auto.generate)  # on a CPU: the plain graphs
+    out = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "serve", "--repo", str(cell_repo), "--generate-graphs", "always"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--generate-graphs must be one of auto, on, off" in out.stderr
