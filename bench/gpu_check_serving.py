@@ -44,8 +44,10 @@ from rnnserve.server.sessions import SessionLimits
 MODEL = "bench"
 
 
-def make_engine(repo: Path, device: str) -> Engine:
-    runtime = RuntimeOptions(device=device, intra_op_threads=default_intra_op_threads())
+def make_engine(repo: Path, device: str, generate_graphs: str = "auto") -> Engine:
+    runtime = RuntimeOptions(
+        device=device, intra_op_threads=default_intra_op_threads(), generate_graphs=generate_graphs
+    )
     return Engine(
         ModelRepository.load(repo, runtime), SessionLimits(max_sessions=1000), SchedulerOptions(max_batch=64)
     )
@@ -145,7 +147,7 @@ def raw_rates(model: OnnxModel, batch: int, steps: int) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
-    engine = make_engine(repo, args.device)
+    engine = make_engine(repo, args.device, args.generate_graphs)
     engine.start()
     try:
         scheduler = engine.schedulers[f"{MODEL}@1"]
@@ -155,6 +157,8 @@ async def main_async(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
             "cuda": model.provider == CUDA,
             "last_graph": model.last is not None,
             "io_binding": scheduler.runner.slots.io_binding,
+            "generate_graphs": args.generate_graphs,
+            "generation_graphs_loaded": sorted(f"K={k}{' plain' if p else ''}" for k, p in model.generate),
         }
         print(f"provider in use: {model.provider}" + ("" if report["cuda"] else "  (CUDA is absent here)"))
         report.update(await check_equality(engine, model.manifest.vocab_size))
@@ -203,6 +207,12 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per session in the timing runs")
+    parser.add_argument(
+        "--generate-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the server's K-step generation graphs (off: one host-sampled token per run)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args()
     started = time.perf_counter()
