@@ -77,7 +77,9 @@ class NaiveServicer(pb_grpc.RnnServeServicer):
             self._step(session, [token])
             last = n == request.max_tokens - 1
             yield pb.GenerateResponse(
-                token_id=token,
+                token_ids=[token],
+                logprobs=[0.0],  # (not computed: the benchmark reads ids only)
+                text_offsets=[0],  # no text
                 position=session["position"],
                 finish_reason=pb.FINISH_REASON_LENGTH if last else 0,
             )

@@ -53,7 +53,7 @@ import numpy as np
 
 from rnnserve.client import AsyncClient, Client
 from rnnserve.client.requests import TOKENS_PER_MESSAGE, generate_request
-from rnnserve.client.types import GeneratedToken
+from rnnserve.client.types import GenerateMessage
 
 PRESETS = {
     # name: (tokenizer words, embedding, hidden, layers)
@@ -246,10 +246,11 @@ async def generate_load(
     """Every session runs Generate calls of `tokens` tokens back to back (temperature 1, seeded).
 
     The calls are made as `AsyncSession.generate` makes them (its request builder, the tokens per
-    message it asks for, each message's tokens decoded with `GeneratedToken.all_from_pb`), but on the
-    stub itself, so that the arrival time of each *message* is known: the gaps between messages and the
-    time to a call's first message are what a user waits for. (Tokens packed in one message arrive
-    together, so a per-token gap would be ~0 for most tokens, and hides the wait.)"""
+    message it asks for, each message unpacked into its tokens as its iterator does:
+    `GenerateMessage.from_pb(...).tokens`), but on the stub itself, so that the arrival time of each
+    *message* is known: the gaps between messages and the time to a call's first message are what a
+    user waits for. (Tokens packed in one message arrive together, so a per-token gap would be ~0 for
+    most tokens, and hides the wait.)"""
     async with AsyncClient(url, timeout=120) as client:
         sessions = [await client.session("bench") for _ in range(concurrency)]
         for s in sessions:
@@ -281,7 +282,7 @@ async def generate_load(
                 last = None
                 async for response in stream:
                     now = time.perf_counter()
-                    made = GeneratedToken.all_from_pb(response)
+                    made = GenerateMessage.from_pb(response).tokens
                     if start <= now < end:
                         counted[0] += 1
                         counted[1] += len(made)

@@ -8,7 +8,7 @@ with Client("localhost:50051") as client, client.session("shakespeare") as sessi
         print(token.text, end="", flush=True)
 """
 
-from rnnserve.client.aio import AsyncClient, AsyncSession
+from rnnserve.client.aio import AsyncClient, AsyncGenerateStream, AsyncSession
 from rnnserve.client.client import Client, GenerateStream, Session
 from rnnserve.client.errors import (
     FailedPreconditionError,
@@ -23,18 +23,21 @@ from rnnserve.client.types import (
     Classification,
     FeedOutput,
     GeneratedToken,
+    GenerateMessage,
     ModelInfo,
     SessionInfo,
 )
 
 __all__ = [
     "AsyncClient",
+    "AsyncGenerateStream",
     "AsyncSession",
     "Candidate",
     "Classification",
     "Client",
     "FailedPreconditionError",
     "FeedOutput",
+    "GenerateMessage",
     "GenerateStream",
     "GeneratedToken",
     "InvalidArgumentError",

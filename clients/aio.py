@@ -29,7 +29,15 @@ from rnnserve.client.requests import (
     feed_request,
     generate_request,
 )
-from rnnserve.client.types import Classification, FeedOutput, GeneratedToken, ModelInfo, SessionInfo
+from rnnserve.client.types import (
+    Classification,
+    FeedOutput,
+    GeneratedToken,
+    GenerateMessage,
+    GenerateRecord,
+    ModelInfo,
+    SessionInfo,
+)
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -164,7 +172,7 @@ class AsyncSession:
         self.position = output.position
         return output
 
-    async def generate(
+    def generate(
         self,
         prompt: str | Sequence[int] | None = None,
         *,
@@ -179,8 +187,9 @@ class AsyncSession:
         expected_position: int | None = None,
         max_tokens_per_message: int = TOKENS_PER_MESSAGE,
         flush_interval_ms: int | None = None,
-    ) -> AsyncIterator[GeneratedToken]:
-        """Sampled tokens as they are made (see `Session.generate`)."""
+    ) -> AsyncGenerateStream:
+        """Sampled tokens as they are made: `async for` the result (see `Session.generate`). The call
+        starts when iteration does."""
         request = generate_request(
             self.id,
             prompt,
@@ -196,16 +205,7 @@ class AsyncSession:
             max_tokens_per_message=max_tokens_per_message,
             flush_interval_ms=flush_interval_ms,
         )
-        call = self.client.stub.Generate(request)
-        try:
-            async for response in call:
-                for token in GeneratedToken.all_from_pb(response):
-                    self.position = token.position
-                    yield token
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        return AsyncGenerateStream(self, request)
 
     async def info(self) -> SessionInfo:
         request = pb.GetSessionRequest(session_id=self.id)
@@ -234,3 +234,48 @@ class AsyncSession:
         except RnnserveError:
             if exc is None:
                 raise
+
+
+class AsyncGenerateStream(GenerateRecord):
+    """Tokens of one Generate call as they arrive, as `GenerateStream` for asyncio: `async for` it for
+    one `GeneratedToken` at a time, or `messages()` for one `GenerateMessage` at a time (use one of the
+    two, once); `tokens`, `text` and `finish_reason` as in `GenerateStream`. `await stream.aclose()` (or
+    leaving `async with`) cancels the call."""
+
+    def __init__(self, session: AsyncSession, request: pb.GenerateRequest) -> None:
+        super().__init__()
+        self._session = session
+        self._request = request
+        self._call: Any = None
+
+    async def __aiter__(self) -> AsyncIterator[GeneratedToken]:
+        async for message in self.messages():
+            for token in message.tokens:
+                self._session.position = token.position
+                yield token
+
+    async def messages(self) -> AsyncIterator[GenerateMessage]:
+        """The messages of the call as they arrive (each with one token or several)."""
+        if self._call is not None:
+            raise RnnserveError("a Generate stream can be iterated once")
+        self._call = call = self._session.client.stub.Generate(self._request)
+        try:
+            async for response in call:
+                message = self.received(response)
+                self._session.position = message.position
+                yield message
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        """Cancel the call (nothing if it has not started or has ended)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

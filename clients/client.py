@@ -28,6 +28,8 @@ from rnnserve.client.types import (
     Classification,
     FeedOutput,
     GeneratedToken,
+    GenerateMessage,
+    GenerateRecord,
     ModelInfo,
     SessionInfo,
 )
@@ -197,7 +199,8 @@ class Session:
 
         temperature 0 is greedy. With a `seed`, the same session state gives the same tokens.
         `max_tokens_per_message` lets the server send tokens made meanwhile in one message under load
-        (1 = one message per token); iteration yields one token at a time either way.
+        (1 = one message per token); iterating the result yields one token at a time either way, and
+        its `messages()` one message (`GenerateMessage`) at a time.
         `flush_interval_ms` is how long a token may wait at the server to share a message with the
         tokens after it: 0 sends every token as soon as it is made; None leaves it to the server, which
         holds tokens (20 ms by default) only while many sessions generate.
@@ -250,35 +253,36 @@ class Session:
                 raise
 
 
-class GenerateStream:
+class GenerateStream(GenerateRecord):
     """Tokens of one Generate call as they arrive. An iterator and a context manager; `close()` cancels.
 
-    After iteration, `finish_reason` says why it ended and `text` holds the whole generated text.
+    Iterate it for one `GeneratedToken` at a time, or `messages()` for one `GenerateMessage` (the tokens
+    the server sent together) at a time (use one of the two); either way, `tokens` holds what arrived,
+    and after iteration `finish_reason` says why it ended and `text` holds the whole generated text.
     """
 
     def __init__(self, session: Session, call: Any) -> None:
+        super().__init__()
         self._session = session
         self._call = call
-        self.tokens: list[GeneratedToken] = []
-        self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[GeneratedToken]:
+        for message in self.messages():
+            for token in message.tokens:
+                self._session.position = token.position
+                yield token
+
+    def messages(self) -> Iterator[GenerateMessage]:
+        """The messages of the call as they arrive (each with one token or several)."""
         try:
             for response in self._call:
-                for token in GeneratedToken.all_from_pb(response):
-                    self.tokens.append(token)
-                    self._session.position = token.position
-                    if token.finish_reason:
-                        self.finish_reason = token.finish_reason
-                    yield token
+                message = self.received(response)
+                self._session.position = message.position
+                yield message
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                 return
             raise from_rpc_error(error) from None
-
-    @property
-    def text(self) -> str:
-        return "".join(t.text for t in self.tokens)
 
     def close(self) -> None:
         self._call.cancel()

@@ -8,7 +8,7 @@ from rnnserve.client.types import input_fields
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 # What the clients ask for by default: the server may pack up to this many tokens made meanwhile into
-# one Generate message (older servers ignore it and send one per message; both are read the same way).
+# one Generate message (GenerateMessage unpacks them; iteration yields one token at a time anyway).
 TOKENS_PER_MESSAGE = 64
 
 

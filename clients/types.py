@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -140,7 +141,10 @@ class FeedOutput:
 
 @dataclass(frozen=True)
 class GeneratedToken:
-    """One sampled token as it arrives; `finish_reason` is set on the last one."""
+    """One sampled token as it arrives; `finish_reason` is set on the last one.
+
+    `text` is the text this token made visible (possibly empty: a character not complete yet, text held
+    back while it may start a stop string); `position` is the session's position after it."""
 
     id: int
     text: str
@@ -148,16 +152,79 @@ class GeneratedToken:
     position: int
     finish_reason: str | None
 
-    @classmethod
-    def from_pb(cls, r: pb.GenerateResponse | pb.SampledToken) -> GeneratedToken:
-        return cls(r.token_id, r.text, r.logprob, r.position, FINISH_REASONS[r.finish_reason])
+
+@dataclass(frozen=True)
+class GenerateMessage:
+    """One message of a Generate call: the tokens the server sent together, as parallel lists.
+
+    `text` is their texts joined; token i's text is `text[text_offsets[i - 1]:text_offsets[i]]` (from 0
+    for i = 0, offsets in code points), its position `position - len(token_ids) + 1 + i`; `tokens`
+    gives them as `GeneratedToken`s. `finish_reason` is set on the last message of a call."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    text_offsets: list[int]
+    position: int  # the session's position after the last token of this message
+    finish_reason: str | None
 
     @classmethod
-    def all_from_pb(cls, r: pb.GenerateResponse) -> list[GeneratedToken]:
-        """The tokens of one response: several (`tokens`) or one (the response's own fields)."""
-        if r.tokens:
-            return [cls.from_pb(t) for t in r.tokens]
-        return [cls.from_pb(r)]
+    def from_pb(cls, r: pb.GenerateResponse) -> GenerateMessage:
+        return cls(
+            list(r.token_ids),
+            list(r.logprobs),
+            r.text,
+            list(r.text_offsets),
+            r.position,
+            FINISH_REASONS[r.finish_reason],
+        )
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def texts(self) -> list[str]:
+        """Each token's text: `text` split at `text_offsets`."""
+        text, starts = self.text, [0, *self.text_offsets[:-1]]
+        return [text[a:b] for a, b in zip(starts, self.text_offsets, strict=True)]
+
+    @cached_property
+    def tokens(self) -> list[GeneratedToken]:
+        """The tokens of this message, in order; `finish_reason` on the last one only (made once)."""
+        first, last = self.position - len(self.token_ids) + 1, len(self.token_ids) - 1
+        return [
+            GeneratedToken(token, text, logprob, first + i, self.finish_reason if i == last else None)
+            for i, (token, text, logprob) in enumerate(
+                zip(self.token_ids, self.texts, self.logprobs, strict=True)
+            )
+        ]
+
+
+class GenerateRecord:
+    """What one Generate call has received so far (shared by the sync and asyncio streams): its
+    messages, unpacked here, and from them the tokens, the text and why it ended."""
+
+    def __init__(self) -> None:
+        self._messages: list[GenerateMessage] = []
+        self.finish_reason: str | None = None
+
+    def received(self, response: pb.GenerateResponse) -> GenerateMessage:
+        """Unpack one response and record it."""
+        message = GenerateMessage.from_pb(response)
+        self._messages.append(message)
+        if message.finish_reason:
+            self.finish_reason = message.finish_reason
+        return message
+
+    @property
+    def tokens(self) -> list[GeneratedToken]:
+        """Every token received so far, in order."""
+        return [t for m in self._messages for t in m.tokens]
+
+    @property
+    def text(self) -> str:
+        """The text generated so far (stop strings excluded)."""
+        return "".join(m.text for m in self._messages)
 
 
 def input_fields(data: str | Sequence[int], text_field: str, tokens_field: str) -> dict[str, Any]:

@@ -5,8 +5,8 @@ Errors are raised as `rnnserve.server.errors` exceptions and turned into statuse
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from itertools import accumulate
 
 from grpc import aio
 
@@ -99,25 +99,28 @@ def feed_result_pb(result: FeedResult) -> pb.StreamResponse:
     )
 
 
-def token_fields(token: GeneratedToken) -> dict[str, Any]:
-    """The fields a generated token has in both GenerateResponse (one per message) and SampledToken."""
-    return {
-        "token_id": token.token_id,
-        "text": token.text,
-        "logprob": token.logprob,
-        "position": token.position,
-        "finish_reason": _FINISH_REASONS[token.finish_reason],
-    }
+def generate_response(tokens: Sequence[GeneratedToken]) -> pb.GenerateResponse:
+    """One Generate message carrying `tokens` (at least one, consecutive): packed ids and logprobs, their
+    texts joined once, where each text ends (code points), the position after the last."""
+    texts = [t.text for t in tokens]
+    last = tokens[-1]
+    return pb.GenerateResponse(
+        token_ids=[t.token_id for t in tokens],
+        logprobs=[t.logprob for t in tokens],
+        text="".join(texts),
+        text_offsets=list(accumulate(map(len, texts))),
+        position=last.position,
+        finish_reason=_FINISH_REASONS[last.finish_reason],
+    )
 
 
 def generate_responses(tokens: list[GeneratedToken], per_message: int) -> list[pb.GenerateResponse]:
-    """Tokens ready at once as messages: one each, or up to `per_message` in `tokens` when allowed."""
-    if per_message <= 1:
-        return [pb.GenerateResponse(**token_fields(t)) for t in tokens]
-    return [
-        pb.GenerateResponse(tokens=[pb.SampledToken(**token_fields(t)) for t in tokens[i : i + per_message]])
-        for i in range(0, len(tokens), per_message)
-    ]
+    """Tokens ready at once (one hand-over of the engine) as messages of at most `per_message` tokens
+    (0 or 1: one each)."""
+    n = max(1, per_message)
+    if len(tokens) <= n:
+        return [generate_response(tokens)]
+    return [generate_response(tokens[i : i + n]) for i in range(0, len(tokens), n)]
 
 
 def stream_input(request: pb.StreamRequest) -> str | list[int] | None:

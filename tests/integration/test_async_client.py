@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
-from rnnserve.client import AsyncClient, Client, InvalidArgumentError, NotFoundError
+from rnnserve.client import (
+    AsyncClient,
+    AsyncGenerateStream,
+    Client,
+    GenerateMessage,
+    InvalidArgumentError,
+    NotFoundError,
+    RnnserveError,
+)
 
 TEXT = "def add(a, b):\n    return a"
 
@@ -69,3 +78,27 @@ def test_async_session_is_an_async_context_manager_like_the_sync_clients(server_
                 await aclient.attach(kept.id)
 
     asyncio.run(run())
+
+
+def test_async_generate_gives_messages_tokens_and_text_like_the_sync_stream(
+    client: Client, server_url: str
+) -> None:
+    kwargs: dict[str, Any] = {"max_tokens": 30, "temperature": 1.0, "seed": 9, "ignore_eos": True}
+    with client.session("tiny") as session:
+        stream = session.generate(TEXT, **kwargs)
+        expected = [(t.id, t.text, t.position, t.finish_reason) for t in stream]
+
+    async def run() -> tuple[list[GenerateMessage], AsyncGenerateStream, int]:
+        async with AsyncClient(server_url) as aclient, aclient.session("tiny") as session:
+            async with session.generate(TEXT, **kwargs) as blocks:
+                messages = [m async for m in blocks.messages()]
+            with pytest.raises(RnnserveError, match="once"):
+                [m async for m in blocks.messages()]
+            return messages, blocks, session.position
+
+    messages, blocks, position = asyncio.run(run())
+    assert [(t.id, t.text, t.position, t.finish_reason) for m in messages for t in m.tokens] == expected
+    assert [(t.id, t.text, t.position, t.finish_reason) for t in blocks.tokens] == expected
+    assert blocks.text == stream.text and blocks.finish_reason == stream.finish_reason == "length"
+    assert [m.finish_reason for m in messages] == [None] * (len(messages) - 1) + ["length"]
+    assert position == expected[-1][2] == len(TEXT) + 30

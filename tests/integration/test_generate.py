@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-from rnnserve.client import Client
+from rnnserve.client import Client, GenerateMessage
 from rnnserve.server.app import RnnServeServer, background_server
 from rnnserve.server.config import ServerConfig
 from rnnserve.server.engine import Engine, GeneratedToken, GenerateRequest
 from rnnserve.server.generation import MAX_AHEAD, Generation
+from rnnserve.server.service import generate_responses
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 PROMPT = "def add(a, b):\n"
@@ -254,7 +255,7 @@ def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(
 ) -> None:
     """The handler is held after its first message (a reader too slow to take more) until the
     generation has run MAX_AHEAD tokens ahead and sits out; it then takes those tokens at once, and
-    they go out max_tokens_per_message to a message (an older client's request: one per message)."""
+    they go out max_tokens_per_message to a message (0: one per message)."""
     ahead = threading.Event()
     made = Generation._made  # where a run's tokens (one, or a K-step block's) reach the reader's queue
 
@@ -278,20 +279,19 @@ def test_a_slow_reader_gets_the_tokens_made_meanwhile_in_one_message(
             call = own_client.stub.Generate(request)
             first = next(call)
             assert ahead.wait(60), "the generation never ran ahead of its held reader"
-            sent = max(1, len(first.tokens))
-            assert session.info().position >= len(PROMPT) + sent + MAX_AHEAD  # made meanwhile
+            assert session.info().position >= len(PROMPT) + len(first.token_ids) + MAX_AHEAD  # made meanwhile
             reader.release()
             return [first, *call]
 
     packed = responses(16)
-    tokens = [t for r in packed for t in r.tokens]
+    tokens = [t for r in packed for t in GenerateMessage.from_pb(r).tokens]
     assert [t.position for t in tokens] == list(range(len(PROMPT) + 1, len(PROMPT) + 201))
-    assert all(1 <= len(r.tokens) <= 16 for r in packed)
-    assert [len(r.tokens) for r in packed[1:5]] == [16] * 4  # the MAX_AHEAD tokens made meanwhile
-    assert tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    old_style = responses(0)  # what an older client asks: one token per message, in the message itself
-    assert len(old_style) == 200 and not any(r.tokens for r in old_style)
-    assert [r.token_id for r in old_style] == [t.token_id for t in tokens]  # greedy: the same tokens
+    assert all(1 <= len(r.token_ids) <= 16 for r in packed)
+    assert [len(r.token_ids) for r in packed[1:5]] == [16] * 4  # the MAX_AHEAD tokens made meanwhile
+    assert [r.finish_reason for r in packed] == [0] * (len(packed) - 1) + [pb.FINISH_REASON_LENGTH]
+    one_each = responses(0)  # 0 (or 1): one token per message
+    assert len(one_each) == 200 and all(len(r.token_ids) == 1 for r in one_each)
+    assert [r.token_ids[0] for r in one_each] == [t.id for t in tokens]  # greedy: the same tokens
 
 
 def generate_messages(client: Client, **fields: object) -> list[pb.GenerateResponse]:
@@ -315,13 +315,13 @@ def test_a_flush_interval_gathers_tokens_into_full_messages(
         short = generate_messages(
             own_client, max_tokens=20, max_tokens_per_message=64, flush_interval_ms=1000
         )
-    sizes = [len(r.tokens) for r in packed]  # [1, 16, 16, 15] when each run makes one token
+    sizes = [len(r.token_ids) for r in packed]  # [1, 16, 16, 15] when each run makes one token
     assert sum(sizes) == 48 and len(sizes) <= 4 and sizes[0] < 16 and all(n == 16 for n in sizes[1:-1])
-    assert len(short) == 2 and sum(len(r.tokens) for r in short) == 20
-    assert short[-1].tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(short) == 2 and sum(len(r.token_ids) for r in short) == 20
+    assert short[-1].finish_reason == pb.FINISH_REASON_LENGTH
     # Packaging only: the same tokens as one per message (greedy).
     single = generate_messages(own_client, max_tokens=48, max_tokens_per_message=1)
-    assert [r.token_id for r in single] == [t.token_id for r in packed for t in r.tokens]
+    assert [r.token_ids[0] for r in single] == [i for r in packed for i in r.token_ids]
 
 
 def test_the_client_library_passes_the_flush_interval(client: Client) -> None:
@@ -329,3 +329,100 @@ def test_the_client_library_passes_the_flush_interval(client: Client) -> None:
     assert generate_tokens(client, flush_interval_ms=0, **kwargs) == generate_tokens(
         client, flush_interval_ms=200, **kwargs
     )
+
+
+# Texts that a char or byte-level BPE model may emit, not one code point and one byte each: two-byte,
+# three-byte and four-byte UTF-8 (the last outside the BMP, two UTF-16 units), a character of two code
+# points (a thumb and its skin tone), none (a character not complete yet, or held back), several.
+TEXTS = ["é", "日本", "𝔘", "👍🏽", "", "a\n", "ß"]
+
+
+def test_a_message_packs_its_tokens_and_the_client_unpacks_them() -> None:
+    """The server's packing (one string, offsets in code points, implied positions, the finish reason
+    on the last message) read back by the client's unpacking, through the wire encoding."""
+    made = [
+        GeneratedToken(100 + i, text, -0.5 * i, 11 + i, "stop" if i == 9 else None)
+        for i, text in enumerate([*TEXTS, "x", "", "yz"])
+    ]
+    for per_message, sizes in [(0, [1] * 10), (1, [1] * 10), (4, [4, 4, 2]), (64, [10])]:
+        wire = [
+            pb.GenerateResponse.FromString(r.SerializeToString())
+            for r in generate_responses(made, per_message)
+        ]
+        assert [len(r.token_ids) == len(r.logprobs) == len(r.text_offsets) for r in wire] == [True] * len(
+            sizes
+        )
+        assert [len(r.token_ids) for r in wire] == sizes
+        assert [r.text_offsets[-1] for r in wire] == [len(r.text) for r in wire]  # code points
+        assert [r.finish_reason for r in wire] == [0] * (len(sizes) - 1) + [pb.FINISH_REASON_STOP]
+        tokens = [t for r in wire for t in GenerateMessage.from_pb(r).tokens]
+        assert [(t.id, t.text, t.logprob, t.position, t.finish_reason) for t in tokens] == [
+            (t.token_id, t.text, t.logprob, t.position, t.finish_reason) for t in made
+        ]
+    (four,) = generate_responses(made[:4], 4)
+    assert four.text == "é日本𝔘👍🏽" and list(four.text_offsets) == [1, 3, 4, 6] and four.position == 14
+    assert GenerateMessage.from_pb(four).texts == TEXTS[:4]
+
+
+def test_several_tokens_in_a_message_are_the_tokens_of_one_per_message(
+    own_server: RnnServeServer, own_client: Client
+) -> None:
+    """The packed arrays of a message hold, token for token, what one message per token holds: ids,
+    logprobs, the text split at text_offsets, positions implied by the last."""
+    with FrozenFlushClock(own_server.engine), PacedByTheReader(own_server):
+        packed = generate_messages(
+            own_client, max_tokens=40, max_tokens_per_message=16, flush_interval_ms=1000
+        )
+    single = generate_messages(own_client, max_tokens=40, max_tokens_per_message=1)
+    assert max(len(r.token_ids) for r in packed) == 16 and len(single) == 40
+    assert all(len(r.token_ids) == len(r.logprobs) == len(r.text_offsets) for r in packed)
+    rows = []
+    for r in packed:
+        n, starts = len(r.token_ids), [0, *r.text_offsets[:-1]]
+        assert r.text_offsets[-1] == len(r.text)
+        for i, (start, end) in enumerate(zip(starts, r.text_offsets, strict=True)):
+            rows.append((r.token_ids[i], r.text[start:end], r.position - n + 1 + i))
+    assert rows == [(r.token_ids[0], r.text, r.position) for r in single]
+    logprobs = [lp for r in packed for lp in r.logprobs]
+    assert logprobs == pytest.approx([r.logprobs[0] for r in single], abs=1e-4)
+    assert packed[-1].finish_reason == single[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+class NonAsciiTexts(PacedByTheReader):
+    """As PacedByTheReader, and the k-th token of a generation gets the text TEXTS[k % len(TEXTS)] (the
+    tiny model's own texts are ASCII)."""
+
+    async def around(self, hand_overs: Tokens) -> Tokens:  # type: ignore[override]
+        async def replaced() -> Tokens:
+            k = 0
+            async for tokens in hand_overs:
+                for t in tokens:
+                    t.text, k = TEXTS[k % len(TEXTS)], k + 1
+                yield tokens
+
+        async for tokens in super().around(replaced()):
+            yield tokens
+
+
+def test_non_ascii_texts_split_per_token_in_a_message(own_server: RnnServeServer, own_client: Client) -> None:
+    n = 40
+    expected = [TEXTS[k % len(TEXTS)] for k in range(n)]
+    kwargs: dict[str, Any] = {"max_tokens": n, "max_tokens_per_message": 16, "flush_interval_ms": 1000}
+    with FrozenFlushClock(own_server.engine), NonAsciiTexts(own_server):
+        raw = generate_messages(own_client, **kwargs)
+        kwargs["ignore_eos"] = True
+        with own_client.session("tiny") as session:
+            stream = session.generate(PROMPT, **kwargs)
+            tokens = list(stream)
+            blocks = session.generate(**kwargs)  # after the first
+            messages = list(blocks.messages())
+    assert max(len(r.token_ids) for r in raw) == 16
+    assert [t for r in raw for t in GenerateMessage.from_pb(r).texts] == expected
+    assert [r.text_offsets[-1] for r in raw] == [len(r.text) for r in raw]  # code points, not bytes
+    assert [t.text for t in tokens] == expected and stream.text == "".join(expected)
+    assert [t.position for t in tokens] == list(range(len(PROMPT) + 1, len(PROMPT) + n + 1))
+    # The per-message iterator: the same tokens, several to a message.
+    assert max(len(m) for m in messages) == 16 and blocks.finish_reason == "length"
+    assert [t.text for m in messages for t in m.tokens] == expected and blocks.text == "".join(expected)
+    assert [t.position for t in blocks.tokens] == list(range(len(PROMPT) + n + 1, len(PROMPT) + 2 * n + 1))
+    assert session.position == len(PROMPT) + 2 * n

@@ -9,12 +9,15 @@ sampling (Generate), and close it when done. Because an RNN's state has a fixed 
 history length, a session costs the same memory after ten tokens as after ten million.
 
 Errors use standard gRPC status codes with a message a person can act on:
-  INVALID_ARGUMENT     a token id out of range, an empty input, nonsense sampling parameters
+  INVALID_ARGUMENT     a token id out of range, an empty input, nonsense sampling parameters; also a
+                       request or stream message that is not a valid protobuf encoding of the
+                       method's request type (corrupt bytes, a string field that is not UTF-8)
   NOT_FOUND            unknown model/version or session
   FAILED_PRECONDITION  expected_position does not match the session; the model cannot do this
                        (Generate on a classifier, a session on a bidirectional classifier)
-  RESOURCE_EXHAUSTED   too many sessions, a message over the size limit
+  RESOURCE_EXHAUSTED   too many sessions, a request over the server's size limit
   UNAVAILABLE          the server is shutting down
+Error messages quote client input cut short (at most 2,048 bytes in all).
 """
 
 from collections import abc as _abc
@@ -728,10 +731,9 @@ class GenerateRequest(_message.Message):
     FAILED_PRECONDITION, saying that the generation already ran and the position where it ended.
     """
     max_tokens_per_message: _builtins.int
-    """Most tokens one response may carry. 0 or 1: one token per message, in fields 1-5 of
-    GenerateResponse (what older clients get). More: the server may put the tokens made while it was
-    writing the previous message into one message (GenerateResponse.tokens), which saves per-message
-    cost under load.
+    """Most tokens one GenerateResponse may carry. 0 or 1: one token per message. More: the server may
+    put the tokens made while it was writing the previous message into one message, which saves
+    per-message cost under load (see flush_interval_ms). Only the packaging changes, never the tokens.
     """
     flush_interval_ms: _builtins.int
     """With max_tokens_per_message > 1: the longest a generated token may wait at the server for the
@@ -788,78 +790,63 @@ Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
+    """Tokens of a Generate call, in order: one message holds 1 to max_tokens_per_message of them (n below),
+    as parallel packed arrays rather than a sub-message per token. Token i of a message (0 <= i < n) is
+    token_ids[i], with log-probability logprobs[i], text text[text_offsets[i-1]:text_offsets[i]] (from
+    0 for i = 0), and position position - n + 1 + i. The tokens of all the messages of a call follow
+    each other: positions are consecutive, and the texts joined are the generated text.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
-    LOGPROB_FIELD_NUMBER: _builtins.int
+    TEXT_OFFSETS_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
-    TOKENS_FIELD_NUMBER: _builtins.int
-    token_id: _builtins.int
     text: _builtins.str
-    """Text newly made visible by this token. May be empty while a possible stop string is held back;
-    the text of a matched stop string is never sent.
+    """The text these tokens made visible, all of it. A token may make none (a multi-byte character
+    not complete yet, text held back while it may be the start of a stop string); the text of a
+    matched stop string is never sent.
     """
-    logprob: _builtins.float
-    """log-probability of the token under the unmodified model"""
     position: _builtins.int
-    """session position after this token"""
+    """The session's position after the last token of this message (tokens applied to its state so
+    far). Token i's position (after it) is position - n + 1 + i.
+    """
     finish_reason: Global___FinishReason.ValueType
-    """set on the last message only"""
+    """Why the generation ended; set on the last message of the call only (about its last token)."""
     @_builtins.property
-    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampledToken]:
-        """Only when the request allowed max_tokens_per_message > 1: the tokens of this message, in order
-        (fields 1-5 are then unset).
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The tokens of this message, in order (n >= 1 of them)."""
+
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Each token's log-probability under the unmodified model (before temperature, top_k and top_p);
+        n values.
+        """
+
+    @_builtins.property
+    def text_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Where each token's text ends within `text`, in Unicode code points (not bytes, not UTF-16 units):
+        n non-decreasing values, the last equal to the length of `text`. Token i's text starts where token
+        i-1's ends (at 0 for i = 0), so a client can split `text` per token.
         """
 
     def __init__(
         self,
         *,
-        token_id: _builtins.int = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_builtins.float] | None = ...,
         text: _builtins.str = ...,
-        logprob: _builtins.float = ...,
+        text_offsets: _abc.Iterable[_builtins.int] | None = ...,
         position: _builtins.int = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
-        tokens: _abc.Iterable[Global___SampledToken] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprob", b"logprob", "position", b"position", "text", b"text", "token_id", b"token_id", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "position", b"position", "text", b"text", "text_offsets", b"text_offsets", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
-
-@_typing.final
-class SampledToken(_message.Message):
-    """One generated token (an element of GenerateResponse.tokens; fields as in GenerateResponse)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TOKEN_ID_FIELD_NUMBER: _builtins.int
-    TEXT_FIELD_NUMBER: _builtins.int
-    LOGPROB_FIELD_NUMBER: _builtins.int
-    POSITION_FIELD_NUMBER: _builtins.int
-    FINISH_REASON_FIELD_NUMBER: _builtins.int
-    token_id: _builtins.int
-    text: _builtins.str
-    logprob: _builtins.float
-    position: _builtins.int
-    finish_reason: Global___FinishReason.ValueType
-    def __init__(
-        self,
-        *,
-        token_id: _builtins.int = ...,
-        text: _builtins.str = ...,
-        logprob: _builtins.float = ...,
-        position: _builtins.int = ...,
-        finish_reason: Global___FinishReason.ValueType = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprob", b"logprob", "position", b"position", "text", b"text", "token_id", b"token_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SampledToken: _TypeAlias = SampledToken  # noqa: Y015

@@ -119,7 +119,8 @@ class RnnServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Continues a session by sampling tokens, streamed back one message per token as they are made.
+        """Continues a session by sampling tokens, streamed back as they are made: each message carries one
+        token or, when the request allows (max_tokens_per_message), the several made since the last one.
         Every sampled token is applied to the session's state. The last message carries finish_reason.
         An empty session (no token yet) first gets the model's <eos>: it starts a new document.
         A classifier session is FAILED_PRECONDITION.

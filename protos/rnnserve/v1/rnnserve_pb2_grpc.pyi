@@ -9,12 +9,15 @@ sampling (Generate), and close it when done. Because an RNN's state has a fixed 
 history length, a session costs the same memory after ten tokens as after ten million.
 
 Errors use standard gRPC status codes with a message a person can act on:
-  INVALID_ARGUMENT     a token id out of range, an empty input, nonsense sampling parameters
+  INVALID_ARGUMENT     a token id out of range, an empty input, nonsense sampling parameters; also a
+                       request or stream message that is not a valid protobuf encoding of the
+                       method's request type (corrupt bytes, a string field that is not UTF-8)
   NOT_FOUND            unknown model/version or session
   FAILED_PRECONDITION  expected_position does not match the session; the model cannot do this
                        (Generate on a classifier, a session on a bidirectional classifier)
-  RESOURCE_EXHAUSTED   too many sessions, a message over the size limit
+  RESOURCE_EXHAUSTED   too many sessions, a request over the server's size limit
   UNAVAILABLE          the server is shutting down
+Error messages quote client input cut short (at most 2,048 bytes in all).
 """
 
 from collections import abc as _abc
@@ -69,7 +72,8 @@ class RnnServeStub:
     the session itself is left as it was before the failing message.
     """
     Generate: _grpc.UnaryStreamMultiCallable[_rnnserve_pb2.GenerateRequest, _rnnserve_pb2.GenerateResponse]
-    """Continues a session by sampling tokens, streamed back one message per token as they are made.
+    """Continues a session by sampling tokens, streamed back as they are made: each message carries one
+    token or, when the request allows (max_tokens_per_message), the several made since the last one.
     Every sampled token is applied to the session's state. The last message carries finish_reason.
     An empty session (no token yet) first gets the model's <eos>: it starts a new document.
     A classifier session is FAILED_PRECONDITION.
@@ -106,7 +110,8 @@ class RnnServeAsyncStub(RnnServeStub):
     the session itself is left as it was before the failing message.
     """
     Generate: _aio.UnaryStreamMultiCallable[_rnnserve_pb2.GenerateRequest, _rnnserve_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Continues a session by sampling tokens, streamed back one message per token as they are made.
+    """Continues a session by sampling tokens, streamed back as they are made: each message carries one
+    token or, when the request allows (max_tokens_per_message), the several made since the last one.
     Every sampled token is applied to the session's state. The last message carries finish_reason.
     An empty session (no token yet) first gets the model's <eos>: it starts a new document.
     A classifier session is FAILED_PRECONDITION.
@@ -176,7 +181,8 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
         request: _rnnserve_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_rnnserve_pb2.GenerateResponse], _abc.AsyncIterator[_rnnserve_pb2.GenerateResponse]]:
-        """Continues a session by sampling tokens, streamed back one message per token as they are made.
+        """Continues a session by sampling tokens, streamed back as they are made: each message carries one
+        token or, when the request allows (max_tokens_per_message), the several made since the last one.
         Every sampled token is applied to the session's state. The last message carries finish_reason.
         An empty session (no token yet) first gets the model's <eos>: it starts a new document.
         A classifier session is FAILED_PRECONDITION.
