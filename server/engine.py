@@ -1,5 +1,6 @@
 """The engine: what the RPC handlers call. Validates input, applies tokens to sessions through the
-scheduler, and runs generation (generation.py). Knows nothing about protobuf.
+scheduler, and runs generation (generation.py). Knows nothing about protobuf. What a kind of model
+allows, how its outputs are read and how it classifies is its task's (tasks.py).
 
 A session changes in one place: the commit callback of the step that applied an input (`InputUpdate.commit`,
 called by the scheduler on the event loop as soon as the step ran, whether or not its caller is still
@@ -11,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
@@ -32,16 +32,22 @@ from rnnserve.server.output import InputUpdate
 from rnnserve.server.quoting import quote, quote_items
 from rnnserve.server.repository import LoadedModel, ModelRepository
 from rnnserve.server.runtime import Outputs
-from rnnserve.server.sampling import top_candidates
 from rnnserve.server.scheduler import Scheduler, SchedulerOptions
 from rnnserve.server.sessions import (
-    CLASSIFY_SLOTS,
     AppliedGeneration,
     AppliedInput,
     Session,
     SessionLimits,
     SessionStore,
     session_not_found,
+)
+from rnnserve.server.tasks import (
+    Candidate,
+    Classification,
+    ModelTask,
+    chunks,
+    finish_even_if_cancelled,
+    task_for,
 )
 from rnnserve.server.text import TextCodec
 
@@ -55,7 +61,6 @@ __all__ = [
     "GeneratedToken",
 ]
 
-T = TypeVar("T")
 # Texts up to this many characters in all are tokenised on the event loop (microseconds); longer ones in
 # a tokenizer thread, so one big message never holds up other clients.
 INLINE_TOKENIZE_CHARS = 4096
@@ -85,27 +90,13 @@ class EngineLimits:
     max_flush_interval_ms: int = 1000
 
 
-@dataclass(frozen=True)
-class Classification:
-    """Class probabilities for a text (or a session's text so far)."""
-
-    label: str
-    label_id: int
-    probs: list[float]
-
-    @classmethod
-    def from_probs(cls, probs: np.ndarray, labels: Sequence[str]) -> Classification:
-        best = int(np.argmax(probs))
-        return cls(labels[best], best, [float(p) for p in probs])
-
-
 @dataclass
 class FeedResult:
     session_id: str
     position: int  # after the input
     token_ids: list[int]
     token_logprobs: list[float]  # empty unless asked for; NaN where nothing predicted the token
-    top: list[tuple[int, str, float]]  # language model: (id, text, logprob) of the next token, best first
+    top: list[Candidate]  # language model: (id, text, logprob) of the next token, best first
     classification: Classification | None = None  # classifier: class probabilities of the text so far
     replayed: bool = False
 
@@ -134,9 +125,7 @@ class Engine:
             model.key: Scheduler(model.runtime, self.sessions.slab(model), self._executor, scheduler_options)
             for model, _ in repository.all()
         }
-        # A streaming Classify runs each text in a scratch slot; this many at once per model, the rest
-        # wait their turn (never competing with sessions for slots, see sessions.CLASSIFY_SLOTS).
-        self._classify_slots = {key: asyncio.Semaphore(CLASSIFY_SLOTS) for key in self.schedulers}
+        self.tasks: dict[str, ModelTask] = {model.key: task_for(model) for model, _ in repository.all()}
 
     def start(self) -> None:
         for scheduler in self.schedulers.values():
@@ -154,12 +143,7 @@ class Engine:
         if not model:
             raise InvalidArgument("model is required (see ListModels for what is loaded)")
         loaded = self.repository.get(model, version)
-        if not loaded.manifest.streams:
-            raise FailedPrecondition(
-                f"model {loaded.key} is a bidirectional classifier: it reads each text from both ends, so it "
-                "needs the whole text at once and cannot follow a stream; use Classify, or a unidirectional "
-                "(streaming) classifier for live sentiment"
-            )
+        self.tasks[loaded.key].check_session()
         return self.sessions.create(loaded, ttl_seconds)
 
     # -- input: text or ids to checked token ids --------------------------------------------------
@@ -249,14 +233,12 @@ class Engine:
     ) -> FeedResult:
         """Append text or token ids to a session; returns the model's output after them."""
         session = self.sessions.get(session_id)
-        is_lm = session.model.manifest.task == "lm"
+        task = self.tasks[session.model.key]
         top_k = top_k or self.limits.default_top_k
         if not 1 <= top_k <= self.limits.max_top_k:
             raise InvalidArgument(f"top_k must be in [0, {self.limits.max_top_k}] (0 = default), got {top_k}")
-        if token_logprobs and not is_lm:
-            raise InvalidArgument(
-                f"return_token_logprobs needs a language model; {session.model.key} is a classifier"
-            )
+        if token_logprobs:
+            task.check_token_logprobs()
         ids = await self.resolve_input(session.model, data)
         async with session.use():
             replay = self._check_position(session, expected_position, ids)
@@ -267,13 +249,14 @@ class Engine:
 
             def record(update: InputUpdate) -> None:
                 """In the commit: the reply, recorded as the last applied input with the state change."""
+                reply = task.reply(session, top_k)
                 result = FeedResult(
                     session_id=session.id,
                     position=session.position,
                     token_ids=ids,
                     token_logprobs=update.token_logprobs,
-                    top=self._top(session, top_k) if is_lm else [],
-                    classification=None if is_lm else self._classification(session),
+                    top=reply.top,
+                    classification=reply.classification,
                 )
                 session.last_applied = AppliedInput(start, tuple(ids), result)
                 scheduler.metrics.tokens_in.inc(len(ids))
@@ -282,17 +265,6 @@ class Engine:
             assert isinstance(session.last_applied, AppliedInput)
             result: FeedResult = session.last_applied.result
             return result
-
-    @staticmethod
-    def _top(session: Session, k: int) -> list[tuple[int, str, float]]:
-        assert session.next_logprobs is not None
-        codec = session.model.codec
-        return [(i, codec.token_text(i), lp) for i, lp in top_candidates(session.next_logprobs, k)]
-
-    @staticmethod
-    def _classification(session: Session) -> Classification:
-        assert session.class_probs is not None
-        return Classification.from_probs(session.class_probs, session.model.manifest.labels)
 
     def _check_position(
         self, session: Session, expected: int | None, ids: Sequence[int]
@@ -320,11 +292,6 @@ class Engine:
             f"{expected}; fetch the session (GetSession) and resend from its position"
         )
 
-    def _chunks(self, ids: Sequence[int]) -> list[np.ndarray]:
-        """ids as steps of at most chunk_tokens tokens, each int64 [seq]."""
-        n = self.limits.chunk_tokens
-        return [np.asarray(ids[i : i + n], dtype=np.int64) for i in range(0, len(ids), n)]
-
     async def _apply(
         self,
         session: Session,
@@ -340,29 +307,28 @@ class Engine:
         Returns per-token log-probabilities when asked (else []).
         """
         scheduler = self.schedulers[session.model.key]
-        # Only the last position's distribution is needed unless per-token log-probabilities are:
-        # the "last" graph then skips the vocabulary projection of every other position.
-        last = session.model.manifest.task == "lm" and not want_token_logprobs
-        update = InputUpdate(session, ids, want_token_logprobs, on_commit)
-        chunks = self._chunks(ids)
-        if len(chunks) == 1:
+        task = self.tasks[session.model.key]
+        last = task.last_position(want_token_logprobs)
+        update = InputUpdate(task, session, ids, want_token_logprobs, on_commit)
+        steps = chunks(ids, self.limits.chunk_tokens)
+        if len(steps) == 1:
             # Written in place: the scheduler commits the session as soon as the step ran.
             await scheduler.step(
-                chunks[0],
+                steps[0],
                 session.slot,
                 session.slot,
                 last=last,
-                commit=lambda out: update.commit(chunks[0], out),
+                commit=lambda out: update.commit(steps[0], out),
             )
         else:
-            await _finish_even_if_cancelled(self._apply_chunks(session, scheduler, chunks, last, update))
+            await finish_even_if_cancelled(self._apply_chunks(session, scheduler, steps, last, update))
         return update.token_logprobs
 
     async def _apply_chunks(
         self,
         session: Session,
         scheduler: Scheduler,
-        chunks: list[np.ndarray],
+        steps: list[np.ndarray],
         last: bool,
         update: InputUpdate,
     ) -> None:
@@ -373,14 +339,14 @@ class Engine:
 
         def commit(outputs: Outputs) -> None:
             session.slot, spare[0] = spare[0], session.slot
-            update.commit(chunks[-1], outputs)
+            update.commit(steps[-1], outputs)
 
         try:
             src = session.slot
-            for chunk in chunks[:-1]:
+            for chunk in steps[:-1]:
                 update.absorb(chunk, await scheduler.step(chunk, src, spare[0], last=last))
                 src = spare[0]
-            await scheduler.step(chunks[-1], src, spare[0], last=last, commit=commit)
+            await scheduler.step(steps[-1], src, spare[0], last=last, commit=commit)
         finally:
             slab.free(spare[0])
 
@@ -393,64 +359,21 @@ class Engine:
         loaded = self.repository.get(model, version) if model else None
         if loaded is None:
             raise InvalidArgument("model is required (see ListModels for what is loaded)")
-        if loaded.manifest.task != "classifier":
-            raise FailedPrecondition(f"model {loaded.key} is a language model; Classify needs a classifier")
+        task = self.tasks[loaded.key]
+        task.check_classify()
         if not 1 <= len(texts) <= self.limits.max_classify_texts:
             raise InvalidArgument(
                 f"give between 1 and {self.limits.max_classify_texts} texts to classify, got {len(texts)}"
             )
         ids = await self.resolve_inputs(loaded, texts, [f"text {i}" for i in range(len(texts))])
         self.schedulers[loaded.key].metrics.tokens_in.inc(sum(len(i) for i in ids))
-        if loaded.manifest.classifier_mode == "whole":
-            loop = asyncio.get_running_loop()
-            probs = await loop.run_in_executor(self._executor, self._classify_whole, loaded, ids)
-        else:
-            probs = list(await asyncio.gather(*(self._classify_streaming(loaded, i) for i in ids)))
+        probs = await task.classify(self.schedulers[loaded.key], ids, self.limits)
         return loaded, [Classification.from_probs(p, loaded.manifest.labels) for p in probs]
-
-    async def _classify_streaming(self, model: LoadedModel, ids: list[int]) -> np.ndarray:
-        """One text through a streaming classifier from a fresh state (a scratch slot); probs [classes].
-        Waits for one of the model's classify slots (see CLASSIFY_SLOTS) rather than failing."""
-        scheduler = self.schedulers[model.key]
-
-        async def run() -> np.ndarray:
-            slot = scheduler.slab.allocate()
-            try:
-                probs = None
-                for chunk in self._chunks(ids):
-                    probs = (await scheduler.step(chunk, slot, slot))["probs"]
-                assert probs is not None
-                return probs
-            finally:
-                scheduler.slab.free(slot)
-
-        async with self._classify_slots[model.key]:
-            return await _finish_even_if_cancelled(run())
-
-    def _classify_whole(self, model: LoadedModel, ids: list[list[int]]) -> list[np.ndarray]:
-        """Worker thread: padded batches (similar lengths together) through a whole-sequence graph."""
-        pad = model.manifest.special_tokens["pad"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        probs: list[np.ndarray | None] = [None] * len(ids)
-        for start in range(0, len(order), self.limits.classify_batch):
-            group = order[start : start + self.limits.classify_batch]
-            lengths = np.array([len(ids[i]) for i in group], dtype=np.int64)  # [batch]
-            tokens = np.full((len(group), int(lengths.max())), pad, dtype=np.int64)  # [batch, seq]
-            for row, i in enumerate(group):
-                tokens[row, : lengths[row]] = ids[i]
-            outputs, _ = model.runtime.run(tokens, {}, lengths)
-            for row, i in enumerate(group):
-                probs[i] = outputs["probs"][row]  # [classes]
-        return [p for p in probs if p is not None]
 
     # -- generation -------------------------------------------------------------------------------
 
     def _validate_generate(self, session: Session, request: GenerateRequest) -> None:
-        if session.model.manifest.task != "lm":
-            raise FailedPrecondition(
-                f"model {session.model.key} is a classifier; Generate needs a language model "
-                "(a classifier session returns class probabilities from Stream)"
-            )
+        self.tasks[session.model.key].check_generate()
         vocab = session.model.manifest.vocab_size
         request.sampling.validate(vocab)
         if not 1 <= request.max_tokens <= self.limits.max_generate_tokens:
@@ -542,18 +465,3 @@ class Engine:
         return FlushPolicy(
             per_message, self.limits.generate_flush_ms / 1000, self.limits.generate_flush_min_sessions
         )
-
-
-async def _finish_even_if_cancelled(work: Awaitable[T]) -> T:
-    """Await work; if the caller is cancelled meanwhile, let it finish before passing the cancel on.
-
-    Steps already queued write their state slots; cutting them short could free a slot a step is about
-    to write, or leave a session's position behind its state.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if not task.done():
-            await asyncio.wait([task])
-        raise

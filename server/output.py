@@ -3,7 +3,9 @@
 The scheduler hands every row that ran to these functions on the event loop, in the same synchronous
 call as the run's hand-over (no await between a state change and its bookkeeping):
 - a step's outputs go to its `InputUpdate` (an input applied to a session: position, next-token
-  distribution or class probabilities, recent tokens, and the caller's record of the applied message);
+  distribution or class probabilities, as the model's task reads them (tasks.py), recent tokens, and the
+  caller's record of the applied message);
+- a whole-text Classify group's probabilities go to its caller (`deliver_classified`; no session);
 - a generation's tokens go through `advance_by_generated` (called by generation.py, which decides
   where a generation ends and what its reader sees);
 - a generation that ran K-step blocks is settled by `settle_after_generation` once the replay of its
@@ -12,7 +14,6 @@ call as the run's hand-over (no await between a state change and its bookkeeping
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -20,11 +21,11 @@ import numpy as np
 
 from rnnserve.server.runner import LAST_LOGPROBS
 from rnnserve.server.runtime import Outputs
-from rnnserve.server.sampling import log_softmax
 from rnnserve.server.sessions import Session
 
 if TYPE_CHECKING:
-    from rnnserve.server.scheduler import StepRequest
+    from rnnserve.server.scheduler import ClassifyRequest, StepRequest
+    from rnnserve.server.tasks import ModelTask
 
 
 def deliver_step(request: StepRequest, outputs: Outputs | Exception) -> None:
@@ -41,37 +42,40 @@ def deliver_step(request: StepRequest, outputs: Outputs | Exception) -> None:
     request.settle()
 
 
+def deliver_classified(request: ClassifyRequest, probs: np.ndarray | Exception) -> None:
+    """A whole-text Classify group ran (probs [texts, classes]) or failed: wake its caller if still there."""
+    if request.future.done():  # its caller went away meanwhile: nothing holds state, nothing to do
+        return
+    if isinstance(probs, Exception):
+        request.future.set_exception(probs)
+    else:
+        request.future.set_result(probs)
+
+
 class InputUpdate:
     """What running an input changes in a session, applied to it at once by `commit`."""
 
     def __init__(
         self,
+        task: ModelTask,
         session: Session,
         ids: list[int],
         want_token_logprobs: bool,
         on_commit: Callable[[InputUpdate], None] | None = None,
     ) -> None:
+        self.task = task
         self.session = session
         self.on_commit = on_commit
         self.ids = ids
         self.want_token_logprobs = want_token_logprobs
-        self.next_logprobs = session.next_logprobs
-        self.class_probs = session.class_probs
+        self.next_logprobs = session.next_logprobs  # language model: [vocab]
+        self.class_probs = session.class_probs  # classifier: [classes]
         self.token_logprobs: list[float] = []
 
     def absorb(self, chunk: np.ndarray, outputs: Outputs) -> None:
-        """Take in the outputs of one chunk tokens [seq]."""
-        if "probs" in outputs:  # a streaming classifier: probabilities of the text so far
-            self.class_probs = outputs["probs"]  # [classes]
-        elif LAST_LOGPROBS in outputs:
-            self.next_logprobs = outputs[LAST_LOGPROBS]  # [vocab]
-        else:
-            all_logprobs = log_softmax(outputs["logits"])  # [seq, vocab]
-            previous = [self.next_logprobs, *all_logprobs[:-1]]
-            self.token_logprobs += [
-                math.nan if p is None else float(p[t]) for p, t in zip(previous, chunk, strict=True)
-            ]
-            self.next_logprobs = all_logprobs[-1]
+        """Take in the outputs of one chunk tokens [seq] (next_logprobs and token_logprobs, or
+        class_probs: the task knows which)."""
+        self.task.absorb(self, chunk, outputs)
 
     def commit(self, chunk: np.ndarray, outputs: Outputs) -> None:
         """Take in the last chunk's outputs and apply the whole input to the session, all at once (on

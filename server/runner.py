@@ -1,12 +1,17 @@
 """The model runner: runs what the scheduler chose, on ONNX Runtime, and samples. Knows no sessions.
 
-One plan (`RunPlan`) is three kinds of rows, stacked along the state's batch axis:
+One plan (`RunPlan`) is up to four kinds of rows, the first three stacked along the state's batch axis:
 - steps: tokens [seq] of one input (streamed text, a prompt, a rollback replay), from a slot (or a given
   start state) to a slot; rows of equal length and kind run together, so nothing is padded;
 - sampled generations: one token each through the step graph's last position, the next token sampled
   on the host for all of them at once (vectorised, each row from its session's own random stream);
 - a block of generations: K tokens each through a K-step generation graph, sampled inside the graph from
-  uniforms drawn from the same streams, so a run returns ids, not logits (see export/generate_graph.py).
+  uniforms drawn from the same streams, so a run returns ids, not logits (see export/generate_graph.py);
+- whole-text Classify groups (a whole-sequence classifier: no state): the plan's texts sorted by length,
+  padded into runs of at most `run_rows` texts: tokens [run, longest] + lengths [run] -> probs [run,
+  classes] (exact under padding).
+Which kinds a model gets is its task's business (tasks.py): only a language model's steps ask for the
+last position, only a language model generates, only a whole-text classifier classifies here.
 A failing run fails its own rows only; the slab is written after a run succeeds.
 """
 
@@ -42,6 +47,12 @@ class StepRow(Protocol):
     start_state: State | None  # batch-1 start state in the graph's layout, instead of slot src
 
 
+class ClassifyRow(Protocol):
+    texts: Sequence[Sequence[int]]  # token ids of each whole text
+    pad: int  # the padding id
+    run_rows: int  # texts per run at most (the engine's classify_batch)
+
+
 class GeneratingRow(Protocol):
     slot: int
     sampler: Sampler  # its sampling parameters and its own random stream
@@ -55,14 +66,15 @@ class RunPlan:
     block: Sequence[GeneratingRow] = ()
     block_tokens: Sequence[int] = ()  # x0 of each block generation
     block_graph: GenerateGraphRuntime | None = None
+    classify: Sequence[ClassifyRow] = ()
 
     @property
     def tokens(self) -> int:
         """Tokens this plan applies (a block counts K per row)."""
         steps = sum(len(r.tokens) for r in self.steps)
-        return (
-            steps + len(self.sampled) + len(self.block) * (self.block_graph.steps if self.block_graph else 0)
-        )
+        classify = sum(len(t) for r in self.classify for t in r.texts)
+        block = len(self.block) * (self.block_graph.steps if self.block_graph else 0)
+        return steps + len(self.sampled) + block + classify
 
 
 @dataclass
@@ -72,6 +84,8 @@ class RunOutput:
     block: BlockOutput | Exception | None  # the block's ids, logprobs and start states
     seconds: float = 0.0  # how long the whole plan took
     runs: int = field(default=0)  # ORT runs made
+    # per Classify group: its probs [texts, classes], or why a run of its texts failed
+    classified: list[np.ndarray | Exception] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -101,12 +115,14 @@ class ModelRunner:
 
     def execute(self, plan: RunPlan) -> RunOutput:
         """Run a plan: each group of equal-length step rows (with the sampled generations, which are
-        one-token last-position rows) once, then the block."""
+        one-token last-position rows) once, then the block, then the Classify groups."""
         started = time.perf_counter()
         output = RunOutput([{}] * len(plan.steps), [], None)
         self._run_steps(plan, output)
         if plan.block:
             output.block = self._run_block(plan)
+        if plan.classify:
+            output.classified = self._run_classify(plan.classify, output)
         output.seconds = time.perf_counter() - started
         return output
 
@@ -176,6 +192,35 @@ class ModelRunner:
         self.batches_run += 1
         self.steps_run += len(tokens) * graph.steps
         return block
+
+    def _run_classify(self, groups: Sequence[ClassifyRow], output: RunOutput) -> list[np.ndarray | Exception]:
+        """Every text of the plan's Classify groups (one call's, or several concurrent calls'), sorted by
+        length so similar lengths pad together, in runs of at most run_rows texts. Returns each group's
+        probs [texts, classes], or the error of a run that held any of its texts."""
+        texts = [(g, t) for g, group in enumerate(groups) for t in range(len(group.texts))]
+        texts.sort(key=lambda gt: len(groups[gt[0]].texts[gt[1]]))  # stable: a call's order kept
+        size = min(group.run_rows for group in groups)
+        rows: list[list[np.ndarray]] = [[np.empty(0)] * len(group.texts) for group in groups]
+        failed: dict[int, Exception] = {}
+        for start in range(0, len(texts), size):
+            run = texts[start : start + size]
+            ids = [groups[g].texts[t] for g, t in run]
+            lengths = np.array([len(i) for i in ids], dtype=np.int64)  # [run]
+            pad = groups[run[0][0]].pad
+            tokens = np.full((len(run), int(lengths.max())), pad, dtype=np.int64)  # [run, seq]
+            for row, text in enumerate(ids):
+                tokens[row, : len(text)] = text
+            run_started = time.perf_counter()
+            try:
+                outputs, _ = self.model.run(tokens, {}, lengths)  # no state: a whole text per row
+            except Exception as exc:
+                log.exception("model %s failed on a Classify run of %d texts", self.model.key, len(run))
+                failed.update({g: exc for g, _ in run})
+                continue
+            self._count(len(run), time.perf_counter() - run_started, output)
+            for row, (g, t) in enumerate(run):
+                rows[g][t] = outputs["probs"][row]  # [classes]
+        return [failed[g] if g in failed else np.stack(rows[g]) for g in range(len(groups))]
 
     def _count(self, rows: int, seconds: float, output: RunOutput) -> None:
         self.metrics.observe_run(rows, seconds)

@@ -9,7 +9,9 @@ Work of many sessions shares each run, stacked along the state's batch axis:
 - generations: a session generating tokens stays in the running batch until it finishes (continuous
   batching: sessions join and leave between any two runs). Each run it makes one token through the step
   graph and the host sampler, or, when the model has a generation graph and the session's sampling
-  settings fit it, K tokens in one block (see runner.py).
+  settings fit it, K tokens in one block (see runner.py);
+- whole-text Classify groups (a whole-sequence classifier): up to classify_batch texts each, no state;
+  queued with the steps, a row per text.
 
 One iteration takes the queued steps and the runnable generations (at most `max_batch` rows; a session
 has at most one step in flight, because a request holds its session's lock), runs them, and hands the
@@ -32,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -68,6 +70,18 @@ class StepRequest:
     def settle(self) -> None:
         if self.settled is not None and not self.settled.done():
             self.settled.set_result(None)
+
+
+@dataclass
+class ClassifyRequest:
+    """A group of whole texts for a whole-sequence classifier (see runner.ClassifyRow)."""
+
+    texts: Sequence[Sequence[int]]  # token ids of each text
+    pad: int
+    run_rows: int  # texts per run at most
+    future: asyncio.Future[np.ndarray] = field(repr=False)  # probs [texts, classes]
+    enqueued_at: float = field(default_factory=time.monotonic, repr=False)
+    taken: bool = field(default=False, repr=False)
 
 
 class Generation(Protocol):
@@ -158,9 +172,10 @@ class _Batch:
     sampled_tokens: list[int] = field(default_factory=list)  # what each feeds
     block: list[Generation] = field(default_factory=list)  # K tokens each in the generation graph
     block_tokens: list[int] = field(default_factory=list)
+    classify: list[ClassifyRequest] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.steps or self.sampled or self.block)
+        return bool(self.steps or self.sampled or self.block or self.classify)
 
     @property
     def generations(self) -> list[Generation]:
@@ -187,7 +202,7 @@ class Scheduler:
         self.metrics = metrics.ModelMetrics(model.key)
         self.runner = ModelRunner(model, slab, self.metrics)
         self._executor = executor
-        self._steps: deque[StepRequest] = deque()
+        self._steps: deque[StepRequest | ClassifyRequest] = deque()  # in arrival order
         self._generations: deque[Generation] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -269,7 +284,15 @@ class Scheduler:
                 await asyncio.wait([request.settled])
             raise  # (not taken: it is dropped, never run)
 
-    def _enqueue(self, request: StepRequest) -> None:
+    async def classify(self, texts: Sequence[Sequence[int]], pad: int, run_rows: int) -> np.ndarray:
+        """Class probabilities [texts, classes] of whole texts (token ids each) through a whole-sequence
+        classifier, in padded runs of at most run_rows texts (see runner.py). No state: a caller that
+        goes away leaves nothing behind (its group is dropped, or its result ignored)."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._enqueue(ClassifyRequest(texts, pad, run_rows, future))
+        return await future
+
+    def _enqueue(self, request: StepRequest | ClassifyRequest) -> None:
         self._steps.append(request)
         self._wake.set()
 
@@ -336,12 +359,23 @@ class Scheduler:
             self._leave(generation)
         room = self.options.max_batch
         batch = _Batch()
-        while self._steps and len(batch.steps) < room:
-            request = self._steps.popleft()
-            if not request.future.done():  # its caller went away before it ran: drop it
-                request.taken = True
+        taken = 0  # rows: one per step, one per text of a Classify group
+        while self._steps and taken < room:
+            request = self._steps[0]
+            if request.future.done():  # its caller went away before it ran: drop it
+                self._steps.popleft()
+                continue
+            rows = len(request.texts) if isinstance(request, ClassifyRequest) else 1
+            if taken and taken + rows > room:
+                break  # a group that does not fit goes first next run
+            self._steps.popleft()
+            request.taken = True
+            taken += rows
+            if isinstance(request, ClassifyRequest):
+                batch.classify.append(request)
+            else:
                 batch.steps.append(request)
-        room -= len(batch.steps)
+        room -= taken
         chosen: list[Generation] = []
         waiting: list[Generation] = []
         for generation in self._generations:
@@ -433,6 +467,7 @@ class Scheduler:
             block=batch.block,
             block_tokens=batch.block_tokens,
             block_graph=self.runner.block_graph_for(batch.block),
+            classify=batch.classify,
         )
 
     def _launch(self, batch: _Batch) -> tuple[_Batch, asyncio.Future[RunOutput]]:
@@ -470,7 +505,7 @@ class Scheduler:
     def _observe_queue_wait(self, batch: _Batch) -> None:
         """Each step's wait, and the generations' longest (once per run: 64 observations per token
         step would cost more than the sampling)."""
-        waited = [r.enqueued_at for r in batch.steps]
+        waited = [r.enqueued_at for r in batch.steps] + [r.enqueued_at for r in batch.classify]
         generations = batch.generations
         if generations:
             # (a generation continuing before its last token was handed over has not waited at all)
@@ -493,6 +528,8 @@ class Scheduler:
             if not request.future.done():
                 request.future.set_exception(exc)
             request.settle()
+        for group in batch.classify:
+            output.deliver_classified(group, exc)
         for generation in batch.generations:  # its state may be half-written: it cannot go on
             self._drop(generation)
 
@@ -506,6 +543,8 @@ class Scheduler:
         """On the loop: hand every row that ran to the output processor, which commits it."""
         for request, outputs in zip(batch.steps, result.step_outputs, strict=True):
             output.deliver_step(request, outputs)
+        for group, probs in zip(batch.classify, result.classified, strict=True):
+            output.deliver_classified(group, probs)
         for generation, stepped in zip(batch.sampled, result.sampled, strict=True):
             if isinstance(stepped, Exception):  # it cannot go on; its reader gets the error
                 self._drop(generation)
@@ -519,4 +558,5 @@ class Scheduler:
 
 
 def _rows(batch: _Batch) -> int:
-    return len(batch.steps) + len(batch.sampled) + len(batch.block)
+    texts = sum(len(c.texts) for c in batch.classify)
+    return len(batch.steps) + len(batch.sampled) + len(batch.block) + texts

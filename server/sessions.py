@@ -26,8 +26,8 @@ RECENT_TOKENS = 8  # context kept so generated text joins the prompt correctly (
 # Slots beyond one per session, for work in flight that is not a session yet: a long input runs into a
 # scratch slot before it is committed (at most one per session: a request holds its session), and a
 # streaming Classify runs each text in one (at most CLASSIFY_SLOTS at once per model; more texts wait
-# for a slot, see Engine.classify). So no request ever fails for want of a slot while sessions are
-# under max_sessions. The slab's pages are touched only as rows are used (see slab.py).
+# for a slot, see tasks.StreamingClassifierTask). So no request ever fails for want of a slot while
+# sessions are under max_sessions. The slab's pages are touched only as rows are used (see slab.py).
 CLASSIFY_SLOTS = 256
 
 

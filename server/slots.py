@@ -96,14 +96,15 @@ class SlotRunner:
         """tokens int64 [batch, seq] from the states in slots `src` (or `given` for some rows); new
         states go to slots `dst`.
 
-        Returns {"logits_last": [batch, vocab]} when `last` (language models), else the graph's
-        non-state outputs (logits [batch, seq, vocab] or probs [batch, classes]).
+        Returns {"logits_last": [batch, vocab]} when `last` (asked only for a language model: see
+        tasks.LanguageModelTask.last_position), else the graph's non-state outputs (logits [batch,
+        seq, vocab] or probs [batch, classes]).
         """
         if self.io_binding:
             with self._lock:
                 return self._run_bound_step(tokens, src, dst, last, given)
         state = self._start_states(src, given)  # graph layout, e.g. [layers, batch, hidden]
-        if last and self.model.manifest.task == "lm":
+        if last:
             logits, new_state = self.model.run_last(tokens, state)
             outputs = {LAST_LOGITS: logits}
         else:
@@ -146,14 +147,14 @@ class SlotRunner:
         given: Mapping[int, State] | None,
     ) -> Outputs:
         model = self.model
-        use_last = last and model.manifest.task == "lm" and model.last is not None
+        use_last = last and model.last is not None
         session = model.last[0] if use_last and model.last else model.session
         wanted = (
             [LAST_LOGITS] if use_last else [n for n in model.output_names if n not in model.state_outputs]
         )
         values, _ = self._run_bound(session, {"tokens": tokens}, src, dst, given, wanted)
         outputs = dict(zip(wanted, values, strict=True))
-        if last and not use_last and model.manifest.task == "lm":
+        if last and not use_last:  # no "last" graph: the step graph's logits, sliced
             outputs = {LAST_LOGITS: outputs["logits"][:, -1]}
         return outputs
 
