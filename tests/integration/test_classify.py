@@ -56,6 +56,23 @@ def test_a_batch_equals_each_text_alone(client: Client, name: str) -> None:
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_whole_text_classify_runs_as_a_batch_of_the_models_scheduler(client: Client) -> None:
+    """Classify on `bi` is one run of its scheduler (5 texts, classify_batch 64), in the model's metrics
+    (the server runs in this process: same registry)."""
+    from prometheus_client import REGISTRY
+
+    version = {m.name: m for m in client.models()}["bi"].version
+    labels = {"model": f"bi@{version}"}
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = ["rnnserve_batch_size_count", "rnnserve_batch_size_sum", "rnnserve_queue_wait_seconds_count"]
+    before = [sample(n) for n in names]
+    client.classify("bi", TEXTS)
+    assert [sample(n) - b for n, b in zip(names, before, strict=True)] == [1, len(TEXTS), 1]
+
+
 def test_live_sentiment_equals_the_whole_text_result_at_every_prefix(client: Client) -> None:
     text = TEXTS[-1]
     with client.session("live") as session:
