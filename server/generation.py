@@ -121,7 +121,7 @@ class FlushPolicy:
 
 
 class Generation:
-    """One Generate call in the model's running batch (implements scheduler.Generation).
+    """One Generate call in the model's running batch (implements work.Generation).
 
     The scheduler feeds `token` and calls `stepped` with what follows it; this applies the token to the
     session and queues it for the reader, who is woken when the flush policy says the tokens should go

@@ -24,8 +24,8 @@ from rnnserve.server.runtime import Outputs
 from rnnserve.server.sessions import Session
 
 if TYPE_CHECKING:
-    from rnnserve.server.scheduler import ClassifyRequest, StepRequest
     from rnnserve.server.tasks import ModelTask
+    from rnnserve.server.work import ClassifyRequest, StepRequest
 
 
 def deliver_step(request: StepRequest, outputs: Outputs | Exception) -> None:

@@ -36,8 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,102 +44,13 @@ from rnnserve.server import metrics, output
 from rnnserve.server.runner import ModelRunner, RunOutput, RunPlan
 from rnnserve.server.runtime import OnnxModel, Outputs
 from rnnserve.server.sampling import Sampler
-from rnnserve.server.slab import SlotError, State, StateSlab
+from rnnserve.server.slab import SlotError, StateSlab
 from rnnserve.server.slots import BlockOutput
+from rnnserve.server.work import Batch, ClassifyRequest, Generation, StepRequest, batch_rows
 
 log = logging.getLogger(__name__)
 
 WORKER_HANDOFF_S = 5e-5  # see Scheduler._launch
-
-
-@dataclass
-class StepRequest:
-    tokens: np.ndarray  # int64 [seq]
-    src: int  # state slot read
-    dst: int  # state slot written (== src, or a scratch slot while a long input is not committed)
-    last: bool  # language model: only the last position's log-probabilities are wanted
-    commit: Callable[[Outputs], None] | None  # called on the loop once the step ran, caller or not
-    future: asyncio.Future[Outputs] = field(repr=False)
-    start_state: State | None = None  # batch-1 start state (graph layout) instead of slot src
-    enqueued_at: float = field(default_factory=time.monotonic, repr=False)
-    taken: bool = field(default=False, repr=False)  # in a batch: it will run and be committed
-    # Made only when the caller is cancelled while the step is in flight: set once it was committed.
-    settled: asyncio.Future[None] | None = field(default=None, repr=False)
-
-    def settle(self) -> None:
-        if self.settled is not None and not self.settled.done():
-            self.settled.set_result(None)
-
-
-@dataclass
-class ClassifyRequest:
-    """A group of whole texts for a whole-sequence classifier (see runner.ClassifyRow)."""
-
-    texts: Sequence[Sequence[int]]  # token ids of each text
-    pad: int
-    run_rows: int  # texts per run at most
-    future: asyncio.Future[np.ndarray] = field(repr=False)  # probs [texts, classes]
-    enqueued_at: float = field(default_factory=time.monotonic, repr=False)
-    taken: bool = field(default=False, repr=False)
-
-
-class Generation(Protocol):
-    """A session generating tokens in the running batch (generation.py implements it)."""
-
-    slot: int
-    token: int  # the token to feed at the next run (already sampled)
-    sampler: Sampler  # its sampling parameters and its own random stream
-    ready_at: float  # time.monotonic() when `token` became ready to run (for the queue-wait metric)
-
-    @property
-    def active(self) -> bool:
-        """False once it finished or was cancelled: it leaves the batch."""
-        ...
-
-    @property
-    def runnable(self) -> bool:
-        """False while its reader is far behind: it sits out runs until they catch up."""
-        ...
-
-    @property
-    def in_block(self) -> bool:
-        """Whether its next run is a K-step block of the generation graph (else one host-sampled step)."""
-        ...
-
-    def scanned(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
-        """After a block ran, before `continues_after_run`: the block sampled ids [K] (logprobs [K]);
-        decide where it ends, as sampling one token at a time would."""
-        ...
-
-    def continues_after_run(self) -> bool:
-        """Asked after a run, before its results are handed over: whether it will still be active and
-        runnable then, with `next_token` (below) to feed."""
-        ...
-
-    def next_token(self, sampled: int) -> int:
-        """The token it feeds next if it continues (`sampled`: what a host step sampled for it)."""
-        ...
-
-    def stepped(self, logprobs: np.ndarray, next_token: int) -> None:
-        """After a host step: logprobs [vocab] follow `token`; next_token was sampled from them."""
-        ...
-
-    def block_stepped(self, block: BlockOutput, row: int) -> None:
-        """After a block: hand over the tokens it kept (row `row` of the block)."""
-        ...
-
-    def rollback(self) -> tuple[State, list[int]] | None:
-        """When it leaves: (start state, tokens) to replay so its session ends exactly after its last
-        kept token with that token's next-token distribution, or None if nothing is to replay."""
-        ...
-
-    def settled(self, outputs: Outputs | None) -> None:
-        """The replay ran (its outputs; None if it failed)."""
-        ...
-
-    def left(self) -> None:
-        """It left the batch: no run on its slot is in flight or will be."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -165,31 +75,6 @@ class SchedulerOptions:
     direct_after_idle_s: float = 0.0002
 
 
-@dataclass
-class _Batch:
-    steps: list[StepRequest] = field(default_factory=list)
-    sampled: list[Generation] = field(default_factory=list)  # one host-sampled token each
-    sampled_tokens: list[int] = field(default_factory=list)  # what each feeds
-    block: list[Generation] = field(default_factory=list)  # K tokens each in the generation graph
-    block_tokens: list[int] = field(default_factory=list)
-    classify: list[ClassifyRequest] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.steps or self.sampled or self.block or self.classify)
-
-    @property
-    def generations(self) -> list[Generation]:
-        return self.sampled + self.block
-
-    def add(self, generation: Generation, token: int) -> None:
-        if generation.in_block:
-            self.block.append(generation)
-            self.block_tokens.append(token)
-        else:
-            self.sampled.append(generation)
-            self.sampled_tokens.append(token)
-
-
 class Scheduler:
     """Batches the work of one model version. Start it with `start()`, stop with `stop()`."""
 
@@ -209,7 +94,7 @@ class Scheduler:
         self._small_run_s = float("inf")  # moving average of small batches' run time; inf = not yet seen
         self._busy = False  # a batch is being run by the loop (inline or in the worker)
         self._idle_since = 0.0  # perf_counter() when the last run ended
-        self._running: tuple[_Batch, asyncio.Future[RunOutput]] | None = None  # the run in flight, if any
+        self._running: tuple[Batch, asyncio.Future[RunOutput]] | None = None  # the run in flight, if any
 
     @property
     def batches_run(self) -> int:
@@ -264,7 +149,7 @@ class Scheduler:
         if self._may_run_directly(len(tokens)):
             # Low load: run it here and now; the trip through the queue and the scheduler's task
             # would cost more than the run, and there is nobody to batch with.
-            batch = _Batch(steps=[request])
+            batch = Batch(steps=[request])
             self.metrics.observe_queue_wait([request.enqueued_at])
             try:
                 result = self._execute_small(batch)
@@ -346,7 +231,7 @@ class Scheduler:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def _next_batch(self, handing_over: dict[Generation, int | None]) -> _Batch:
+    def _next_batch(self, handing_over: dict[Generation, int | None]) -> Batch:
         """The queued steps and runnable generations for the next run.
 
         `handing_over`: the generations of a run whose results are not handed over yet, with the token
@@ -358,7 +243,7 @@ class Scheduler:
             self._generations.remove(generation)
             self._leave(generation)
         room = self.options.max_batch
-        batch = _Batch()
+        batch = Batch()
         taken = 0  # rows: one per step, one per text of a Classify group
         while self._steps and taken < room:
             request = self._steps[0]
@@ -399,7 +284,7 @@ class Scheduler:
         """Run batches one after another. A batch that goes to the worker thread starts as soon as
         the previous run ended, before that run's results are handed over on the loop (a pipeline of
         two: ONNX Runtime computes while the loop applies tokens and talks gRPC)."""
-        running: tuple[_Batch, asyncio.Future[RunOutput]] | None = None
+        running: tuple[Batch, asyncio.Future[RunOutput]] | None = None
         while True:
             if running is None:
                 batch = self._next_batch({})
@@ -414,7 +299,7 @@ class Scheduler:
             try:
                 result = await job
             except Exception as exc:
-                log.exception("model %s failed on a batch of %d rows", self.model.key, _rows(batch))
+                log.exception("model %s failed on a batch of %d rows", self.model.key, batch_rows(batch))
                 self._running = None
                 self._fail(batch, exc)
                 running = None
@@ -433,7 +318,7 @@ class Scheduler:
                 await asyncio.sleep(0)  # let gRPC I/O (and the callers just answered) through
 
     @staticmethod
-    def _handing_over(batch: _Batch, result: RunOutput) -> dict[Generation, int | None]:
+    def _handing_over(batch: Batch, result: RunOutput) -> dict[Generation, int | None]:
         """Each generation of a run with the token it sampled last (None where its run failed); a
         block's generations decide here where they end (`scanned`)."""
         handing_over: dict[Generation, int | None] = {
@@ -449,17 +334,17 @@ class Scheduler:
                 handing_over[generation] = None
         return handing_over
 
-    def _runs_inline(self, batch: _Batch) -> bool:
+    def _runs_inline(self, batch: Batch) -> bool:
         """Small fast batches run on the loop itself (see SchedulerOptions.inline_max_tokens)."""
         if batch.block:
             return False  # K tokens a row: never small
         # Alone (one row, nothing queued), a slower run still goes inline: there is little other
         # work for the loop to overlap with it, and the hop to the worker would be pure cost.
-        alone = _rows(batch) == 1 and not self._steps
+        alone = batch_rows(batch) == 1 and not self._steps
         limit = self.options.inline_max_run_s if not alone else self.options.inline_alone_max_run_s
         return self._plan(batch).tokens <= self.options.inline_max_tokens and self._small_run_s < limit
 
-    def _plan(self, batch: _Batch) -> RunPlan:
+    def _plan(self, batch: Batch) -> RunPlan:
         return RunPlan(
             steps=batch.steps,
             sampled=batch.sampled,
@@ -470,7 +355,7 @@ class Scheduler:
             classify=batch.classify,
         )
 
-    def _launch(self, batch: _Batch) -> tuple[_Batch, asyncio.Future[RunOutput]]:
+    def _launch(self, batch: Batch) -> tuple[Batch, asyncio.Future[RunOutput]]:
         """Start a batch: inline (done when this returns) or in the worker thread."""
         self._observe_queue_wait(batch)
         self._busy = True
@@ -494,7 +379,7 @@ class Scheduler:
             time.sleep(WORKER_HANDOFF_S)
         return batch, job
 
-    def _execute_timed(self, batch: _Batch) -> RunOutput:
+    def _execute_timed(self, batch: Batch) -> RunOutput:
         """In the worker: run a batch, and note how long small ones take (for the inline decision)."""
         plan = self._plan(batch)
         result = self.runner.execute(plan)
@@ -502,7 +387,7 @@ class Scheduler:
             self._observe_small(result.seconds)
         return result
 
-    def _observe_queue_wait(self, batch: _Batch) -> None:
+    def _observe_queue_wait(self, batch: Batch) -> None:
         """Each step's wait, and the generations' longest (once per run: 64 observations per token
         step would cost more than the sampling)."""
         waited = [r.enqueued_at for r in batch.steps] + [r.enqueued_at for r in batch.classify]
@@ -512,7 +397,7 @@ class Scheduler:
             waited.append(min(time.monotonic(), min(g.ready_at for g in generations)))
         self.metrics.observe_queue_wait(waited)
 
-    def _execute_small(self, batch: _Batch) -> RunOutput:
+    def _execute_small(self, batch: Batch) -> RunOutput:
         """Run a small batch on the event loop itself."""
         result = self.runner.execute(self._plan(batch))
         self._observe_small(result.seconds)
@@ -523,7 +408,7 @@ class Scheduler:
         seen = self._small_run_s
         self._small_run_s = seconds if seen == float("inf") else 0.9 * seen + 0.1 * seconds
 
-    def _fail(self, batch: _Batch, exc: Exception) -> None:
+    def _fail(self, batch: Batch, exc: Exception) -> None:
         for request in batch.steps:
             if not request.future.done():
                 request.future.set_exception(exc)
@@ -539,7 +424,7 @@ class Scheduler:
             self._generations.remove(generation)
         self._leave(generation)
 
-    def _deliver(self, batch: _Batch, result: RunOutput) -> None:
+    def _deliver(self, batch: Batch, result: RunOutput) -> None:
         """On the loop: hand every row that ran to the output processor, which commits it."""
         for request, outputs in zip(batch.steps, result.step_outputs, strict=True):
             output.deliver_step(request, outputs)
@@ -555,8 +440,3 @@ class Scheduler:
                 generation.block_stepped(result.block, row)
             else:
                 self._drop(generation)
-
-
-def _rows(batch: _Batch) -> int:
-    texts = sum(len(c.texts) for c in batch.classify)
-    return len(batch.steps) + len(batch.sampled) + len(batch.block) + texts
