@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+T = TypeVar("T")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -31,3 +35,17 @@ def scrape(port: int) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """One sample's value (0 when absent)."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def run_engine_with(make_engine: Callable[[], Any], work: Callable[[Any], Awaitable[T]]) -> T:
+    """Build an engine (in the event loop: it needs one), start it, await `work(engine)`, stop it."""
+
+    async def go() -> T:
+        engine = make_engine()
+        engine.start()
+        try:
+            return await work(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from support import run_engine_with
 
 from rnnserve.server.engine import Engine, EngineLimits, FeedResult, GeneratedToken, GenerateRequest
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -34,20 +35,15 @@ def run_engine(
     """Run `work` against a started engine over the repository (no gRPC). Every run goes to the ORT
     worker thread (inline_max_tokens=0), where a test can hold it."""
 
-    async def go() -> T:
-        engine = Engine(
+    def make() -> Engine:
+        return Engine(
             ModelRepository.load(lm_repo),
             SessionLimits(max_sessions=max_sessions),
             SchedulerOptions(inline_max_tokens=0),
             EngineLimits(**limits),
         )
-        engine.start()
-        try:
-            return await work(engine)
-        finally:
-            await engine.stop()
 
-    return asyncio.run(go())
+    return run_engine_with(make, work)
 
 
 class WatchedLock(asyncio.Lock):

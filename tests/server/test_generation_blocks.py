@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from support import run_engine_with
 
 from rnnserve.export.manifest import read_manifest
 from rnnserve.export.onnx_export import export_checkpoint
@@ -68,19 +69,14 @@ def cell_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def with_engine(repo: Path, options: RuntimeOptions, work: Callable[[Engine], Awaitable[T]]) -> T:
-    async def go() -> T:
-        engine = Engine(
+    def make() -> Engine:
+        return Engine(
             ModelRepository.load(repo, options),
             SessionLimits(max_sessions=64),
             SchedulerOptions(inline_max_tokens=0),  # every run in the worker: the pipelined path
         )
-        engine.start()
-        try:
-            return await work(engine)
-        finally:
-            await engine.stop()
 
-    return asyncio.run(go())
+    return run_engine_with(make, work)
 
 
 async def generate(engine: Engine, session: Session, request: GenerateRequest) -> list[GeneratedToken]:

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+from support import run_engine_with
 
 from rnnserve.export.manifest import read_manifest
 from rnnserve.server.engine import Engine, EngineLimits, GeneratedToken, GenerateRequest
@@ -172,7 +173,7 @@ def with_engine(
     the same slots, copied back to the slab on any other use), here with host ORT values.
     """
 
-    async def go() -> T:
+    def make() -> Engine:
         engine = Engine(
             ModelRepository.load(lm_repo),
             SessionLimits(max_sessions=limits.pop("max_sessions", 100)),
@@ -182,13 +183,9 @@ def with_engine(
         if bound:
             for scheduler in engine.schedulers.values():
                 scheduler.runner.slots = SlotRunner(scheduler.model, scheduler.slab, io_binding=True)
-        engine.start()
-        try:
-            return await work(engine)
-        finally:
-            await engine.stop()
+        return engine
 
-    return asyncio.run(go())
+    return run_engine_with(make, work)
 
 
 async def generate(engine: Engine, request: GenerateRequest) -> list[GeneratedToken]:
