@@ -44,9 +44,9 @@ from rnnserve.server.sessions import SessionLimits
 MODEL = "bench"
 
 
-def make_engine(repo: Path, device: str, generate_graphs: str = "auto") -> Engine:
+def make_engine(repo: Path, device: str, generate_graphs: str = "auto", threads: int = 0) -> Engine:
     runtime = RuntimeOptions(
-        device=device, intra_op_threads=default_intra_op_threads(), generate_graphs=generate_graphs
+        device=device, intra_op_threads=threads or default_intra_op_threads(), generate_graphs=generate_graphs
     )
     return Engine(
         ModelRepository.load(repo, runtime), SessionLimits(max_sessions=1000), SchedulerOptions(max_batch=64)
@@ -147,7 +147,7 @@ def raw_rates(model: OnnxModel, batch: int, steps: int) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
-    engine = make_engine(repo, args.device, args.generate_graphs)
+    engine = make_engine(repo, args.device, args.generate_graphs, args.intra_op_threads)
     engine.start()
     try:
         scheduler = engine.schedulers[f"{MODEL}@1"]
@@ -207,6 +207,9 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per session in the timing runs")
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=0, help="the engine's ORT threads (0: the server's default)"
+    )
     parser.add_argument(
         "--generate-graphs",
         default="auto",

@@ -29,7 +29,7 @@ from rnnserve.server.config import ServerConfig
 from rnnserve.server.engine import Engine, EngineLimits
 from rnnserve.server.errors import CallTracker, ErrorInterceptor
 from rnnserve.server.repository import ModelRepository
-from rnnserve.server.runtime import RuntimeOptions, default_intra_op_threads
+from rnnserve.server.runtime import RuntimeOptions
 from rnnserve.server.scheduler import SchedulerOptions
 from rnnserve.server.service import RnnServeServicer
 from rnnserve.server.sessions import SessionLimits
@@ -52,7 +52,7 @@ class RnnServeServer:
         self.config = config
         runtime = RuntimeOptions(
             device=config.device,
-            intra_op_threads=config.intra_op_threads or default_intra_op_threads(),
+            intra_op_threads=config.intra_op_threads,  # 0: per model (default_intra_op_threads)
             generate_graphs=config.generate_graphs,
             generate_steps=config.generate_steps,
         )

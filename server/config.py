@@ -16,7 +16,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
     device: str = "auto"  # auto | cuda | cpu
-    intra_op_threads: int = 0  # 0 = leave a core to the event loop
+    intra_op_threads: int = 0  # 0 = per model, see runtime.default_intra_op_threads
     # K-step generation graphs: auto | on | off (see RuntimeOptions.generate_graphs) and their K
     # (0 = the bundle's default).
     generate_graphs: str = "auto"

@@ -8,6 +8,7 @@ created session which providers it actually uses.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -34,10 +35,9 @@ class RuntimeOptions:
     """How ONNX Runtime runs. `device`: "auto" (CUDA when it works), "cuda" or "cpu"."""
 
     device: str = "auto"
-    # Threads for one ORT run (0 = ORT's default, one per core). The server passes
-    # default_intra_op_threads(): the gRPC event loop (protobuf, sampling, detokenising: all Python,
-    # under the GIL) needs a core of its own while ORT computes in the worker thread, or each run
-    # would stall the I/O of every other session.
+    # Threads for one ORT run; 0 = default_intra_op_threads(manifest), per model: the gRPC event loop
+    # (protobuf, sampling, detokenising: all Python, under the GIL) needs a core of its own while ORT
+    # computes in the worker thread, unless the model's runs are long enough to leave it gaps.
     intra_op_threads: int = 0
     # K-step generation graphs (the bundle's `generate[]`). "auto": on CUDA every graph (the logits never
     # leave the device); on a CPU only the plain ones (rows without a top-k/top-p cut), which beat the
@@ -52,8 +52,7 @@ def _session_options(options: RuntimeOptions, precision: str = "fp32") -> ort.Se
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if precision == "fp16":  # creating a CPU session for an fp16 graph at ENABLE_ALL segfaulted (ORT 1.31)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if options.intra_op_threads > 0:
-        so.intra_op_num_threads = options.intra_op_threads
+    so.intra_op_num_threads = options.intra_op_threads
     # The recurrent graphs are a chain of dependent nodes: nothing to run in parallel between nodes,
     # so no inter-op pool (its threads would only compete for the cores).
     so.inter_op_num_threads = 1
@@ -141,6 +140,9 @@ class OnnxModel:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         options = options or RuntimeOptions()
+        if not options.intra_op_threads:
+            options = dataclasses.replace(options, intra_op_threads=default_intra_op_threads(manifest))
+        self.intra_op_threads = options.intra_op_threads
         step_file = manifest.graph_file("step") or manifest.model_file
         self.session = create_inference_session(bundle_dir / step_file, options, manifest.precision)
         self.provider = self.session.get_providers()[0]
@@ -177,7 +179,7 @@ class OnnxModel:
                 f"(the bundle has K in {sorted(self.generate_steps)})"
             )
         log.info(
-            "loaded %s v%s (%s %s, %d layers x %d%s%s) on %s",
+            "loaded %s v%s (%s %s, %d layers x %d%s%s) on %s, %d ORT thread(s)",
             manifest.name,
             manifest.version,
             manifest.cell,
@@ -187,6 +189,7 @@ class OnnxModel:
             ", last-position graph" if self.last else "",
             f", generation graphs {sorted(g.file for g in manifest.generate)}" if self.generate else "",
             self.provider,
+            self.intra_op_threads,
         )
 
     @property
@@ -266,9 +269,33 @@ class OnnxModel:
         return logits, {s.name: v for s, v in zip(self.manifest.state, states, strict=True)}
 
 
-def default_intra_op_threads() -> int:
-    """Leave one core to the gRPC event loop when there are few cores (two for it and its neighbours
-    on bigger machines). On 2 cores: 1 thread, ORT runs on the calling worker thread alone, measured
-    faster for these small recurrent steps than 2 threads fighting the event loop for the cores."""
+# A model whose token costs at least this many floating-point operations gets every core for ORT on a
+# small machine: its runs are long enough that the event loop's work fits in the gaps. Measured on 2
+# cores, 64 sessions generating through gRPC: the design LM (2x512 LSTM, vocab 10k, ~17.5 MFLOP a token)
+# served 13,507 tokens/s with 2 threads against 8,533 with 1; the demo LM (2x256, vocab 96, ~1.9 MFLOP)
+# 46,421 with 2 against 57,440 with 1 (docs/results.md).
+HEAVY_TOKEN_FLOPS = 6e6
+
+
+def token_flops(manifest: Manifest) -> float:
+    """Multiply-adds x 2 of one token through the recurrent layers and (LMs) the vocabulary projection."""
+    gates = {"lstm": 4, "gru": 3}.get(manifest.cell, 1)
+    hidden, directions = manifest.hidden_size, manifest.num_directions
+    flops, inputs = 0.0, manifest.embedding_size
+    for _ in range(manifest.num_layers):
+        flops += directions * gates * 2 * hidden * (inputs + hidden)
+        inputs = hidden * directions
+    if manifest.task == "lm":
+        flops += 2 * inputs * manifest.vocab_size
+    return flops
+
+
+def default_intra_op_threads(manifest: Manifest | None = None) -> int:
+    """ORT threads per run when none are configured. Leave one core to the gRPC event loop when there
+    are few cores (two on bigger machines): on 2 cores, 1 thread, measured faster for small recurrent
+    steps than 2 threads fighting the event loop for the cores. A heavy model (HEAVY_TOKEN_FLOPS) takes
+    every core of a small machine (all but one on a bigger one)."""
     cores = os.cpu_count() or 1
+    if manifest is not None and token_flops(manifest) >= HEAVY_TOKEN_FLOPS:
+        return cores if cores <= 4 else cores - 1
     return max(1, cores - 1) if cores <= 4 else cores - 2
