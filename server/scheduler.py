@@ -375,7 +375,7 @@ class Scheduler:
         # next blocks. Measured with 64 sessions generating in-process: ~30k -> ~33k tokens/s. Only for
         # generations: with streamed steps only, the loop's next work is gRPC I/O, and the sleep (50 us
         # asked, ~115 us taken) cost ~9% of the loop's time per message (py-spy, bench/profile_serving.py).
-        if batch.sampled or batch.block:
+        if batch.sampled and not batch.block:
             time.sleep(WORKER_HANDOFF_S)
         return batch, job
 
