@@ -30,7 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import free_port, scrape, value
 
 from rnnserve.client import Client
-from rnnserve.client.errors import NotFoundError, RnnserveError, UnavailableError
+from rnnserve.client.errors import NotFoundError, UnavailableError
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -178,28 +180,43 @@ def health_status(url: str) -> str:
 
 
 class Generation(threading.Thread):
-    """A long Generate consumed in a thread; `.started` is set at its first token."""
+    """A long Generate read in a thread over its own channel with a small HTTP/2 window: it reads the
+    first message (`.started`), then nothing until `.proceed` is set, so the server cannot finish the
+    generation meanwhile (it makes at most a window's worth of messages, then waits): the call is
+    certainly in flight while the drain is checked, however fast the machine."""
 
-    def __init__(self, client: Client, max_tokens: int) -> None:
+    def __init__(self, client: Client, url: str, max_tokens: int) -> None:
         super().__init__(daemon=True)
         self.session = client.session("tiny")
+        self.url = url
         self.max_tokens = max_tokens
         self.started = threading.Event()
+        self.proceed = threading.Event()
         self.count = 0
-        self.finish_reason: str | None = None
-        self.error: RnnserveError | None = None
+        self.finish_reason: int | None = None
+        self.error: grpc.RpcError | None = None
 
     def run(self) -> None:
-        stream = self.session.generate("d", max_tokens=self.max_tokens, ignore_eos=True, seed=7)
-        try:
-            for _ in stream:
-                self.count += 1
+        options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        request = pb.GenerateRequest(
+            session_id=self.session.id,
+            prompt_text="d",
+            max_tokens=self.max_tokens,
+            ignore_eos=True,
+            max_tokens_per_message=1,  # many small messages: the window fills after a few dozen
+        )
+        with grpc.insecure_channel(self.url, options=options) as channel:
+            try:
+                for message in pb_grpc.RnnServeStub(channel).Generate(request, timeout=120):
+                    self.count += len(message.token_ids)
+                    self.finish_reason = message.finish_reason
+                    if not self.started.is_set():
+                        self.started.set()
+                        assert self.proceed.wait(120), "the test never let the generation go on"
+            except grpc.RpcError as exc:
+                self.error = exc
+            finally:
                 self.started.set()
-            self.finish_reason = stream.finish_reason
-        except RnnserveError as exc:
-            self.error = exc
-        finally:
-            self.started.set()
 
 
 def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
@@ -259,7 +276,7 @@ def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
     with Client(stack.url, timeout=30) as client:
         idle = client.session("tiny")
         idle.feed("x")  # a Stream left open, waiting for its next message
-        generations = [Generation(client, max_tokens=4096) for _ in range(4)]  # a few seconds of work
+        generations = [Generation(client, stack.url, max_tokens=4096) for _ in range(4)]
         for g in generations:
             g.start()
         assert all(g.started.wait(30) for g in generations)
@@ -282,6 +299,8 @@ def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
             client.session("tiny")  # new sessions are refused while the drain runs
         with pytest.raises(UnavailableError, match=SHUTTING_DOWN):
             idle.feed("y")  # the idle stream was ended with a clear status
+        for g in generations:
+            g.proceed.set()  # their readers go on: the drain waits for them to end
         out, _ = stopping.communicate(timeout=60)
         stack.timings["compose stop"] = time.monotonic() - t0
         for g in generations:
@@ -289,9 +308,12 @@ def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
 
     assert stopping.returncode == 0, out
     assert seen == ["NOT_SERVING"]
-    assert any(during), "the generations finished before the drain could be observed"
-    for g in generations:  # steps in flight finished: every generation ran to its end
-        assert g.error is None and g.finish_reason == "length" and g.count == 4096, (g.error, g.count)
+    assert all(during), "a generation ended before the drain was checked"
+    for g in generations:  # calls in flight finished: every generation ran to its end
+        assert g.error is None and g.finish_reason == pb.FINISH_REASON_LENGTH and g.count == 4096, (
+            g.error,
+            g.count,
+        )
     # Exit code 0: the server exited by itself (Docker's kill at stop_grace_period would give 137); how long
     # the drain took depends on the machine and is only reported (stack.timings).
     assert exit_code(stack.compose("ps", "-a", "-q", "server").stdout.strip()) == 0
