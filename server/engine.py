@@ -2,10 +2,11 @@
 scheduler, and runs generation (generation.py). Knows nothing about protobuf. What a kind of model
 allows, how its outputs are read and how it classifies is its task's (tasks.py).
 
-A session changes in one place: the commit callback of the step that applied an input (`InputUpdate.commit`,
-called by the scheduler on the event loop as soon as the step ran, whether or not its caller is still
-there) or, for a Generate, `Generation.stepped`. Each records the message as the session's last applied
-one in the same synchronous call, so a retry after a lost reply is always recognised.
+A session changes in one place, the output processor (output.py), called on the event loop as soon as a
+run is handed over, whether or not the caller is still there: `InputUpdate.commit` for an input,
+`advance_by_generated` (through generation.py) for generated tokens, `settle_after_generation` after a
+K-step block's rollback. Each records the message as the session's last applied one in the same
+synchronous call, so a retry after a lost reply is always recognised.
 """
 
 from __future__ import annotations
