@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -63,7 +64,11 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # How long connecting and each collective may take before the rank fails (PyTorch's default, 30
+        # min, unless RNNSERVE_DIST_TIMEOUT_S says otherwise): a rank that fails is restarted by torchrun
+        # (--max-restarts), where a rank stuck connecting would hang the job.
+        timeout = timedelta(seconds=_env_int("RNNSERVE_DIST_TIMEOUT_S", 1800))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         # Creating the group is not a synchronisation point: a rank racing ahead into its first collective
         # while a peer still connects can abort gloo (pytorch/pytorch#61396). Meet here first.
         dist.barrier()

@@ -40,8 +40,13 @@ def _config(tmp_path: Path, run: str, **overrides: Any) -> TrainConfig:
 
 
 # gloo's start-up very rarely aborts a rank here (~1 launch in 20: "terminate called without an active
-# exception" before the first step; cf. pytorch/pytorch#61396). torchrun's own remedy is to restart the
-# worker group: one restart, from scratch. A real bug fails the restart too.
+# exception" before the first step; cf. pytorch/pytorch#61396), or leaves both ranks waiting for each other
+# in ProcessGroupGloo's connection (seen once in a CI run: both ranks idle in init_process_group until the
+# test's 240 s ran out). torchrun's own remedy is to restart the worker group: one restart, from scratch.
+# A short RNNSERVE_DIST_TIMEOUT_S turns a stuck connection into a failed rank, which that restart covers;
+# GLOO_SOCKET_IFNAME keeps gloo on the loopback (this machine also has eth0 and Docker's bridge). A real
+# bug fails the restart too.
+DDP_ENV = {"OMP_NUM_THREADS": "1", "RNNSERVE_DIST_TIMEOUT_S": "60", "GLOO_SOCKET_IFNAME": "lo"}
 TORCHRUN = [
     sys.executable,
     "-m",
@@ -56,8 +61,8 @@ TORCHRUN = [
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     cmd = [*TORCHRUN, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, **DDP_ENV}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -114,7 +119,7 @@ def test_torchrun_cli_writes_from_rank_zero_only_and_resumes_exactly(tmp_path: P
     # Stopped mid-epoch 1 (dropout on: per-rank RNG streams must be restored), then resumed.
     stopped = subprocess.run(
         [*TORCHRUN, *_cli_args(tmp_path, "resumed", "--max-steps", "3")],
-        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240,
+        cwd=tmp_path, env={**os.environ, **DDP_ENV}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert stopped.returncode == 0, stopped.stderr
     assert "max_steps reached at step 3" in stopped.stderr
