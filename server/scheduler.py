@@ -345,15 +345,18 @@ class Scheduler:
         return self._plan(batch).tokens <= self.options.inline_max_tokens and self._small_run_s < limit
 
     def _plan(self, batch: Batch) -> RunPlan:
-        return RunPlan(
-            steps=batch.steps,
-            sampled=batch.sampled,
-            sampled_tokens=batch.sampled_tokens,
-            block=batch.block,
-            block_tokens=batch.block_tokens,
-            block_graph=self.runner.block_graph_for(batch.block),
-            classify=batch.classify,
-        )
+        """The runner's view of a batch, made once per batch (the inline decision and the run use it)."""
+        if batch.plan is None:
+            batch.plan = RunPlan(
+                steps=batch.steps,
+                sampled=batch.sampled,
+                sampled_tokens=batch.sampled_tokens,
+                block=batch.block,
+                block_tokens=batch.block_tokens,
+                block_graph=self.runner.block_graph_for(batch.block),
+                classify=batch.classify,
+            )
+        return batch.plan
 
     def _launch(self, batch: Batch) -> tuple[Batch, asyncio.Future[RunOutput]]:
         """Start a batch: inline (done when this returns) or in the worker thread."""

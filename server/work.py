@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from rnnserve.server.runner import RunPlan
 from rnnserve.server.runtime import Outputs
 from rnnserve.server.sampling import Sampler
 from rnnserve.server.slab import State
@@ -116,6 +117,7 @@ class Batch:
     block: list[Generation] = field(default_factory=list)  # K tokens each in the generation graph
     block_tokens: list[int] = field(default_factory=list)
     classify: list[ClassifyRequest] = field(default_factory=list)
+    plan: RunPlan | None = field(default=None, repr=False)  # what the runner runs, made once (see Scheduler)
 
     def __bool__(self) -> bool:
         return bool(self.steps or self.sampled or self.block or self.classify)
