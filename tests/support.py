@@ -11,6 +11,14 @@ from typing import Any, TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
+# Reviews the sentiment fixtures (conftest.classifier_checkpoints) classify: short, long, mixed.
+SENTIMENT_TEXTS = [
+    "the movie was wonderful and charming",
+    "a dull , tedious plot",
+    "it was so bad",
+    "brilliant",
+    "the acting was really superb but the story was clumsy and the film was lifeless",
+]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import SENTIMENT_TEXTS
 
 from rnnserve.client import Client, FailedPreconditionError, InvalidArgumentError
 
-TEXTS = [
-    "the movie was wonderful and charming",
-    "a dull , tedious plot",
-    "it was so bad",
-    "brilliant",
-    "the acting was really superb but the story was clumsy and the film was lifeless",
-]
+TEXTS = SENTIMENT_TEXTS
 
 
 def pytorch_probs(checkpoint: Path, texts: list[str]) -> np.ndarray:

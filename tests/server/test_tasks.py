@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from support import SENTIMENT_TEXTS, run_engine_with
 
 from rnnserve.server.engine import Engine, EngineLimits
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument
@@ -28,13 +29,7 @@ from rnnserve.server.tasks import (
 )
 
 T = TypeVar("T")
-TEXTS = [
-    "the movie was wonderful and charming",
-    "a dull , tedious plot",
-    "it was so bad",
-    "brilliant",
-    "the acting was really superb but the story was clumsy and the film was lifeless",
-]
+TEXTS = SENTIMENT_TEXTS
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +39,12 @@ def repo(lm_repo: Path, classifier_checkpoints: dict[str, Path]) -> Path:
 
 
 def run_engine(repo: Path, work: Callable[[Engine], Awaitable[T]], **limits: Any) -> T:
-    async def go() -> T:
-        engine = Engine(
+    def make() -> Engine:
+        return Engine(
             ModelRepository.load(repo), scheduler_options=SchedulerOptions(), limits=EngineLimits(**limits)
         )
-        engine.start()
-        try:
-            return await work(engine)
-        finally:
-            await engine.stop()
 
-    return asyncio.run(go())
+    return run_engine_with(make, work)
 
 
 def metric(name: str, key: str) -> float:
