@@ -16,7 +16,8 @@ Errors use standard gRPC status codes with a message a person can act on:
   FAILED_PRECONDITION  expected_position does not match the session; the model cannot do this
                        (Generate on a classifier, a session on a bidirectional classifier)
   RESOURCE_EXHAUSTED   too many sessions, a request over the server's size limit
-  UNAVAILABLE          the server is shutting down
+  UNAVAILABLE          the server is shutting down; the session store (Redis) cannot be reached
+                       (retry with backoff: the server recovers by itself when it returns)
 Error messages quote client input cut short (at most 2,048 bytes in all).
 """
 
@@ -414,6 +415,360 @@ class CloseSessionResponse(_message.Message):
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
 
 @_typing.final
+class ForkSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """the session to copy"""
+    ttl_seconds: _builtins.int
+    """the fork's idle TTL; 0: the source's"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ExportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionRequest: _TypeAlias = ExportSessionRequest  # noqa: Y015
+
+@_typing.final
+class ExportSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bytes
+    """a serialized SessionSnapshot: give it to ImportSession"""
+    @_builtins.property
+    def session(self) -> Global___SessionInfo:
+        """the exported session as it was when exported"""
+
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.bytes = ...,
+        session: Global___SessionInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionResponse: _TypeAlias = ExportSessionResponse  # noqa: Y015
+
+@_typing.final
+class ImportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bytes
+    """ExportSessionResponse.snapshot"""
+    ttl_seconds: _builtins.int
+    """the new session's idle TTL; 0: the snapshot's"""
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.bytes = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSessionRequest: _TypeAlias = ImportSessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionSnapshot(_message.Message):
+    """What a session is, outside the server: the format of ExportSession and of the session store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NEXT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    CLASS_PROBS_FIELD_NUMBER: _builtins.int
+    RECENT_TOKENS_FIELD_NUMBER: _builtins.int
+    APPLIED_INPUT_FIELD_NUMBER: _builtins.int
+    APPLIED_GENERATION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    SAVED_AT_FIELD_NUMBER: _builtins.int
+    format: _builtins.int
+    """1"""
+    session_id: _builtins.str
+    model: _builtins.str
+    version: _builtins.str
+    position: _builtins.int
+    created_at: _builtins.float
+    """unix seconds"""
+    ttl_seconds: _builtins.int
+    next_logprobs: _builtins.bytes
+    """language model: float32 little-endian [vocab]; empty before any token"""
+    class_probs: _builtins.bytes
+    """streaming classifier: float32 little-endian [classes]; empty before any token"""
+    owner: _builtins.str
+    """reserved for the name of the token that created the session"""
+    saved_at: _builtins.float
+    """unix seconds"""
+    @_builtins.property
+    def state(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateTensor]:
+        """the recurrent state, one tensor per StateTensorInfo"""
+
+    @_builtins.property
+    def recent_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the last few tokens (so generated text joins the text before it)"""
+
+    @_builtins.property
+    def applied_input(self) -> Global___AppliedInputRecord: ...
+    @_builtins.property
+    def applied_generation(self) -> Global___AppliedGenerationRecord: ...
+    def __init__(
+        self,
+        *,
+        format: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        position: _builtins.int = ...,
+        created_at: _builtins.float = ...,
+        ttl_seconds: _builtins.int = ...,
+        state: _abc.Iterable[Global___StateTensor] | None = ...,
+        next_logprobs: _builtins.bytes = ...,
+        class_probs: _builtins.bytes = ...,
+        recent_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        applied_input: Global___AppliedInputRecord | None = ...,
+        applied_generation: Global___AppliedGenerationRecord | None = ...,
+        owner: _builtins.str = ...,
+        saved_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_input", b"applied_input", "last_applied", b"last_applied"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_input", b"applied_input", "class_probs", b"class_probs", "created_at", b"created_at", "format", b"format", "last_applied", b"last_applied", "model", b"model", "next_logprobs", b"next_logprobs", "owner", b"owner", "position", b"position", "recent_tokens", b"recent_tokens", "saved_at", b"saved_at", "session_id", b"session_id", "state", b"state", "ttl_seconds", b"ttl_seconds", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_last_applied: _TypeAlias = _typing.Literal["applied_input", "applied_generation"]  # noqa: Y015
+    _WhichOneofArgType_last_applied: _TypeAlias = _typing.Literal["last_applied", b"last_applied"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_last_applied) -> _WhichOneofReturnType_last_applied | None: ...
+
+Global___SessionSnapshot: _TypeAlias = SessionSnapshot  # noqa: Y015
+
+@_typing.final
+class StateTensor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    data: _builtins.bytes
+    """float32 little-endian, C order"""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """with batch 1 on the batch axis, as StateTensorInfo.shape"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateTensor: _TypeAlias = StateTensor  # noqa: Y015
+
+@_typing.final
+class AppliedInputRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_POSITION_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    start_position: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def result(self) -> Global___StreamResponse: ...
+    def __init__(
+        self,
+        *,
+        start_position: _builtins.int = ...,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+        result: Global___StreamResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "start_position", b"start_position", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppliedInputRecord: _TypeAlias = AppliedInputRecord  # noqa: Y015
+
+@_typing.final
+class AppliedGenerationRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_POSITION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    FIRST_POSITION_FIELD_NUMBER: _builtins.int
+    RECENT_BEFORE_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    start_position: _builtins.int
+    """before the prompt"""
+    request_id: _builtins.str
+    request_digest: _builtins.bytes
+    """a retry with the same request_id must ask the same"""
+    seed: _builtins.int
+    """the sampler's seed (chosen by the server when none was given)"""
+    first_position: _builtins.int
+    """after the prompt, before the first generated token"""
+    finish_reason: Global___FinishReason.ValueType
+    """unspecified while it may still be continued"""
+    @_builtins.property
+    def recent_before(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """recent tokens at first_position (to rebuild the text)"""
+
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the tokens made so far"""
+
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        start_position: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        request_digest: _builtins.bytes = ...,
+        seed: _builtins.int = ...,
+        first_position: _builtins.int = ...,
+        recent_before: _abc.Iterable[_builtins.int] | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "first_position", b"first_position", "logprobs", b"logprobs", "recent_before", b"recent_before", "request_digest", b"request_digest", "request_id", b"request_id", "seed", b"seed", "start_position", b"start_position", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppliedGenerationRecord: _TypeAlias = AppliedGenerationRecord  # noqa: Y015
+
+@_typing.final
+class ReloadModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelsRequest: _TypeAlias = ReloadModelsRequest  # noqa: Y015
+
+@_typing.final
+class ReloadModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOADED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    UNLOADED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def loaded(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """versions loaded by this call"""
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedModel]:
+        """bundles that failed to load (nothing of them is served)"""
+
+    @_builtins.property
+    def unloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"name/version" dropped (gone from disk, no session left)"""
+
+    def __init__(
+        self,
+        *,
+        loaded: _abc.Iterable[Global___ModelInfo] | None = ...,
+        refused: _abc.Iterable[Global___RefusedModel] | None = ...,
+        unloaded: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded", b"loaded", "refused", b"refused", "unloaded", b"unloaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelsResponse: _TypeAlias = ReloadModelsResponse  # noqa: Y015
+
+@_typing.final
+class RefusedModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefusedModel: _TypeAlias = RefusedModel  # noqa: Y015
+
+@_typing.final
 class TokenIds(_message.Message):
     """---------------------------------------------------------------------------------------------------
     Streaming input
@@ -719,6 +1074,7 @@ class GenerateRequest(_message.Message):
     EXPECTED_POSITION_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     FLUSH_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_tokens: _builtins.int
     """required, >= 1"""
@@ -741,6 +1097,13 @@ class GenerateRequest(_message.Message):
     latency buy many tokens per message when many sessions generate). 0: send tokens as soon as they
     are made. Unset: the server's default, which holds tokens only under load (see `rnnserve serve
     --generate-flush-ms`). At most 1000. Tokens are sent at once when the generation ends.
+    """
+    request_id: _builtins.str
+    """A client's id for this call (at most 128 characters), so that a retry is safe: a Generate with the
+    request_id of the session's last Generate returns the tokens that one already made (identical,
+    without sampling again) and, if it was cut short, goes on from where it stopped. The retry must ask
+    the same (FAILED_PRECONDITION otherwise). Without a seed, the server picks one and keeps it with
+    the request_id. Empty: no retry protection (a retry samples anew, see expected_position).
     """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
@@ -768,10 +1131,11 @@ class GenerateRequest(_message.Message):
         expected_position: _builtins.int | None = ...,
         max_tokens_per_message: _builtins.int = ...,
         flush_interval_ms: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_position: _TypeAlias = _typing.Literal["expected_position"]  # noqa: Y015
     _WhichOneofArgType__expected_position: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position"]  # noqa: Y015

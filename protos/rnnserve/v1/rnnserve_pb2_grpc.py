@@ -69,6 +69,26 @@ class RnnServeStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ForkSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ExportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ImportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ReloadModels = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ReloadModels',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ReloadModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RnnServeServicer:
@@ -137,6 +157,40 @@ class RnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """A new session starting from a copy of another's state, position and history (try several
+        continuations of one prefix). The source is left as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """Everything a session is (state, position, model name and version, what a retry needs) as bytes the
+        client keeps (a serialized SessionSnapshot). The session stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A new session from exported bytes. FAILED_PRECONDITION, saying what differs, when this server does
+        not serve the snapshot's model and version or its state shapes do not match; INVALID_ARGUMENT when
+        the bytes are not a snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModels(self, request, context):
+        """Loads model versions added to the repository since start (or the last reload) without a restart.
+        New sessions get the newest version; sessions on an older version keep it until they close. A
+        bundle that fails to load is refused and reported, never half-loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RnnServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +228,26 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.SerializeToString,
+            ),
+            'ReloadModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModels,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ReloadModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +439,114 @@ class RnnServe:
             '/rnnserve.v1.RnnServe/Classify',
             rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ForkSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ExportSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ImportSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ReloadModels',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ReloadModelsRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ReloadModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

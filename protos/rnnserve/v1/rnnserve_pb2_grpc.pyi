@@ -16,7 +16,8 @@ Errors use standard gRPC status codes with a message a person can act on:
   FAILED_PRECONDITION  expected_position does not match the session; the model cannot do this
                        (Generate on a classifier, a session on a bidirectional classifier)
   RESOURCE_EXHAUSTED   too many sessions, a request over the server's size limit
-  UNAVAILABLE          the server is shutting down
+  UNAVAILABLE          the server is shutting down; the session store (Redis) cannot be reached
+                       (retry with backoff: the server recovers by itself when it returns)
 Error messages quote client input cut short (at most 2,048 bytes in all).
 """
 
@@ -82,6 +83,24 @@ class RnnServeStub:
     """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
     the others and of any session. A language model is FAILED_PRECONDITION.
     """
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ForkSessionRequest, _rnnserve_pb2.SessionInfo]
+    """A new session starting from a copy of another's state, position and history (try several
+    continuations of one prefix). The source is left as it is.
+    """
+    ExportSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ExportSessionRequest, _rnnserve_pb2.ExportSessionResponse]
+    """Everything a session is (state, position, model name and version, what a retry needs) as bytes the
+    client keeps (a serialized SessionSnapshot). The session stays open.
+    """
+    ImportSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ImportSessionRequest, _rnnserve_pb2.SessionInfo]
+    """A new session from exported bytes. FAILED_PRECONDITION, saying what differs, when this server does
+    not serve the snapshot's model and version or its state shapes do not match; INVALID_ARGUMENT when
+    the bytes are not a snapshot.
+    """
+    ReloadModels: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ReloadModelsRequest, _rnnserve_pb2.ReloadModelsResponse]
+    """Loads model versions added to the repository since start (or the last reload) without a restart.
+    New sessions get the newest version; sessions on an older version keep it until they close. A
+    bundle that fails to load is refused and reported, never half-loaded.
+    """
 
 @_typing.type_check_only
 class RnnServeAsyncStub(RnnServeStub):
@@ -119,6 +138,24 @@ class RnnServeAsyncStub(RnnServeStub):
     Classify: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ClassifyRequest, _rnnserve_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
     the others and of any session. A language model is FAILED_PRECONDITION.
+    """
+    ForkSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ForkSessionRequest, _rnnserve_pb2.SessionInfo]  # type: ignore[assignment]
+    """A new session starting from a copy of another's state, position and history (try several
+    continuations of one prefix). The source is left as it is.
+    """
+    ExportSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ExportSessionRequest, _rnnserve_pb2.ExportSessionResponse]  # type: ignore[assignment]
+    """Everything a session is (state, position, model name and version, what a retry needs) as bytes the
+    client keeps (a serialized SessionSnapshot). The session stays open.
+    """
+    ImportSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ImportSessionRequest, _rnnserve_pb2.SessionInfo]  # type: ignore[assignment]
+    """A new session from exported bytes. FAILED_PRECONDITION, saying what differs, when this server does
+    not serve the snapshot's model and version or its state shapes do not match; INVALID_ARGUMENT when
+    the bytes are not a snapshot.
+    """
+    ReloadModels: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ReloadModelsRequest, _rnnserve_pb2.ReloadModelsResponse]  # type: ignore[assignment]
+    """Loads model versions added to the repository since start (or the last reload) without a restart.
+    New sessions get the newest version; sessions on an older version keep it until they close. A
+    bundle that fails to load is refused and reported, never half-loaded.
     """
 
 class RnnServeServicer(metaclass=_abc_1.ABCMeta):
@@ -196,6 +233,48 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rnnserve_pb2.ClassifyResponse, _abc.Awaitable[_rnnserve_pb2.ClassifyResponse]]:
         """Classifies a batch of texts (or token id lists) with a classifier model, each independently of
         the others and of any session. A language model is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _rnnserve_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnserve_pb2.SessionInfo, _abc.Awaitable[_rnnserve_pb2.SessionInfo]]:
+        """A new session starting from a copy of another's state, position and history (try several
+        continuations of one prefix). The source is left as it is.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSession(
+        self,
+        request: _rnnserve_pb2.ExportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnserve_pb2.ExportSessionResponse, _abc.Awaitable[_rnnserve_pb2.ExportSessionResponse]]:
+        """Everything a session is (state, position, model name and version, what a retry needs) as bytes the
+        client keeps (a serialized SessionSnapshot). The session stays open.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request: _rnnserve_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnserve_pb2.SessionInfo, _abc.Awaitable[_rnnserve_pb2.SessionInfo]]:
+        """A new session from exported bytes. FAILED_PRECONDITION, saying what differs, when this server does
+        not serve the snapshot's model and version or its state shapes do not match; INVALID_ARGUMENT when
+        the bytes are not a snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def ReloadModels(
+        self,
+        request: _rnnserve_pb2.ReloadModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnnserve_pb2.ReloadModelsResponse, _abc.Awaitable[_rnnserve_pb2.ReloadModelsResponse]]:
+        """Loads model versions added to the repository since start (or the last reload) without a restart.
+        New sessions get the newest version; sessions on an older version keep it until they close. A
+        bundle that fails to load is refused and reported, never half-loaded.
         """
 
 def add_RnnServeServicer_to_server(servicer: RnnServeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
