@@ -26,13 +26,15 @@ from grpc_reflection.v1alpha import reflection
 
 from rnnserve.server import metrics
 from rnnserve.server.config import ServerConfig
-from rnnserve.server.engine import Engine, EngineLimits
-from rnnserve.server.errors import CallTracker, ErrorInterceptor
+from rnnserve.server.engine import Engine, EngineLimits, StoreOptions
+from rnnserve.server.errors import CallTracker, ErrorInterceptor, Unavailable
+from rnnserve.server.reload import Reloader
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.runtime import RuntimeOptions
 from rnnserve.server.scheduler import SchedulerOptions
 from rnnserve.server.service import RnnServeServicer
 from rnnserve.server.sessions import SessionLimits
+from rnnserve.server.store import open_store
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
 SWEEP_INTERVAL_S = 5.0
 # What a draining server refuses: anything that starts new work. Lookups and CloseSession stay open.
-REFUSED_WHILE_DRAINING = ("CreateSession", "Stream", "Generate", "Classify")
+REFUSED_WHILE_DRAINING = ("CreateSession", "Stream", "Generate", "Classify", "ReloadModels")
 STOP_MARGIN_S = 1.0  # of the grace period, kept for ending leftover calls and stopping cleanly
 
 
@@ -68,11 +70,15 @@ class RnnServeServer:
                 generate_flush_ms=config.generate_flush_ms,
                 generate_flush_min_sessions=config.generate_flush_min_sessions,
             ),
+            open_store(config.session_store),
+            StoreOptions(persist_interval_s=config.persist_interval_ms / 1000, idle_ttl_s=config.idle_ttl_s),
         )
+        self.reloader = Reloader(self.engine)  # hot reload: ReloadModels and the watcher (reload.py)
         self.health = health.aio.HealthServicer()
         self.calls = CallTracker(SERVICE_NAME, REFUSED_WHILE_DRAINING)
         self._server: aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._metrics: metrics.MetricsServer | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
@@ -88,7 +94,9 @@ class RnnServeServer:
             ("grpc.max_send_message_length", -1),
         ]
         server = aio.server(interceptors=[ErrorInterceptor(self.calls)], options=options)
-        pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine), server)
+        servicer = RnnServeServicer(self.engine)
+        servicer.reloader = self.reloader
+        pb_grpc.add_RnnServeServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
@@ -118,6 +126,8 @@ class RnnServeServer:
         self._server = server
         self.loop = asyncio.get_running_loop()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
+        if self.config.watch_interval_s > 0:
+            self._watcher = self.loop.create_task(self.reloader.watch(self.config.watch_interval_s))
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -129,12 +139,18 @@ class RnnServeServer:
         return self.port
 
     async def _sweep_sessions(self) -> None:
+        idle_ttl = self.config.idle_ttl_s or self.config.session_ttl_s
         while True:
-            # Sweep at least twice per default TTL, so a short TTL is honoured promptly.
-            await asyncio.sleep(min(SWEEP_INTERVAL_S, self.config.session_ttl_s / 2))
-            dropped = self.engine.sessions.evict_expired()
-            if dropped:
-                log.info("dropped %d idle session(s) past their TTL", dropped)
+            # Sweep at least twice per TTL, so a short TTL is honoured promptly.
+            await asyncio.sleep(min(SWEEP_INTERVAL_S, self.config.session_ttl_s / 2, idle_ttl / 2))
+            await self.reloader.sweep()  # unload retired model versions whose last session ended
+            try:
+                expired, parked = await self.engine.keeper.sweep()
+            except Unavailable as exc:
+                log.warning("session sweep: %s", exc)
+                continue
+            if expired or parked:
+                log.info("sessions: %d expired after their TTL, %d idle moved to the store", expired, parked)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain (see the module's docstring) within `grace` seconds (default: the config's), then stop."""
@@ -166,6 +182,9 @@ class RnnServeServer:
             await self.calls.wait_finished(deadline - loop.time())
         if self._sweeper:
             self._sweeper.cancel()
+        if self._watcher:
+            self._watcher.cancel()
+        self.reloader.closed = True  # a reload still loading publishes nothing
         if self._server:
             # Nothing of ours is left in flight; health watchers and the like end here.
             await self._server.stop(max(0.0, min(deadline - loop.time(), margin)))

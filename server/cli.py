@@ -121,7 +121,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add(p, "--max-sessions", d.max_sessions, "open sessions allowed", type=int)
     _add(p, "--session-ttl", d.session_ttl_s, "idle seconds before a session expires", type=float)
     _add(
+        p,
+        "--session-store",
+        d.session_store,
+        "where sessions live beyond memory: 'memory' (lost on restart) or redis://HOST:PORT/DB (sessions "
+        "survive restarts and are shared by replicas)",
+    )
+    _add(
+        p,
+        "--persist-interval-ms",
+        d.persist_interval_ms,
+        "with a Redis store: write changed sessions every N ms (a crash loses at most the messages "
+        "answered in the last N ms, which the client resends); 0 = write-through (a reply waits for its "
+        "write; a crash loses nothing answered)",
+        type=float,
+    )
+    _add(
+        p,
+        "--idle-ttl",
+        d.idle_ttl_s,
+        "seconds idle before a session leaves memory for the session store (it comes back on its next "
+        "message; 0 = sessions stay in memory until --session-ttl)",
+        type=float,
+    )
+    _add(
         p, "--max-message-bytes", d.max_message_bytes, "largest request message the server accepts", type=int
+    )
+    _add(
+        p,
+        "--watch-interval-s",
+        d.watch_interval_s,
+        "look for new model versions in the repository every N seconds and load them without a restart "
+        "(0 = off; the ReloadModels call works either way)",
+        type=float,
     )
     _add(
         p,
@@ -186,8 +218,12 @@ def run(args: argparse.Namespace) -> int:
         generate_flush_min_sessions=args.generate_flush_min_sessions,
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
+        session_store=args.session_store,
+        persist_interval_ms=args.persist_interval_ms,
+        idle_ttl_s=args.idle_ttl,
         max_message_bytes=args.max_message_bytes,
         grace_s=args.grace,
+        watch_interval_s=args.watch_interval_s,
         metrics_port=METRICS_PORT if args.metrics_port is None else args.metrics_port,
         metrics_required=args.metrics_port is not None,
     )

@@ -33,6 +33,15 @@ class ServerConfig:
     generate_flush_min_sessions: int = 8
     max_sessions: int = 10_000
     session_ttl_s: float = 600.0
+    # Where sessions live beyond memory (server/store.py): "memory" or redis://host:port/db, written
+    # behind every persist_interval_ms (0 = write-through; see server/persist.py for what a crash can
+    # lose). Sessions idle for idle_ttl_s leave memory for the store (0 = stay until their TTL).
+    session_store: str = "memory"
+    persist_interval_ms: float = 50.0
+    idle_ttl_s: float = 0.0
     grace_s: float = 10.0  # on SIGTERM: how long calls in flight may take to finish
     metrics_port: int = -1  # Prometheus /metrics on host:metrics_port; 0 = any free port, -1 = none
     metrics_required: bool = True  # False: a metrics port in use is logged and skipped, not fatal
+    # Hot reload: look for new model versions in the repository every N seconds (0 = off; the
+    # ReloadModels call works either way). See server/reload.py.
+    watch_interval_s: float = 0.0

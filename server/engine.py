@@ -11,11 +11,12 @@ synchronous call, so a retry after a lost reply is always recognised.
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,7 +29,11 @@ from rnnserve.server.generation import (
     GeneratedToken,
     GenerateRequest,
     Generation,
+    Replay,
+    request_digest,
 )
+from rnnserve.server.inputs import InputReader
+from rnnserve.server.keeper import SessionKeeper, StoreOptions
 from rnnserve.server.output import InputUpdate
 from rnnserve.server.quoting import quote, quote_items
 from rnnserve.server.repository import LoadedModel, ModelRepository
@@ -39,18 +44,18 @@ from rnnserve.server.sessions import (
     AppliedInput,
     Session,
     SessionLimits,
-    SessionStore,
+    SessionTable,
     session_not_found,
 )
+from rnnserve.server.store import SessionStore
 from rnnserve.server.tasks import (
-    Candidate,
     Classification,
+    FeedResult,
     ModelTask,
     chunks,
     finish_even_if_cancelled,
     task_for,
 )
-from rnnserve.server.text import TextCodec
 
 __all__ = [
     "Classification",
@@ -62,9 +67,9 @@ __all__ = [
     "GeneratedToken",
 ]
 
-# Texts up to this many characters in all are tokenised on the event loop (microseconds); longer ones in
-# a tokenizer thread, so one big message never holds up other clients.
-INLINE_TOKENIZE_CHARS = 4096
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -91,17 +96,6 @@ class EngineLimits:
     max_flush_interval_ms: int = 1000
 
 
-@dataclass
-class FeedResult:
-    session_id: str
-    position: int  # after the input
-    token_ids: list[int]
-    token_logprobs: list[float]  # empty unless asked for; NaN where nothing predicted the token
-    top: list[Candidate]  # language model: (id, text, logprob) of the next token, best first
-    classification: Classification | None = None  # classifier: class probabilities of the text so far
-    replayed: bool = False
-
-
 class Engine:
     """Sessions, schedulers and models behind the RPC handlers."""
 
@@ -111,115 +105,62 @@ class Engine:
         session_limits: SessionLimits | None = None,
         scheduler_options: SchedulerOptions | None = None,
         limits: EngineLimits | None = None,
+        store: SessionStore | None = None,
+        store_options: StoreOptions | None = None,
     ) -> None:
         self.repository = repository
-        self.sessions = SessionStore(session_limits)
+        self.sessions = SessionTable(session_limits)
+        self.tasks: dict[str, ModelTask] = {}
+        self.keeper = SessionKeeper(repository, self.sessions, self.tasks, store, store_options)
         self.limits = limits or EngineLimits()
         self.clock: Clock = time.monotonic  # what generations' flush intervals are measured with
         # One worker thread runs ORT (which is multi-threaded itself, see RuntimeOptions.intra_op_threads);
         # the event loop stays free for gRPC I/O meanwhile. More workers would only make runs of
         # different models compete for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        # Big texts are tokenised here, off the loop and off the ORT worker (which would delay every run).
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
-        self.schedulers = {
-            model.key: Scheduler(model.runtime, self.sessions.slab(model), self._executor, scheduler_options)
-            for model, _ in repository.all()
-        }
-        self.tasks: dict[str, ModelTask] = {model.key: task_for(model) for model, _ in repository.all()}
+        self.inputs = InputReader(self.limits)
+        self._scheduler_options = scheduler_options
+        self._started = False
+        self.schedulers: dict[str, Scheduler] = {}
+        for model, _ in repository.all():
+            self.add_model(model)
+
+    def add_model(self, model: LoadedModel) -> None:
+        """Serve a model version (already in the repository): its scheduler and task. A hot reload
+        adds versions this way while the engine runs."""
+        scheduler = Scheduler(
+            model.runtime, self.sessions.slab(model), self._executor, self._scheduler_options
+        )
+        self.schedulers[model.key] = scheduler
+        self.tasks[model.key] = task_for(model)
+        if self._started:
+            scheduler.start()
+
+    async def remove_model(self, key: str) -> None:
+        """Stop serving a model version (already out of the repository, with no session left on it)."""
+        scheduler = self.schedulers.pop(key)
+        del self.tasks[key]
+        await scheduler.stop()
+        self.sessions.drop_slab(key)
 
     def start(self) -> None:
+        self._started = True
         for scheduler in self.schedulers.values():
             scheduler.start()
+        self.keeper.start()
+
+    def create_session(self, model: str, version: str = "", ttl_seconds: float = 0) -> Session:
+        """A new session (see SessionKeeper.create)."""
+        return self.keeper.create(model, version, ttl_seconds)
 
     async def stop(self) -> None:
         for scheduler in self.schedulers.values():
             await scheduler.stop()
+        await self.keeper.stop()
         self._executor.shutdown(wait=True)
-        self._tokenizer_pool.shutdown(wait=True)
+        self.inputs.stop()
 
     # -- sessions ---------------------------------------------------------------------------------
-
-    def create_session(self, model: str, version: str = "", ttl_seconds: float = 0) -> Session:
-        if not model:
-            raise InvalidArgument("model is required (see ListModels for what is loaded)")
-        loaded = self.repository.get(model, version)
-        self.tasks[loaded.key].check_session()
-        return self.sessions.create(loaded, ttl_seconds)
-
-    # -- input: text or ids to checked token ids --------------------------------------------------
-
-    async def resolve_input(
-        self, model: LoadedModel, data: str | Sequence[int], what: str = "input"
-    ) -> list[int]:
-        """Token ids for text or ids, checked against the model's vocabulary and the size limits."""
-        return (await self.resolve_inputs(model, [data], [what]))[0]
-
-    async def resolve_inputs(
-        self, model: LoadedModel, inputs: Sequence[str | Sequence[int]], names: Sequence[str]
-    ) -> list[list[int]]:
-        """Token ids for each input (named `names[i]` in errors). Sizes are checked before any text is
-        tokenised; big texts are tokenised in a tokenizer thread (see INLINE_TOKENIZE_CHARS)."""
-        texts = {i: data for i, data in enumerate(inputs) if isinstance(data, str)}
-        for i, text in texts.items():
-            self._check_text_size(text, names[i])
-        ids: list[list[int] | None] = [
-            None if isinstance(data, str) else self._checked_ids(model, data, names[i])
-            for i, data in enumerate(inputs)
-        ]
-        encoded = await self._encode(model.codec, list(texts.values()))
-        for (i, text), text_ids in zip(texts.items(), encoded, strict=True):
-            if not text_ids:
-                raise InvalidArgument(f"{names[i]} text {quote(text, 40)} encodes to no tokens")
-            self._check_token_count(len(text_ids), names[i])
-            ids[i] = text_ids
-        return [i for i in ids if i is not None]
-
-    def _check_text_size(self, text: str, what: str) -> None:
-        if not text:
-            raise InvalidArgument(f"{what} is empty")
-        most = self.limits.max_input_chars
-        if len(text) > most:
-            raise InvalidArgument(
-                f"{what} has {len(text):,} characters, more than the limit of {most:,} "
-                f"(and at most {self.limits.max_tokens_per_input:,} tokens); split it into several "
-                "messages (the session keeps state between them)"
-            )
-
-    def _check_token_count(self, count: int, what: str) -> None:
-        if count > self.limits.max_tokens_per_input:
-            raise InvalidArgument(
-                f"{what} has {count:,} tokens, more than the limit of {self.limits.max_tokens_per_input:,}; "
-                "split it into several messages (the session keeps state between them)"
-            )
-
-    def _checked_ids(self, model: LoadedModel, data: Sequence[int], what: str) -> list[int]:
-        if not data:
-            raise InvalidArgument(f"{what} has no tokens: send text or at least one token id")
-        self._check_token_count(len(data), what)
-        ids = np.asarray(data, dtype=np.int64)  # [tokens]
-        vocab = model.manifest.vocab_size
-        bad = np.flatnonzero((ids < 0) | (ids >= vocab))  # [bad tokens]
-        if bad.size:
-            index = int(bad[0])
-            raise InvalidArgument(
-                f"token id {int(ids[index])} at index {index} is out of range for model {model.key} "
-                f"(vocabulary size {vocab}: ids 0..{vocab - 1}); {bad.size:,} ids out of range in all"
-            )
-        return [int(i) for i in ids.tolist()]
-
-    async def _encode(self, codec: TextCodec, texts: list[str]) -> list[list[int]]:
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            return [codec.encode(t) for t in texts]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_pool, self._tokenize, codec, texts)
-
-    @staticmethod
-    def _tokenize(codec: TextCodec, texts: list[str]) -> list[list[int]]:
-        """In a tokenizer thread: encode_batch releases the GIL while it works (encode does not, so it
-        would stall the event loop even from another thread)."""
-        encodings = codec.tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [list(e.ids) for e in encodings]
 
     # -- feeding tokens ---------------------------------------------------------------------------
 
@@ -233,15 +174,15 @@ class Engine:
         token_logprobs: bool = False,
     ) -> FeedResult:
         """Append text or token ids to a session; returns the model's output after them."""
-        session = self.sessions.get(session_id)
+        session = await self.keeper.get(session_id)
         task = self.tasks[session.model.key]
         top_k = top_k or self.limits.default_top_k
         if not 1 <= top_k <= self.limits.max_top_k:
             raise InvalidArgument(f"top_k must be in [0, {self.limits.max_top_k}] (0 = default), got {top_k}")
         if token_logprobs:
             task.check_token_logprobs()
-        ids = await self.resolve_input(session.model, data)
-        async with session.use():
+        ids = await self.inputs.resolve_input(session.model, data)
+        async with self.keeper.use(session) as session:
             replay = self._check_position(session, expected_position, ids)
             if replay is not None:
                 return replay
@@ -366,7 +307,7 @@ class Engine:
             raise InvalidArgument(
                 f"give between 1 and {self.limits.max_classify_texts} texts to classify, got {len(texts)}"
             )
-        ids = await self.resolve_inputs(loaded, texts, [f"text {i}" for i in range(len(texts))])
+        ids = await self.inputs.resolve_inputs(loaded, texts, [f"text {i}" for i in range(len(texts))])
         self.schedulers[loaded.key].metrics.tokens_in.inc(sum(len(i) for i in ids))
         probs = await task.classify(self.schedulers[loaded.key], ids, self.limits)
         return loaded, [Classification.from_probs(p, loaded.manifest.labels) for p in probs]
@@ -377,6 +318,11 @@ class Engine:
         self.tasks[session.model.key].check_generate()
         vocab = session.model.manifest.vocab_size
         request.sampling.validate(vocab)
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(
+                f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, got "
+                f"{len(request.request_id):,}: {quote(request.request_id)}"
+            )
         if not 1 <= request.max_tokens <= self.limits.max_generate_tokens:
             raise InvalidArgument(
                 f"max_tokens must be in [1, {self.limits.max_generate_tokens}], got {request.max_tokens}"
@@ -414,36 +360,50 @@ class Engine:
         session is closed meanwhile, it stops at the next run; the reader gets the tokens made until
         then, then NotFound.
         """
-        session = self.sessions.get(session_id)
+        session = await self.keeper.get(session_id)
         self._validate_generate(session, request)
         prompt = (
             None
             if request.prompt is None
-            else await self.resolve_input(session.model, request.prompt, "prompt")
+            else await self.inputs.resolve_input(session.model, request.prompt, "prompt")
         )
         eos = session.model.manifest.special_tokens.get("eos")
-        async with session.use():
-            expected = request.expected_position
-            if expected is not None and expected != session.position:
-                raise self._position_mismatch(session, expected)
-            applied = AppliedGeneration(session.position)
-
-            def record(_: InputUpdate) -> None:
-                session.last_applied = applied
-
+        digest = request_digest(request)
+        if request.sampling.seed is None:  # kept with the request_id, so that a retry samples the same
+            request = replace(request, sampling=replace(request.sampling, seed=secrets.randbits(63)))
+        async with self.keeper.use(session) as session:
+            last = session.last_applied
+            resume: Replay | None = None
+            if (
+                request.request_id
+                and isinstance(last, AppliedGeneration)
+                and last.request_id == request.request_id
+            ):
+                if last.digest != digest:
+                    raise FailedPrecondition(
+                        f"request_id {quote(request.request_id)} was used by a different Generate on session "
+                        f"{session.id}; a retry must send the same request (or use a new request_id)"
+                    )
+                request = replace(request, sampling=replace(request.sampling, seed=last.seed))
+                applied, prompt = last, None  # its prompt is applied
+                if last.first_position >= 0:  # it made tokens (or was about to): hand them over again
+                    resume = Replay(session.model.codec, last, request.stop)
+                    for start in range(0, len(resume.tokens), MAX_AHEAD):
+                        yield resume.tokens[start : start + MAX_AHEAD]
+                    if last.finish_reason is not None:
+                        return
+            else:
+                expected = request.expected_position
+                if expected is not None and expected != session.position:
+                    raise self._position_mismatch(session, expected)
+                applied = AppliedGeneration(
+                    session.position, request.request_id, digest, request.sampling.seed or 0
+                )
             scheduler = self.schedulers[session.model.key]
-            if prompt:
-                await self._apply(session, prompt, on_commit=record)
-                scheduler.metrics.tokens_in.inc(len(prompt))
-            if session.next_logprobs is None:
-                # An empty session starts a new document, as the model saw documents in training.
-                if eos is None:
-                    raise FailedPrecondition("the session is empty and the model has no <eos>: give a prompt")
-                await self._apply(session, [eos], on_commit=record)
-            if session.closed:  # while its prompt ran
-                raise session_not_found(session.id)
+            if resume is None:
+                await self._prepare_generation(session, applied, prompt, eos)
             generation = Generation(
-                session, request, eos, scheduler, self._flush_policy(request), applied, self.clock
+                session, request, eos, scheduler, self._flush_policy(request), applied, self.clock, resume
             )
             session.on_close = generation.session_closed
             scheduler.add_generation(generation)
@@ -456,6 +416,25 @@ class Engine:
             finally:
                 generation.cancel()
                 await generation.gone  # no run on the session's slot is in flight any more
+
+    async def _prepare_generation(
+        self, session: Session, applied: AppliedGeneration, prompt: list[int] | None, eos: int | None
+    ) -> None:
+        """Apply the prompt (or <eos> to an empty session), recording the Generate as applied with it."""
+
+        def record(_: InputUpdate) -> None:
+            session.last_applied = applied
+
+        if prompt:
+            await self._apply(session, prompt, on_commit=record)
+            self.schedulers[session.model.key].metrics.tokens_in.inc(len(prompt))
+        if session.next_logprobs is None:
+            # An empty session starts a new document, as the model saw documents in training.
+            if eos is None:
+                raise FailedPrecondition("the session is empty and the model has no <eos>: give a prompt")
+            await self._apply(session, [eos], on_commit=record)
+        if session.closed:  # while its prompt ran
+            raise session_not_found(session.id)
 
     def _flush_policy(self, request: GenerateRequest) -> FlushPolicy:
         if request.max_tokens_per_message <= 1:

@@ -8,6 +8,7 @@ scheduler's running batch; the scheduler feeds it tokens and calls `stepped` aft
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from rnnserve.server.scheduler import Scheduler
 from rnnserve.server.sessions import AppliedGeneration, Session
 from rnnserve.server.slab import State
 from rnnserve.server.slots import BlockOutput
-from rnnserve.server.text import IncrementalDecoder
+from rnnserve.server.text import IncrementalDecoder, TextCodec
 
 # A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
 # reader catches up (the tokens it makes are applied to the session whether or not anyone reads them).
@@ -57,6 +58,24 @@ class GenerateRequest:
     expected_position: int | None = None
     max_tokens_per_message: int = 1  # tokens one hand-over to the reader may carry
     flush_interval_ms: float | None = None  # how long a token may wait for company; None: the default
+    request_id: str = ""  # a retry with the same id gets the tokens already made (see AppliedGeneration)
+
+
+def request_digest(request: GenerateRequest) -> bytes:
+    """What a retry under the same request_id must repeat: everything that decides the tokens (the
+    packaging, max_tokens_per_message and flush_interval_ms, may differ)."""
+    s = request.sampling
+    prompt = request.prompt if isinstance(request.prompt, str | None) else tuple(request.prompt)
+    fields = (
+        (s.temperature, s.top_k, s.top_p, s.seed),
+        request.max_tokens,
+        tuple(request.stop),
+        tuple(request.stop_token_ids),
+        request.ignore_eos,
+        prompt,
+        request.expected_position,
+    )
+    return hashlib.sha256(repr(fields).encode()).digest()
 
 
 class StopMatcher:
@@ -100,6 +119,23 @@ class StopMatcher:
                 return len(text) - i
             i = text.find(first, i + 1)
         return 0
+
+
+class Replay:
+    """The tokens a Generate already made (its AppliedGeneration), as its reader saw them, for a retry
+    under its request_id; and the text state after them, from which the generation goes on."""
+
+    def __init__(self, codec: TextCodec, applied: AppliedGeneration, stops: Sequence[str]) -> None:
+        self.decoder = IncrementalDecoder(codec, list(applied.recent_before))
+        self.stops = StopMatcher(stops)
+        self.tokens: list[GeneratedToken] = []
+        last = len(applied.token_ids) - 1
+        for i, (token, logprob) in enumerate(zip(applied.token_ids, applied.logprobs, strict=True)):
+            text, _ = self.stops.push(self.decoder.push(token))  # as Generation._sampled_next does
+            finish = applied.finish_reason if i == last else None
+            if finish:
+                text += self.stops.flush()
+            self.tokens.append(GeneratedToken(token, text, logprob, applied.first_position + 1 + i, finish))
 
 
 @dataclass(frozen=True)
@@ -154,6 +190,7 @@ class Generation:
         flush: FlushPolicy,
         applied: AppliedGeneration,
         clock: Clock = time.monotonic,
+        resume: Replay | None = None,
     ) -> None:
         assert session.next_logprobs is not None
         self.session = session
@@ -171,6 +208,14 @@ class Generation:
         self._sampled = 0  # tokens sampled
         self._count = 0  # tokens generated (sampled and applied to the session)
         self._counted = 0  # of them, counted in the metric
+        if resume is None:  # a new generation (or a retry of one cut short before its first token)
+            applied.first_position = session.position
+            applied.recent_before = tuple(session.recent_tokens)
+        else:  # a retry going on after the tokens made before: the sampler's stream after as many draws
+            made = len(applied.token_ids)
+            self.sampler.draws(made)
+            self._decoder, self._stops = resume.decoder, resume.stops
+            self._sampled = self._count = self._counted = made
         self._ready: list[GeneratedToken] = []
         self._first_ready_at = 0.0  # clock() when the oldest of _ready was made
         self._handed_over = 0  # tokens taken by the reader so far
@@ -284,9 +329,13 @@ class Generation:
 
     def _made(self, tokens: list[GeneratedToken]) -> None:
         """Tokens applied to the session: queue them for the reader (waking it when they are due)."""
+        applied = self._applied
         if not self._count:
-            self.session.last_applied = self._applied  # with the first change it makes (if no prompt did)
+            self.session.last_applied = applied  # with the first change it makes (if no prompt did)
         self._count += len(tokens)
+        applied.token_ids += [t.token_id for t in tokens]
+        applied.logprobs += [t.logprob for t in tokens]
+        applied.finish_reason = tokens[-1].finish_reason
         now = self._clock()
         if not self._ready:
             self._first_ready_at = now

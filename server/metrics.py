@@ -50,6 +50,20 @@ SESSIONS_EVICTED = Counter(
     "sessions dropped by the server (not closed by a client)",
     ["model", "reason"],
 )
+SESSIONS_REVIVED = Counter(
+    "rnnserve_sessions_revived",
+    "sessions loaded back from the session store (after idle eviction, a restart, or from another replica)",
+    ["model"],
+)
+SESSIONS_PARKED = Counter(
+    "rnnserve_sessions_parked", "idle sessions moved out of memory into the session store", ["model"]
+)
+
+# -- the session store --------------------------------------------------------------------------------
+STORE_WRITES = Counter("rnnserve_store_writes", "session snapshots written to the session store")
+STORE_ERRORS = Counter(
+    "rnnserve_store_errors", "session store operations that failed (store unreachable)", ["operation"]
+)
 MODELS = Gauge(
     "rnnserve_model_loaded", "1 for each model version loaded, with its execution provider",
     ["model", "provider"],

@@ -4,7 +4,8 @@ Every valid bundle is loaded at start; a bundle that fails to load is logged and
 upload never takes the whole server down. A bundle is refused when its manifest does not fit the schema
 or comes from a newer rnnserve, when a file it names is missing or does not match its sha256, or when
 its graph's inputs/outputs are not the ones its manifest (and state spec) describes. `rnnserve models
-validate REPO` reports the same problems offline.
+validate REPO` reports the same problems offline. Versions added to the repository later are loaded
+without a restart by the reloader (reload.py), through the same checks (`load_bundle`).
 """
 
 from __future__ import annotations
@@ -56,18 +57,64 @@ def _listing(names: list[str]) -> str:
     return shown if len(names) <= KNOWN_NAMES else f"{shown}, … (+{len(names) - KNOWN_NAMES:,} more)"
 
 
-def _version_order(version: str) -> tuple[int, int | str]:
+def version_order(version: str) -> tuple[int, int | str]:
     """Numeric versions sort numerically and after non-numeric ones."""
     return (1, int(version)) if version.isdigit() else (0, version)
+
+
+# What a broken bundle raises while loading (ORT's own errors are RuntimeErrors).
+LOAD_ERRORS = (ManifestError, OSError, RuntimeError, ValueError)
+
+
+def load_bundle(bundle: Path, options: RuntimeOptions | None = None) -> LoadedModel:
+    """Load and check one bundle completely (raises one of LOAD_ERRORS saying why it is refused).
+    Nothing is published here: a hot reload runs this in a thread, then adds the result."""
+    manifest = read_manifest(bundle)
+    if (bundle.parent.name, bundle.name) != (manifest.name, manifest.version):
+        raise ManifestError(
+            f"the manifest says {manifest.name}/{manifest.version} but the bundle lives in "
+            f"{bundle.parent.name}/{bundle.name}"
+        )
+    runtime = OnnxModel(bundle, manifest, options)
+    mismatch = graph_problems(manifest, "step", runtime.session.get_inputs(), runtime.session.get_outputs())
+    if mismatch:
+        raise ManifestError(mismatch)
+    return LoadedModel(runtime, codec=_codec(bundle, manifest))
 
 
 class ModelRepository:
     """All loaded model versions, addressable by name and version (empty version = latest)."""
 
-    def __init__(self, models: list[LoadedModel]) -> None:
+    def __init__(
+        self, models: list[LoadedModel], root: Path | None = None, options: RuntimeOptions | None = None
+    ) -> None:
+        self.root = root  # where bundles come from (a hot reload looks there again)
+        self.options = options  # how they were loaded (a reload loads new ones the same way)
         self._by_name: dict[str, dict[str, LoadedModel]] = {}
         for model in models:
-            self._by_name.setdefault(model.manifest.name, {})[model.manifest.version] = model
+            self.add(model)
+
+    def add(self, model: LoadedModel) -> None:
+        """Serve a (fully loaded) version; it is the latest of its name if its version sorts last."""
+        self._by_name.setdefault(model.manifest.name, {})[model.manifest.version] = model
+
+    def remove(self, name: str, version: str) -> LoadedModel:
+        """Stop addressing a version (its sessions keep their own reference to it)."""
+        versions = self._by_name[name]
+        model = versions.pop(version)
+        if not versions:
+            del self._by_name[name]
+        return model
+
+    def latest_version(self, name: str) -> str | None:
+        """The version an unversioned request gets, or None when the name is not loaded."""
+        versions = self._by_name.get(name)
+        return max(versions, key=version_order) if versions else None
+
+    def versions(self, name: str) -> list[LoadedModel]:
+        """The loaded versions of a name, oldest first."""
+        versions = self._by_name.get(name, {})
+        return [versions[v] for v in sorted(versions, key=version_order)]
 
     @classmethod
     def load(cls, root: Path, options: RuntimeOptions | None = None) -> ModelRepository:
@@ -77,32 +124,18 @@ class ModelRepository:
         models = []
         for bundle in bundle_dirs(root):  # hidden directories are exports being written: skipped
             try:
-                manifest = read_manifest(bundle)
-                if (bundle.parent.name, bundle.name) != (manifest.name, manifest.version):
-                    raise ManifestError(
-                        f"the manifest says {manifest.name}/{manifest.version} but the bundle lives in "
-                        f"{bundle.parent.name}/{bundle.name}"
-                    )
-                runtime = OnnxModel(bundle, manifest, options)
-                mismatch = graph_problems(
-                    manifest, "step", runtime.session.get_inputs(), runtime.session.get_outputs()
-                )
-                if mismatch:
-                    raise ManifestError(mismatch)
-                codec = _codec(bundle, manifest)
-            except (ManifestError, OSError, RuntimeError, ValueError) as exc:
+                models.append(load_bundle(bundle, options))
+            except LOAD_ERRORS as exc:
                 log.error("refusing bundle %s: %s", bundle, exc)
-                continue
-            models.append(LoadedModel(runtime, codec))
         if not models:
             log.warning("no loadable model bundles under %s", root)
-        return cls(models)
+        return cls(models, root, options)
 
     def all(self) -> list[tuple[LoadedModel, bool]]:
         """Every loaded version with a flag marking the latest of its name."""
         out = []
         for name in sorted(self._by_name):
-            versions = sorted(self._by_name[name], key=_version_order)
+            versions = sorted(self._by_name[name], key=version_order)
             out += [(self._by_name[name][v], v == versions[-1]) for v in versions]
         return out
 
@@ -113,9 +146,9 @@ class ModelRepository:
             known = _listing(sorted(self._by_name))
             raise NotFound(f"model {quote(name)} is not loaded (models: {known})")
         if not version:
-            version = max(versions, key=_version_order)
+            version = max(versions, key=version_order)
         if version not in versions:
-            known = _listing(sorted(versions, key=_version_order))
+            known = _listing(sorted(versions, key=version_order))
             raise NotFound(f"model {quote(name)} has no version {quote(version)} (versions: {known})")
         return versions[version]
 

@@ -120,6 +120,11 @@ class Scheduler:
         self._generations.clear()
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued, running or generating: stopping it now would fail no caller."""
+        return not self._steps and self._running is None and not self._busy and not self._generations
+
+    @property
     def generating(self) -> int:
         """Sessions in the running batch of generations (some may be sitting out a run)."""
         return len(self._generations)

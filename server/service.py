@@ -11,27 +11,19 @@ from itertools import accumulate
 from grpc import aio
 
 from rnnserve.server.engine import (
-    Classification,
     Engine,
-    FeedResult,
-    FinishReason,
     GeneratedToken,
     GenerateRequest,
 )
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.errors import FailedPrecondition, InvalidArgument
 from rnnserve.server.quoting import quote
+from rnnserve.server.reload import Reloader
 from rnnserve.server.repository import LoadedModel
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.server.sessions import Session
+from rnnserve.server.snapshot import FINISH_REASONS, classification_pb, feed_result_pb
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
-_FINISH_REASONS = {
-    None: pb.FINISH_REASON_UNSPECIFIED,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-}
 
 
 def model_info_pb(model: LoadedModel, latest: bool) -> pb.ModelInfo:
@@ -83,22 +75,6 @@ def session_info_pb(session: Session) -> pb.SessionInfo:
     )
 
 
-def classification_pb(c: Classification) -> pb.Classification:
-    return pb.Classification(label=c.label, label_id=c.label_id, probs=c.probs)
-
-
-def feed_result_pb(result: FeedResult) -> pb.StreamResponse:
-    return pb.StreamResponse(
-        session_id=result.session_id,
-        position=result.position,
-        token_ids=result.token_ids,
-        token_logprobs=result.token_logprobs,
-        top=[pb.TokenCandidate(id=i, text=t, logprob=lp) for i, t, lp in result.top],
-        classification=classification_pb(result.classification) if result.classification else None,
-        replayed=result.replayed,
-    )
-
-
 def generate_response(tokens: Sequence[GeneratedToken]) -> pb.GenerateResponse:
     """One Generate message carrying `tokens` (at least one, consecutive): packed ids and logprobs, their
     texts joined once, where each text ends (code points), the position after the last."""
@@ -110,7 +86,7 @@ def generate_response(tokens: Sequence[GeneratedToken]) -> pb.GenerateResponse:
         text="".join(texts),
         text_offsets=list(accumulate(map(len, texts))),
         position=last.position,
-        finish_reason=_FINISH_REASONS[last.finish_reason],
+        finish_reason=FINISH_REASONS[last.finish_reason],
     )
 
 
@@ -165,17 +141,18 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: aio.ServicerContext
     ) -> pb.SessionInfo:
-        session = self.engine.create_session(request.model, request.version, request.ttl_seconds)
+        session = await self.engine.keeper.open(request.model, request.version, request.ttl_seconds)
         return session_info_pb(session)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.SessionInfo:
-        return session_info_pb(self.engine.sessions.get(request.session_id))
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        return session_info_pb(await self.engine.keeper.get(request.session_id))
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: aio.ServicerContext
     ) -> pb.CloseSessionResponse:
-        session = self.engine.sessions.close(request.session_id)
-        return pb.CloseSessionResponse(position=session.position)
+        return pb.CloseSessionResponse(position=await self.engine.keeper.close(request.session_id))
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: aio.ServicerContext
@@ -217,11 +194,34 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             expected_position=request.expected_position if request.HasField("expected_position") else None,
             max_tokens_per_message=request.max_tokens_per_message,
             flush_interval_ms=request.flush_interval_ms if request.HasField("flush_interval_ms") else None,
+            request_id=request.request_id,
         )
         async for tokens in self.engine.generate(request.session_id, params):
             # Tokens due together (see GenerateRequest.flush_interval_ms) go out in one message when allowed.
             for response in generate_responses(tokens, request.max_tokens_per_message):
                 yield response
+
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: aio.ServicerContext
+    ) -> pb.SessionInfo:
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        return session_info_pb(await self.engine.keeper.fork(request.session_id, request.ttl_seconds))
+
+    async def ExportSession(
+        self, request: pb.ExportSessionRequest, context: aio.ServicerContext
+    ) -> pb.ExportSessionResponse:
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        session, snapshot = await self.engine.keeper.export(request.session_id)
+        return pb.ExportSessionResponse(snapshot=snapshot, session=session_info_pb(session))
+
+    async def ImportSession(
+        self, request: pb.ImportSessionRequest, context: aio.ServicerContext
+    ) -> pb.SessionInfo:
+        if not request.snapshot:
+            raise InvalidArgument("snapshot is required: the bytes ExportSession returned")
+        return session_info_pb(await self.engine.keeper.import_(request.snapshot, request.ttl_seconds))
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: aio.ServicerContext
@@ -237,4 +237,21 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             version=model.manifest.version,
             labels=model.manifest.labels,
             results=[classification_pb(c) for c in results],
+        )
+
+    # -- hot reload: `reloader` is set by the server (app.py); see reload.py for the rules -------------
+
+    reloader: Reloader | None = None
+
+    async def ReloadModels(
+        self, request: pb.ReloadModelsRequest, context: aio.ServicerContext
+    ) -> pb.ReloadModelsResponse:
+        if self.reloader is None:
+            raise FailedPrecondition("this server does not reload models")
+        result = await self.reloader.reload()
+        latest = {m.key: is_latest for m, is_latest in self.engine.repository.all()}
+        return pb.ReloadModelsResponse(
+            loaded=[model_info_pb(m, latest.get(m.key, False)) for m in result.loaded],
+            refused=[pb.RefusedModel(path=str(path), reason=reason) for path, reason in result.refused],
+            unloaded=result.unloaded,
         )

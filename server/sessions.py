@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +44,21 @@ class AppliedInput:
 class AppliedGeneration:
     """A Generate was the last message applied to a session (its prompt or any token of it).
 
-    It cannot be replayed token by token: a retry of it is refused, saying where it ended, and a retry
-    of the message before it is refused too (the session moved on)."""
+    A retry with its request_id (and the same request: `digest`) gets the tokens it made, from the
+    start, and goes on if it was cut short: the tokens are recorded as they are applied, with what
+    rebuilds their text (`recent_before`) and what continues sampling exactly (`seed`: the sampler's
+    stream after n tokens is the seed's stream after n draws). Without a request_id, a retry of it is
+    refused, saying where it ended, and a retry of the message before it is refused too."""
 
     start_position: int  # the session's position when the Generate began (before its prompt)
+    request_id: str = ""
+    digest: bytes = b""  # of the request as sent (see generation.request_digest)
+    seed: int = 0  # the sampler's seed (the server's choice when the request gave none)
+    first_position: int = -1  # after the prompt, before the first generated token (-1: not yet)
+    recent_before: tuple[int, ...] = ()  # recent tokens at first_position
+    token_ids: list[int] = field(default_factory=list)  # the tokens made so far, in order
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # set with its last token
 
 
 Applied = AppliedInput | AppliedGeneration
@@ -80,6 +91,9 @@ class Session:
     closed: bool = False  # closed or expired; its slot is freed once no request holds the session
     # Called once when the session closes while a request holds it (a Generate stops generating).
     on_close: Callable[[], None] | None = None
+    # Called when a request lets go of the session, with whether it succeeded (persist.py writes it).
+    on_release: Callable[[Session, bool], Awaitable[None]] | None = field(default=None, repr=False)
+    parked: bool = False  # it left memory for the session store (see SessionTable.park)
 
     @property
     def state(self) -> State:
@@ -134,20 +148,32 @@ class _Held:
     async def __aenter__(self) -> Session:
         session = self.session
         await session.lock.acquire()
-        if session.closed:  # closed while this request waited for the one before it
+        if session.closed:  # closed (or parked) while this request waited for the one before it
             self._release()
+            if session.parked:
+                raise SessionParked(session.id)
             raise session_not_found(session.id)
         session.touch()
         return session
 
-    async def __aexit__(self, *exc: object) -> None:
-        self.session.on_close = None
-        self._release()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        session = self.session
+        session.on_close = None
+        try:
+            if session.on_release is not None:
+                await session.on_release(session, exc_type is None)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         session = self.session
         session.lock.release()
         session.free_slot_if_closed()
+
+
+class SessionParked(NotFound):
+    """The session left memory for the session store while a request waited for it: the request
+    looks it up again (Engine._use), which revives it."""
 
 
 def session_not_found(session_id: str) -> NotFound:
@@ -164,13 +190,16 @@ class SessionLimits:
     max_ttl_seconds: float = 24 * 3600.0
 
 
-class SessionStore:
-    """Sessions by id, with a size limit and idle expiry."""
+class SessionTable:
+    """The sessions held in memory (hot: their state in a slab row), by id, with a size limit and idle
+    expiry. What a session is outside memory lives in the session store (store.py, persist.py)."""
 
     def __init__(self, limits: SessionLimits | None = None) -> None:
         self.limits = limits or SessionLimits()
         self._sessions: dict[str, Session] = {}
         self._slabs: dict[str, StateSlab] = {}
+        # Given to every session: called when a request lets go of it (persist.Persister.released).
+        self.on_release: Callable[[Session, bool], Awaitable[None]] | None = None
 
     def slab(self, model: LoadedModel) -> StateSlab:
         """The state slab of a model version, sized for max_sessions plus scratch slots."""
@@ -180,8 +209,16 @@ class SessionStore:
             slab = self._slabs[model.key] = StateSlab(model.manifest.state, capacity)
         return slab
 
-    def create(self, model: LoadedModel, ttl_seconds: float = 0) -> Session:
-        """A new session at the model's initial state."""
+    def drop_slab(self, model_key: str) -> None:
+        """Forget a model version's slab (it is unloaded: no session is left on it)."""
+        self._slabs.pop(model_key, None)
+
+    def count_for(self, model_key: str) -> int:
+        """Open sessions on a model version (O(sessions): for reloads, not per request)."""
+        return sum(1 for s in self._sessions.values() if s.model.key == model_key)
+
+    def create(self, model: LoadedModel, ttl_seconds: float = 0, session_id: str = "") -> Session:
+        """A new session at the model's initial state (with `session_id`: one revived from the store)."""
         if ttl_seconds < 0 or ttl_seconds > self.limits.max_ttl_seconds:
             raise InvalidArgument(
                 f"ttl_seconds must be in [0, {self.limits.max_ttl_seconds:.0f}] (0 = server default), "
@@ -198,15 +235,39 @@ class SessionStore:
             )
         slab = self.slab(model)
         session = Session(
-            id=uuid.uuid4().hex,
+            id=session_id or uuid.uuid4().hex,
             model=model,
             slab=slab,
             slot=slab.allocate(),
             ttl_seconds=ttl_seconds or self.limits.default_ttl_seconds,
+            on_release=self.on_release,
         )
         self._sessions[session.id] = session
-        metrics.session_opened(model.key)
+        metrics.SESSIONS_ACTIVE.labels(model.key).inc()
+        if not session_id:
+            metrics.SESSIONS_CREATED.labels(model.key).inc()
         return session
+
+    def revived(self, session: Session) -> None:
+        metrics.SESSIONS_REVIVED.labels(session.model.key).inc()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def idle(self, now: float, idle_seconds: float) -> list[Session]:
+        """Sessions no request holds, unused for more than idle_seconds at `now` (time.monotonic())."""
+        return [
+            s for s in self._sessions.values() if now - s.last_used > idle_seconds and not s.lock.locked()
+        ]
+
+    def park(self, session: Session) -> None:
+        """The session is in the store: let it leave memory (its slot is freed). A request that was
+        waiting for it gets SessionParked and revives it."""
+        del self._sessions[session.id]
+        session.parked = True
+        session.close()
+        metrics.SESSIONS_ACTIVE.labels(session.model.key).dec()
+        metrics.SESSIONS_PARKED.labels(session.model.key).inc()
 
     def get(self, session_id: str) -> Session:
         if not session_id:
@@ -227,13 +288,18 @@ class SessionStore:
     def evict_expired(self, now: float | None = None) -> int:
         """Drop idle sessions past their TTL at `now` (time.monotonic(), by default the present);
         returns how many were dropped."""
+        return len(self.expire(now))
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop idle sessions past their TTL at `now` (time.monotonic(), by default the present);
+        returns their ids."""
         now = time.monotonic() if now is None else now
         expired = [sid for sid, s in self._sessions.items() if s.expired(now)]
         for sid in expired:
             session = self._sessions.pop(sid)
             session.close()
             metrics.session_evicted(session.model.key)
-        return len(expired)
+        return expired
 
     def __len__(self) -> int:
         return len(self._sessions)

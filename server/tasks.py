@@ -55,6 +55,19 @@ class Classification:
         return cls(labels[best], best, [float(p) for p in probs])
 
 
+@dataclass
+class FeedResult:
+    """The answer to a Stream message (kept as the session's last applied input, for retries)."""
+
+    session_id: str
+    position: int  # after the input
+    token_ids: list[int]
+    token_logprobs: list[float]  # empty unless asked for; NaN where nothing predicted the token
+    top: list[Candidate]  # language model: (id, text, logprob) of the next token, best first
+    classification: Classification | None = None  # classifier: class probabilities of the text so far
+    replayed: bool = False
+
+
 @dataclass(frozen=True)
 class FeedReply:
     """What a Stream reply carries besides the position: one of the two, by task."""

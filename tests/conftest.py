@@ -6,6 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import CELL_TEXT, CELLS
+
+# Real redis-server fixtures (redis_url, redis_process): tests/redis_server.py.
+pytest_plugins = ["redis_server"]
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -130,3 +134,31 @@ def client(server_url: str) -> Iterator[object]:
 
     with Client(server_url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def cell_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one small untrained LM per cell, named after the cell (random weights sample
+    varied tokens), exported with the bundle's generation graphs."""
+    import math
+
+    import torch
+
+    from rnnserve.export.onnx_export import export_checkpoint
+    from rnnserve.training.model import ModelArgs, RNNLanguageModel
+    from rnnserve.training.tokenizer import build_char_tokenizer
+    from rnnserve.training.train import TrainConfig, save_checkpoint
+
+    root = tmp_path_factory.mktemp("cells")
+    tokenizer = build_char_tokenizer(CELL_TEXT)
+    for cell in CELLS:
+        run = root / cell
+        run.mkdir()
+        tokenizer.save(str(run / "tokenizer.json"))
+        torch.manual_seed(1)
+        args = ModelArgs(cell=cell, vocab_size=tokenizer.get_vocab_size(), embedding_size=8, hidden_size=16)
+        model = RNNLanguageModel(args)
+        metrics = {"val_loss": 2.0, "val_ppl": math.exp(2.0), "train_loss": 2.5, "epoch": 1}
+        save_checkpoint(run / "checkpoint.pt", model, TrainConfig(cell=cell), metrics)
+        export_checkpoint(run / "checkpoint.pt", root / "repo", cell)
+    return root / "repo"

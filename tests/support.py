@@ -19,6 +19,8 @@ SENTIMENT_TEXTS = [
     "brilliant",
     "the acting was really superb but the story was clumsy and the film was lifeless",
 ]
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]  # every recurrent cell (conftest.cell_repo)
+CELL_TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n"  # their vocabulary
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -106,16 +106,16 @@ def test_expired_sessions_count_as_evicted(tiny_repo: Path) -> None:
     with background_server(config) as server:
         store = server.engine.sessions
         swept, dropped = threading.Event(), []
-        evict_expired = store.evict_expired
+        expire = store.expire
 
-        def reporting(now: float | None = None) -> int:  # what the sweeper calls, on the server's loop
-            n = evict_expired(now)
-            if n:
-                dropped.append(n)
+        def reporting(now: float | None = None) -> list[str]:  # what the sweeper calls, on the server's loop
+            expired = expire(now)
+            if expired:
+                dropped.append(len(expired))
                 swept.set()
-            return n
+            return expired
 
-        store.evict_expired = reporting  # type: ignore[method-assign]
+        store.expire = reporting  # type: ignore[method-assign]
         before = scrape(server.metrics_port)
         with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
             idle = client.session("tiny")  # the server's default TTL: 0.2 s

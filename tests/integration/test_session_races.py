@@ -21,7 +21,7 @@ from rnnserve.client import Client
 from rnnserve.client.errors import NotFoundError
 from rnnserve.server.app import RnnServeServer, background_server
 from rnnserve.server.config import ServerConfig
-from rnnserve.server.engine import INLINE_TOKENIZE_CHARS
+from rnnserve.server.inputs import INLINE_TOKENIZE_CHARS
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 

@@ -10,7 +10,6 @@ the bundle's generation graphs; engines run in-process (no gRPC) with the graphs
 from __future__ import annotations
 
 import asyncio
-import math
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,24 +18,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-import torch
-from support import run_engine_with
+from support import CELLS, run_engine_with
 
 from rnnserve.export.manifest import read_manifest
-from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.server.engine import Engine, GeneratedToken, GenerateRequest
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.runtime import RuntimeOptions
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.server.scheduler import SchedulerOptions
 from rnnserve.server.sessions import Session, SessionLimits
-from rnnserve.training.model import ModelArgs, RNNLanguageModel
-from rnnserve.training.tokenizer import build_char_tokenizer
-from rnnserve.training.train import TrainConfig, save_checkpoint
 
 T = TypeVar("T")
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n"
 PROMPT = "def "
 HOST = RuntimeOptions(device="cpu", generate_graphs="off")  # one host-sampled token per run
 K1 = RuntimeOptions(device="cpu", generate_graphs="on", generate_steps=1)
@@ -48,24 +40,6 @@ SAMPLINGS = [
     SamplingParams(temperature=1.0, top_k=5, seed=7),  # a cut: the cut graph
     SamplingParams(temperature=1.3, top_k=10, top_p=0.8, seed=8),
 ]
-
-
-@pytest.fixture(scope="module")
-def cell_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with one small untrained LM per cell, named after the cell."""
-    root = tmp_path_factory.mktemp("cells")
-    tokenizer = build_char_tokenizer(TEXT)
-    for cell in CELLS:
-        run = root / cell
-        run.mkdir()
-        tokenizer.save(str(run / "tokenizer.json"))
-        torch.manual_seed(1)
-        args = ModelArgs(cell=cell, vocab_size=tokenizer.get_vocab_size(), embedding_size=8, hidden_size=16)
-        model = RNNLanguageModel(args)
-        metrics = {"val_loss": 2.0, "val_ppl": math.exp(2.0), "train_loss": 2.5, "epoch": 1}
-        save_checkpoint(run / "checkpoint.pt", model, TrainConfig(cell=cell), metrics)
-        export_checkpoint(run / "checkpoint.pt", root / "repo", cell)
-    return root / "repo"
 
 
 def with_engine(repo: Path, options: RuntimeOptions, work: Callable[[Engine], Awaitable[T]]) -> T:

@@ -9,7 +9,7 @@ import pytest
 
 from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from rnnserve.server.repository import LoadedModel, ModelRepository
-from rnnserve.server.sessions import SessionLimits, SessionStore
+from rnnserve.server.sessions import SessionLimits, SessionTable
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +18,14 @@ def model(lm_repo: Path) -> LoadedModel:
 
 
 def test_new_session_starts_at_the_initial_state(model: LoadedModel) -> None:
-    session = SessionStore().create(model)
+    session = SessionTable().create(model)
     assert session.position == 0 and session.next_logprobs is None
     assert {k: v.shape for k, v in session.state.items()} == {"h": (2, 1, 32), "c": (2, 1, 32)}
     assert not any(v.any() for v in session.state.values())
 
 
 def test_session_limit_is_resource_exhausted(model: LoadedModel) -> None:
-    store = SessionStore(SessionLimits(max_sessions=2))
+    store = SessionTable(SessionLimits(max_sessions=2))
     store.create(model)
     store.create(model)
     with pytest.raises(ResourceExhausted, match="maximum of 2 sessions"):
@@ -33,7 +33,7 @@ def test_session_limit_is_resource_exhausted(model: LoadedModel) -> None:
 
 
 def test_idle_sessions_expire_after_their_ttl(model: LoadedModel) -> None:
-    store = SessionStore()
+    store = SessionTable()
     short = store.create(model, ttl_seconds=5)
     long = store.create(model, ttl_seconds=60)
     later = time.monotonic() + 10  # a given time, not a sleep: no dependence on the machine's speed
@@ -46,7 +46,7 @@ def test_idle_sessions_expire_after_their_ttl(model: LoadedModel) -> None:
 
 def test_a_lookup_does_not_restart_the_idle_ttl(model: LoadedModel) -> None:
     """GetSession is a lookup, not a use (documented on GetSession in the .proto)."""
-    store = SessionStore()
+    store = SessionTable()
     session = store.create(model, ttl_seconds=5)
     session.last_used -= 4  # idle for 4 of its 5 seconds
     before = session.last_used
@@ -56,7 +56,7 @@ def test_a_lookup_does_not_restart_the_idle_ttl(model: LoadedModel) -> None:
 
 
 def test_a_closed_session_frees_its_slot_once(model: LoadedModel) -> None:
-    store = SessionStore()
+    store = SessionTable()
     session = store.create(model)
     slab = session.slab
     store.close(session.id)
@@ -65,7 +65,7 @@ def test_a_closed_session_frees_its_slot_once(model: LoadedModel) -> None:
 
 
 def test_bad_ttl_and_missing_id(model: LoadedModel) -> None:
-    store = SessionStore()
+    store = SessionTable()
     with pytest.raises(InvalidArgument, match="ttl_seconds"):
         store.create(model, ttl_seconds=-1)
     with pytest.raises(InvalidArgument, match="session_id is required"):

@@ -729,7 +729,7 @@ class ReloadModelsResponse(_message.Message):
 
     @_builtins.property
     def unloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"name/version" dropped (gone from disk, no session left)"""
+        """"name/version" dropped (retired or gone from disk, no session left)"""
 
     def __init__(
         self,

@@ -185,7 +185,8 @@ class RnnServeServicer:
     def ReloadModels(self, request, context):
         """Loads model versions added to the repository since start (or the last reload) without a restart.
         New sessions get the newest version; sessions on an older version keep it until they close. A
-        bundle that fails to load is refused and reported, never half-loaded.
+        bundle that fails to load is refused and reported, never half-loaded. An older version stays
+        addressable by its explicit version until unloaded (no session left; the latest never is).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -99,7 +99,8 @@ class RnnServeStub:
     ReloadModels: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ReloadModelsRequest, _rnnserve_pb2.ReloadModelsResponse]
     """Loads model versions added to the repository since start (or the last reload) without a restart.
     New sessions get the newest version; sessions on an older version keep it until they close. A
-    bundle that fails to load is refused and reported, never half-loaded.
+    bundle that fails to load is refused and reported, never half-loaded. An older version stays
+    addressable by its explicit version until unloaded (no session left; the latest never is).
     """
 
 @_typing.type_check_only
@@ -155,7 +156,8 @@ class RnnServeAsyncStub(RnnServeStub):
     ReloadModels: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ReloadModelsRequest, _rnnserve_pb2.ReloadModelsResponse]  # type: ignore[assignment]
     """Loads model versions added to the repository since start (or the last reload) without a restart.
     New sessions get the newest version; sessions on an older version keep it until they close. A
-    bundle that fails to load is refused and reported, never half-loaded.
+    bundle that fails to load is refused and reported, never half-loaded. An older version stays
+    addressable by its explicit version until unloaded (no session left; the latest never is).
     """
 
 class RnnServeServicer(metaclass=_abc_1.ABCMeta):
@@ -274,7 +276,8 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rnnserve_pb2.ReloadModelsResponse, _abc.Awaitable[_rnnserve_pb2.ReloadModelsResponse]]:
         """Loads model versions added to the repository since start (or the last reload) without a restart.
         New sessions get the newest version; sessions on an older version keep it until they close. A
-        bundle that fails to load is refused and reported, never half-loaded.
+        bundle that fails to load is refused and reported, never half-loaded. An older version stays
+        addressable by its explicit version until unloaded (no session left; the latest never is).
         """
 
 def add_RnnServeServicer_to_server(servicer: RnnServeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,151 @@
+"""Writing sessions to the session store behind them (store.py), with a stated bound on what a crash
+can lose:
+
+- write-behind (`--persist-interval-ms N`, N > 0, the default with Redis): a session changed by a
+  message is written within about N ms after that message's reply; a crash loses at most the messages
+  answered in the last N ms (plus a write in flight). The client learns the true position from the
+  expected_position check and resends them (the Python client does that by itself).
+- write-through (`--persist-interval-ms 0`): a message's reply goes out only after its session is in
+  the store. A crash loses nothing that was answered. A Generate is written when it ends; a crash
+  during one loses it, and the retried call (same request_id and seed) samples the same tokens again.
+
+Snapshots are taken only of sessions no request holds, so no run on their state is in flight: a
+session's state, position and last applied message always go to the store together. Writes are
+batched: one round trip for every session changed in an interval. All writes and deletes go through
+one lock, so a close's delete is never overtaken by an older write of the same session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from rnnserve.server import metrics
+from rnnserve.server.errors import LogLimiter
+from rnnserve.server.sessions import Session
+from rnnserve.server.snapshot import snapshot_of
+from rnnserve.server.store import SessionStore, StoredSession, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+STORE_ERROR_LOG_INTERVAL_S = 30.0
+
+
+def stored(session: Session) -> StoredSession:
+    """The session's snapshot as the store keeps it (take it while no request holds the session)."""
+    return StoredSession(session.id, snapshot_of(session).SerializeToString(), session.ttl_seconds)
+
+
+class Persister:
+    """Keeps the store up to date with the sessions in memory (see the module's docstring)."""
+
+    def __init__(self, store: SessionStore, interval_s: float) -> None:
+        self.store = store
+        self.interval_s = interval_s  # 0: write-through
+        self._dirty: dict[str, Session] = {}  # changed since their last write
+        self._lock = asyncio.Lock()
+        self._errors = LogLimiter(STORE_ERROR_LOG_INTERVAL_S)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def write_through(self) -> bool:
+        return self.interval_s == 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._dirty)
+
+    def start(self) -> None:
+        if not self.write_through and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop writing behind, after one last write of what changed (a clean shutdown loses nothing)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self.flush()
+        except StoreUnavailable as exc:
+            log.error("%d session(s) changed since their last write are lost: %s", self.pending, exc)
+
+    def changed(self, session: Session) -> None:
+        """A message changed the session (or created it): write it behind."""
+        self._dirty[session.id] = session
+
+    async def released(self, session: Session, ok: bool) -> None:
+        """A request let go of the session. Write-through: write it now (before the reply goes out), if
+        the request succeeded; otherwise it is written behind."""
+        if session.closed:
+            return
+        if self.write_through and ok:
+            async with self._lock:
+                await self._save([stored(session)])
+            self._dirty.pop(session.id, None)
+        else:
+            self._dirty[session.id] = session
+
+    async def flush(self) -> int:
+        """Write every changed session that no request holds (the others are written after their
+        request); returns how many were written."""
+        async with self._lock:
+            ready = [s for s in self._dirty.values() if not s.lock.locked() and not s.closed]
+            for s in [s for s in self._dirty.values() if s.closed]:
+                del self._dirty[s.id]
+            if not ready:
+                return 0
+            records = [stored(s) for s in ready]  # synchronous: no request can take them meanwhile
+            for s in ready:
+                del self._dirty[s.id]
+            try:
+                await self._save(records)
+            except StoreUnavailable:
+                for s in ready:  # written again next time, unless a newer change is already queued
+                    self._dirty.setdefault(s.id, s)
+                raise
+        return len(records)
+
+    async def write(self, sessions: Sequence[Session]) -> None:
+        """Write these sessions now (held by no request): before an idle session leaves memory."""
+        async with self._lock:
+            await self._save([stored(s) for s in sessions])
+        for s in sessions:
+            self._dirty.pop(s.id, None)
+
+    async def forget(self, session_ids: Sequence[str]) -> None:
+        """Sessions closed or expired: delete them from the store, after any write already begun."""
+        for session_id in session_ids:
+            self._dirty.pop(session_id, None)
+        async with self._lock:
+            try:
+                await self.store.delete(session_ids)
+            except StoreUnavailable:
+                metrics.STORE_ERRORS.labels("delete").inc()
+                raise
+
+    async def _save(self, records: list[StoredSession]) -> None:
+        try:
+            await self.store.save(records)
+        except StoreUnavailable:
+            metrics.STORE_ERRORS.labels("save").inc()
+            raise
+        metrics.STORE_WRITES.inc(len(records))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:
+                held = self._errors.allow()
+                if held is not None:
+                    log.warning(
+                        "session store write failed (%d session(s) waiting, retried every %.0f ms; "
+                        "%d similar failures not logged): %s",
+                        self.pending,
+                        self.interval_s * 1000,
+                        held,
+                        exc,
+                    )
