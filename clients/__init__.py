@@ -16,8 +16,10 @@ from rnnserve.client.errors import (
     NotFoundError,
     ResourceExhaustedError,
     RnnserveError,
+    SessionDiverged,
     UnavailableError,
 )
+from rnnserve.client.retry import RetryPolicy
 from rnnserve.client.types import (
     Candidate,
     Classification,
@@ -25,6 +27,8 @@ from rnnserve.client.types import (
     GeneratedToken,
     GenerateMessage,
     ModelInfo,
+    RefusedModel,
+    ReloadResult,
     SessionInfo,
 )
 
@@ -43,9 +47,13 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
+    "RefusedModel",
+    "ReloadResult",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "RnnserveError",
     "Session",
+    "SessionDiverged",
     "SessionInfo",
     "UnavailableError",
 ]

@@ -7,6 +7,9 @@
     rnnserve classify --model sst2 "a gorgeous, witty film" "a dull mess"
     rnnserve models
     rnnserve models validate model_repo        # offline: what is wrong with each bundle
+    rnnserve session export SESSION_ID -o s.bin  # a session as bytes; `session import s.bin` restores it
+    rnnserve session fork SESSION_ID             # a copy of a session (prints the new id)
+    rnnserve reload                              # load model versions added to the server's repository
     rnnserve demo                                # all of the above, end to end
 
 Subcommands register their flags without importing torch or ONNX Runtime; those load only when the
@@ -107,6 +110,69 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+URL_HELP = "server host:port (default $RNNSERVE_URL or localhost:50051)"
+
+
+def _register_sessions(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("session", help="export, import or fork a session on a server")
+    commands = p.add_subparsers(dest="session_command", required=True, metavar="{export,import,fork}")
+    export = commands.add_parser(
+        "export", help="write a session's snapshot (state, position, model) to a file"
+    )
+    export.add_argument("session_id", metavar="SESSION_ID")
+    export.add_argument("-o", "--output", required=True, help="file to write ('-' for stdout)")
+    imported = commands.add_parser("import", help="open a new session from an exported file; prints its id")
+    imported.add_argument("file", metavar="FILE", help="a file `session export` wrote ('-' for stdin)")
+    fork = commands.add_parser("fork", help="open a copy of a session; prints the new session's id")
+    fork.add_argument("session_id", metavar="SESSION_ID")
+    for command in (imported, fork):
+        command.add_argument("--ttl-seconds", type=int, default=0, help="idle TTL (0: the source's)")
+    for command in (export, imported, fork):
+        command.add_argument("--url", default=None, help=URL_HELP)
+        command.set_defaults(func=run_session)
+    reload = subparsers.add_parser("reload", help="load model versions added to the server's repository")
+    reload.add_argument("--url", default=None, help=URL_HELP)
+    reload.set_defaults(func=run_reload)
+
+
+def run_session(args: argparse.Namespace) -> int:
+    from rnnserve.client.client import Client
+
+    with Client(args.url) as client:
+        if args.session_command == "export":
+            snapshot = client.attach(args.session_id).export()
+            if args.output == "-":
+                sys.stdout.buffer.write(snapshot)
+            else:
+                with open(args.output, "wb") as f:
+                    f.write(snapshot)
+            return 0
+        if args.session_command == "import":
+            with sys.stdin.buffer if args.file == "-" else open(args.file, "rb") as f:
+                session = client.import_session(f.read(), ttl_seconds=args.ttl_seconds)
+        else:
+            session = client.attach(args.session_id).fork(ttl_seconds=args.ttl_seconds)
+        print(session.id)
+        print(f"{session.model}@{session.version}, position {session.position}", file=sys.stderr)
+    return 0
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    from rnnserve.client.client import Client
+
+    with Client(args.url) as client:
+        result = client.reload_models()
+    for m in result.loaded:
+        print(f"loaded {m.name}@{m.version}")
+    for refused in result.refused:
+        print(f"refused {refused.path}: {refused.reason}")
+    for key in result.unloaded:
+        print(f"unloaded {key}")
+    if not (result.loaded or result.refused or result.unloaded):
+        print("nothing changed", file=sys.stderr)
+    return 1 if result.refused else 0
+
+
 # The extras (pyproject.toml) a command needs beyond the client install, and which extra brings a module.
 COMMAND_EXTRAS = {
     "train": "train",
@@ -152,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_generate(subparsers)
     _register_classify(subparsers)
     _register_models(subparsers)
+    _register_sessions(subparsers)
     demo.register(subparsers)
     return parser
 

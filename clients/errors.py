@@ -29,6 +29,15 @@ class FailedPreconditionError(RnnserveError):
     """The session is not where the request expected it to be, or the model cannot do this."""
 
 
+class SessionDiverged(FailedPreconditionError):
+    """The server's session lost messages the client cannot send again (they are older than, or do not
+    line up with, the client's log of recent inputs), or a resent generation made other tokens: the
+    session on the server is no longer the one this client fed. The message says what was lost."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+        super().__init__(message, code)
+
+
 class ResourceExhaustedError(RnnserveError):
     """A server limit was hit (sessions, message size)."""
 

@@ -46,6 +46,7 @@ def generate_request(
     expected_position: int | None,
     max_tokens_per_message: int = 1,
     flush_interval_ms: int | None = None,
+    request_id: str = "",
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
@@ -58,6 +59,7 @@ def generate_request(
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
         max_tokens_per_message=max_tokens_per_message,
+        request_id=request_id,
         **({} if prompt is None else input_fields(prompt, "prompt_text", "prompt_tokens")),
     )
     if expected_position is not None:

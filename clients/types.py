@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from rnnserve.client.errors import SessionDiverged
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 FINISH_REASONS = {
@@ -182,6 +183,14 @@ class GenerateMessage:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def skip(self, k: int) -> GenerateMessage:
+        """This message without its first k tokens (those a reissued call sent again)."""
+        cut = self.text_offsets[k - 1] if k else 0
+        offsets = [o - cut for o in self.text_offsets[k:]]
+        return GenerateMessage(
+            self.token_ids[k:], self.logprobs[k:], self.text[cut:], offsets, self.position, self.finish_reason
+        )
+
     @property
     def texts(self) -> list[str]:
         """Each token's text: `text` split at `text_offsets`."""
@@ -207,10 +216,26 @@ class GenerateRecord:
     def __init__(self) -> None:
         self._messages: list[GenerateMessage] = []
         self.finish_reason: str | None = None
+        self._resent: list[int] = []  # tokens a reissued call will send again, still to come
 
-    def received(self, response: pb.GenerateResponse) -> GenerateMessage:
-        """Unpack one response and record it."""
+    def reissued(self) -> None:
+        """The call is being made again (same request_id): its first tokens are those received already."""
+        self._resent = [t.id for t in self.tokens]
+
+    def received(self, response: pb.GenerateResponse) -> GenerateMessage | None:
+        """Unpack one response and record it; None when it holds only tokens received already."""
         message = GenerateMessage.from_pb(response)
+        if self._resent:
+            k = min(len(self._resent), len(message))
+            if message.token_ids[:k] != self._resent[:k]:
+                raise SessionDiverged(
+                    f"the reissued Generate sent tokens {message.token_ids[:k]} where the first call sent "
+                    f"{self._resent[:k]}: the server's session is not the one this generation started from"
+                )
+            del self._resent[:k]
+            if k == len(message):
+                return None
+            message = message.skip(k)
         self._messages.append(message)
         if message.finish_reason:
             self.finish_reason = message.finish_reason
@@ -225,6 +250,31 @@ class GenerateRecord:
     def text(self) -> str:
         """The text generated so far (stop strings excluded)."""
         return "".join(m.text for m in self._messages)
+
+
+@dataclass(frozen=True)
+class RefusedModel:
+    """A bundle the server could not load (nothing of it is served)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What `reload_models` changed: versions loaded, bundles refused, "name/version"s dropped."""
+
+    loaded: list[ModelInfo]
+    refused: list[RefusedModel]
+    unloaded: list[str]
+
+    @classmethod
+    def from_pb(cls, r: pb.ReloadModelsResponse) -> ReloadResult:
+        return cls(
+            [ModelInfo.from_pb(m) for m in r.loaded],
+            [RefusedModel(m.path, m.reason) for m in r.refused],
+            list(r.unloaded),
+        )
 
 
 def input_fields(data: str | Sequence[int], text_field: str, tokens_field: str) -> dict[str, Any]:
