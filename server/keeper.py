@@ -71,7 +71,7 @@ class SessionKeeper:
         await self.store.aclose()
 
     def create(self, model: str, version: str = "", ttl_seconds: float = 0) -> Session:
-        """A new session in memory (written behind to a durable store; see open_session)."""
+        """A new session in memory (`open` also writes it to a durable store)."""
         if not model:
             raise InvalidArgument("model is required (see ListModels for what is loaded)")
         loaded = self.repository.get(model, version)
@@ -82,13 +82,16 @@ class SessionKeeper:
         return session
 
     async def open(self, model: str, version: str = "", ttl_seconds: float = 0) -> Session:
-        """CreateSession: a new session, in the store before the answer when writing through."""
+        """CreateSession: a new session, in the store before the answer."""
         session = self.create(model, version, ttl_seconds)
         await self._write_through(session)
         return session
 
     async def _write_through(self, session: Session) -> None:
-        if self.persister is not None and self.persister.write_through:
+        """A new session (created, forked or imported) is in a durable store before its id is answered,
+        whatever the persistence mode: a crash can lose a session's last messages, which its client
+        resends, but never the session itself, whose id only this answer could have told."""
+        if self.persister is not None:
             try:
                 await self.persister.write([session])
             except Unavailable:
@@ -141,16 +144,14 @@ class SessionKeeper:
         return _Use(self, session)
 
     async def close(self, session_id: str) -> int:
-        """CloseSession: closes it in memory and in the store; returns its final position."""
+        """CloseSession: closes it in memory, then deletes it from the store; returns its final position.
+        Closed in memory first, so that no request can write it again. If the store cannot be reached
+        the call fails (UNAVAILABLE); a retry loads it back from the store and closes it again."""
         if not session_id:
             raise InvalidArgument("session_id is required")
-        if session_id in self.sessions:
-            position = self.sessions.get(session_id).position
-        else:
-            position = (await self.get(session_id)).position  # NotFound if the store has none either
+        await self.get(session_id)  # NotFound if neither memory nor the store has it
+        position = self.sessions.close(session_id).position
         await self._forget([session_id])
-        if session_id in self.sessions:
-            position = self.sessions.close(session_id).position
         return position
 
     async def _forget(self, session_ids: list[str]) -> None:

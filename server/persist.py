@@ -9,8 +9,9 @@ can lose:
   the store. A crash loses nothing that was answered. A Generate is written when it ends; a crash
   during one loses it, and the retried call (same request_id and seed) samples the same tokens again.
 
-Snapshots are taken only of sessions no request holds, so no run on their state is in flight: a
-session's state, position and last applied message always go to the store together. Writes are
+A session's snapshot is taken when a request lets go of it (and when it is created), so no run on its
+state is in flight: its state, position and last applied message always go to the store together, and
+a session held for a long time (a long Generate) is still written as it was before. Writes are
 batched: one round trip for every session changed in an interval. All writes and deletes go through
 one lock, so a close's delete is never overtaken by an older write of the same session.
 """
@@ -43,7 +44,7 @@ class Persister:
     def __init__(self, store: SessionStore, interval_s: float) -> None:
         self.store = store
         self.interval_s = interval_s  # 0: write-through
-        self._dirty: dict[str, Session] = {}  # changed since their last write
+        self._dirty: dict[str, StoredSession] = {}  # snapshots not written yet, by session id
         self._lock = asyncio.Lock()
         self._errors = LogLimiter(STORE_ERROR_LOG_INTERVAL_S)
         self._task: asyncio.Task[None] | None = None
@@ -72,38 +73,33 @@ class Persister:
             log.error("%d session(s) changed since their last write are lost: %s", self.pending, exc)
 
     def changed(self, session: Session) -> None:
-        """A message changed the session (or created it): write it behind."""
-        self._dirty[session.id] = session
+        """A session was created (no request holds it): write it behind."""
+        self._dirty[session.id] = stored(session)
 
     async def released(self, session: Session, ok: bool) -> None:
-        """A request let go of the session. Write-through: write it now (before the reply goes out), if
-        the request succeeded; otherwise it is written behind."""
+        """A request let go of the session: write it behind, or now (before the reply goes out) when
+        writing through and the request succeeded."""
         if session.closed:
             return
+        record = stored(session)
         if self.write_through and ok:
             async with self._lock:
-                await self._save([stored(session)])
+                await self._save([record])
             self._dirty.pop(session.id, None)
         else:
-            self._dirty[session.id] = session
+            self._dirty[session.id] = record
 
     async def flush(self) -> int:
-        """Write every changed session that no request holds (the others are written after their
-        request); returns how many were written."""
+        """Write every session changed since its last write; returns how many were written."""
         async with self._lock:
-            ready = [s for s in self._dirty.values() if not s.lock.locked() and not s.closed]
-            for s in [s for s in self._dirty.values() if s.closed]:
-                del self._dirty[s.id]
-            if not ready:
+            records, self._dirty = self._dirty, {}
+            if not records:
                 return 0
-            records = [stored(s) for s in ready]  # synchronous: no request can take them meanwhile
-            for s in ready:
-                del self._dirty[s.id]
             try:
-                await self._save(records)
+                await self._save(list(records.values()))
             except StoreUnavailable:
-                for s in ready:  # written again next time, unless a newer change is already queued
-                    self._dirty.setdefault(s.id, s)
+                for session_id, record in records.items():  # again next time, unless superseded
+                    self._dirty.setdefault(session_id, record)
                 raise
         return len(records)
 
