@@ -9,6 +9,7 @@ with Client("localhost:50051") as client, client.session("shakespeare") as sessi
 """
 
 from rnnserve.client.aio import AsyncClient, AsyncGenerateStream, AsyncSession
+from rnnserve.client.channel import TLS
 from rnnserve.client.client import Client, GenerateStream, Session
 from rnnserve.client.errors import (
     FailedPreconditionError,
@@ -33,6 +34,7 @@ from rnnserve.client.types import (
 )
 
 __all__ = [
+    "TLS",
     "AsyncClient",
     "AsyncGenerateStream",
     "AsyncSession",

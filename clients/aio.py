@@ -13,18 +13,16 @@ same rules as the sync client's (see `Client`).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Generator, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc import aio
 
 from rnnserve.client.aio_session import AsyncGenerateStream, AsyncSession
-from rnnserve.client.client import DEFAULT_URL
+from rnnserve.client.channel import TLSArg, connection, open_aio_channel, with_metadata
 from rnnserve.client.errors import NotFoundError, from_rpc_error
-from rnnserve.client.requests import channel_options, classify_request
+from rnnserve.client.requests import call_metadata, classify_request
 from rnnserve.client.retry import DEFAULT_RETRY, Attempts, RetryArg, resolve_policy
 from rnnserve.client.types import Classification, ModelInfo, ReloadResult, SessionInfo
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -34,8 +32,8 @@ __all__ = ["AsyncClient", "AsyncGenerateStream", "AsyncSession", "SessionOpener"
 
 
 class AsyncClient:
-    """asyncio connection to an rnnserve server (see `Client` for the arguments, `retry` included, and
-    what a retry does)."""
+    """asyncio connection to an rnnserve server (see `Client` for the arguments, `retry`, `tls` and
+    `token` included, and what a retry does)."""
 
     def __init__(
         self,
@@ -44,19 +42,23 @@ class AsyncClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         retry: RetryArg = DEFAULT_RETRY,
+        tls: TLSArg = None,
+        token: str | None = None,
     ) -> None:
-        self.url = url or os.environ.get("RNNSERVE_URL", DEFAULT_URL)
+        conn = connection(url, tls=tls, token=token, max_message_bytes=max_message_bytes)
+        self.url = conn.target
         self.timeout = timeout
         self.retry = resolve_policy(retry)
-        self._channel = aio.insecure_channel(self.url, options=channel_options(max_message_bytes))
+        self.metadata = conn.metadata  # what every call carries besides its own (the token, in plaintext)
+        self._channel = open_aio_channel(conn)
         self.stub = pb_grpc.RnnServeStub(self._channel)
 
     async def _call(self, method: Any, request: Any, *, gone_is_done: bool = False) -> Any:
-        """One unary call, retried by the policy (as `Client._call`)."""
-        attempts = Attempts(self.retry)
+        """One unary call, retried by the policy (as `Client._call`, the session header included)."""
+        attempts, metadata = Attempts(self.retry), with_metadata(self.metadata, call_metadata(request))
         while True:
             try:
-                return await method(request, timeout=self.timeout)
+                return await method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             if gone_is_done and attempts.retried and isinstance(error, NotFoundError):

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from rnnserve.client.channel import with_metadata
 from rnnserve.client.errors import FailedPreconditionError, RnnserveError, SessionDiverged, from_rpc_error
-from rnnserve.client.requests import TOKENS_PER_MESSAGE
+from rnnserve.client.requests import TOKENS_PER_MESSAGE, call_metadata, session_metadata
 from rnnserve.client.retry import Attempts
 from rnnserve.client.session_base import SessionBase, generation_diverged
 from rnnserve.client.session_log import LoggedGeneration, LoggedInput
@@ -42,14 +43,18 @@ class AsyncSession(SessionBase):
         """Append text or token ids; returns the model's output after them (see `Session.feed`, retries
         and the restoring of a session the server lost messages of included)."""
         async with self._lock:
-            if not self._synced and expected_position is None:
+            resync = not self._synced and expected_position is None
+            if resync:
                 await self.info()
             request = self._feed_request(data, top_k, token_logprobs, expected_position)
             try:
                 response = await self._send(request)
             except FailedPreconditionError:
                 if not await self._catch_up(request.expected_position):
-                    raise
+                    if not resync:
+                        raise
+                    await self.info()  # a cut Generate had not settled yet (see Session.feed)
+                    request = self._feed_request(data, top_k, token_logprobs, None)
                 response = await self._send(request)
             return self._fed(request, response)
 
@@ -58,15 +63,17 @@ class AsyncSession(SessionBase):
         attempts = Attempts(self.client.retry)
         while True:
             if self._stream is None:
-                self._stream = self.client.stub.Stream()
+                self._stream = self.client.stub.Stream(
+                    metadata=with_metadata(self.client.metadata, session_metadata(self.id))
+                )
             try:
                 await self._stream.write(request)
                 response = await self._stream.read()
                 if response is not aio.EOF:
                     return response
                 error = RnnserveError("the server ended the stream without an answer")
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
+            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                error = await _stream_error(self._stream, exc)
             self._stream = None  # an error status ends the stream; the next attempt opens another
             delay = attempts.retry_after(error)
             if delay is None:
@@ -171,6 +178,24 @@ class AsyncSession(SessionBase):
                 raise
 
 
+async def _stream_error(call: Any, exc: Exception) -> RnnserveError:
+    """Why a Stream call failed. A write on a stream that has already ended (e.g. reset by a proxy whose
+    replica died: RST_STREAM, retried) fails in grpc.aio with INTERNAL "Internal error from Core" or
+    InvalidStateError rather than the status that ended it: that status, then, once the call has it."""
+    try:
+        code = await asyncio.wait_for(call.code(), 5)
+        details = await call.details()
+    except (TimeoutError, grpc.RpcError):
+        code = None
+    finally:
+        call.cancel()
+    if code is not None and code != grpc.StatusCode.OK:
+        return from_rpc_error(aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details))
+    if isinstance(exc, grpc.RpcError):
+        return from_rpc_error(exc)
+    return RnnserveError(f"the server ended the stream without an answer ({exc})")
+
+
 class AsyncGenerateStream(GenerateRecord):
     """Tokens of one Generate call as they arrive, as `GenerateStream` for asyncio: `async for` it for
     one `GeneratedToken` at a time, or `messages()` for one `GenerateMessage` at a time (use one of the
@@ -188,6 +213,7 @@ class AsyncGenerateStream(GenerateRecord):
         self._session = session
         self._request = request  # or what makes it, when the call starts (the position is known then)
         self._restoring = restoring
+        self._resynced = False  # see GenerateStream
         self._call: Any = None
         self._closed = False
 
@@ -201,7 +227,8 @@ class AsyncGenerateStream(GenerateRecord):
             return self._request
         session, (prompt, expected_position, options) = self._session, self._request
         async with session._lock:
-            if not session._synced and expected_position is None:
+            self._resynced = not session._synced and expected_position is None
+            if self._resynced:
                 await session.info()
             self._request = session._generate_request(prompt, expected_position, **options)
         return self._request
@@ -213,7 +240,8 @@ class AsyncGenerateStream(GenerateRecord):
         session, request = self._session, await self._start()
         attempts, caught_up = Attempts(session.client.retry), self._restoring is not None
         while True:
-            self._call = call = session.client.stub.Generate(request)
+            metadata = with_metadata(session.client.metadata, call_metadata(request))
+            self._call = call = session.client.stub.Generate(request, metadata=metadata)
             try:
                 async for response in call:
                     message = self.received(response)
@@ -233,7 +261,9 @@ class AsyncGenerateStream(GenerateRecord):
             if isinstance(error, FailedPreconditionError) and not caught_up:
                 caught_up = True
                 if not await session._catch_up_locked(request.expected_position):
-                    raise error
+                    if not (self._resynced and not self.tokens):
+                        raise error
+                    request.expected_position = (await session.info()).position  # see GenerateStream
             else:
                 delay = attempts.retry_after(error)
                 if delay is None:

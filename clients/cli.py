@@ -21,8 +21,51 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from rnnserve.client.errors import RnnserveError
+
+if TYPE_CHECKING:
+    from rnnserve.client.client import Client
+
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """--token and the TLS flags, for every command that calls a server (read by `connection_options`)."""
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token sent with every call [$RNNSERVE_TOKEN, which keeps it out of `ps`]",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="FILE",
+        help="connect with TLS, trusting server certificates this CA (PEM) signed [$RNNSERVE_TLS_CA]; "
+        "--url https://HOST:PORT: TLS with the system's roots",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="FILE",
+        help="mTLS: this client's certificate (PEM), with --tls-key [$RNNSERVE_CLIENT_CERT]",
+    )
+    p.add_argument(
+        "--tls-key", default=None, metavar="FILE", help="mTLS: the key of --tls-cert [$RNNSERVE_CLIENT_KEY]"
+    )
+
+
+def connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `tls` and `token` arguments of a client, from the flags of `add_connection_flags`."""
+    from rnnserve.client.channel import TLS
+
+    return {"tls": TLS.from_env(args.tls_ca, args.tls_cert, args.tls_key), "token": args.token}
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A client for --url and the connection flags."""
+    from rnnserve.client.client import Client
+
+    return Client(args.url, **connection_options(args))
 
 
 def _register_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,13 +80,12 @@ def _register_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="same seed, same prompt => same text")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    add_connection_flags(p)
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from rnnserve.client.client import Client
-
-    with Client(args.url) as client, client.session(args.model, version=args.version) as session:
+    with connect(args) as client, client.session(args.model, version=args.version) as session:
         if args.prompt:
             print(args.prompt, end="", flush=True)
         stream = session.generate(
@@ -67,14 +109,13 @@ def _register_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
     p.add_argument("--model", required=True, help="classifier model name (see `rnnserve models`)")
     p.add_argument("--version", default="", help="model version (default: latest)")
+    add_connection_flags(p)
     p.set_defaults(func=run_classify)
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from rnnserve.client.client import Client
-
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
-    with Client(args.url) as client:
+    with connect(args) as client:
         for text, result in zip(texts, client.classify(args.model, texts, version=args.version), strict=True):
             probs = "  ".join(
                 f"{label}={p:.3f}" for label, p in zip(result.labels, result.probs, strict=True)
@@ -90,14 +131,13 @@ def _register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "models", help="list the models a server has loaded; `models validate REPO` checks bundles offline"
     )
     p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
+    add_connection_flags(p)
     p.set_defaults(func=run_models)
     register_models_validate(p.add_subparsers(dest="models_command", metavar="{validate}"))
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from rnnserve.client.client import Client
-
-    with Client(args.url) as client:
+    with connect(args) as client:
         for m in client.models():
             latest = " (latest)" if m.latest else ""
             metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
@@ -129,16 +169,16 @@ def _register_sessions(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         command.add_argument("--ttl-seconds", type=int, default=0, help="idle TTL (0: the source's)")
     for command in (export, imported, fork):
         command.add_argument("--url", default=None, help=URL_HELP)
+        add_connection_flags(command)
         command.set_defaults(func=run_session)
     reload = subparsers.add_parser("reload", help="load model versions added to the server's repository")
     reload.add_argument("--url", default=None, help=URL_HELP)
+    add_connection_flags(reload)
     reload.set_defaults(func=run_reload)
 
 
 def run_session(args: argparse.Namespace) -> int:
-    from rnnserve.client.client import Client
-
-    with Client(args.url) as client:
+    with connect(args) as client:
         if args.session_command == "export":
             snapshot = client.attach(args.session_id).export()
             if args.output == "-":
@@ -158,9 +198,7 @@ def run_session(args: argparse.Namespace) -> int:
 
 
 def run_reload(args: argparse.Namespace) -> int:
-    from rnnserve.client.client import Client
-
-    with Client(args.url) as client:
+    with connect(args) as client:
         result = client.reload_models()
     for m in result.loaded:
         print(f"loaded {m.name}@{m.version}")

@@ -8,31 +8,34 @@ Calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are retried (see `RetryPol
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
+from rnnserve.client.channel import DEFAULT_URL, TLS, TLSArg, connection, open_channel, with_metadata
 from rnnserve.client.errors import NotFoundError, from_rpc_error
-from rnnserve.client.requests import channel_options, classify_request
+from rnnserve.client.requests import call_metadata, classify_request
 from rnnserve.client.retry import DEFAULT_RETRY, Attempts, RetryArg, resolve_policy
 from rnnserve.client.session import GenerateStream, Session
 from rnnserve.client.types import Classification, ModelInfo, ReloadResult, SessionInfo
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
-DEFAULT_URL = "localhost:50051"
-
-__all__ = ["DEFAULT_URL", "Client", "GenerateStream", "Session"]
+__all__ = ["DEFAULT_URL", "TLS", "Client", "GenerateStream", "Session"]
 
 
 class Client:
     """Connection to an rnnserve server.
 
     Args:
-        url: host:port of the server (default: $RNNSERVE_URL, else localhost:50051).
+        url: host:port of the server (default: $RNNSERVE_URL, else localhost:50051); https://host:port
+            means TLS with the system's CA roots.
+        tls: a `TLS` (CA file, client certificate for mTLS, server name); True: TLS with the system's
+            roots; False: plaintext; None (default): TLS when $RNNSERVE_TLS_CA, $RNNSERVE_CLIENT_CERT or
+            $RNNSERVE_CLIENT_KEY is set or the URL is https://, else plaintext.
+        token: sent as `authorization: Bearer <token>` with every call (default $RNNSERVE_TOKEN).
         timeout: seconds for unary calls (None = no deadline), per attempt.
         max_message_bytes: largest message sent or received.
         retry: how calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED (a server restarting, a
@@ -55,23 +58,25 @@ class Client:
         timeout: float | None = 30.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         retry: RetryArg = DEFAULT_RETRY,
+        tls: TLSArg = None,
+        token: str | None = None,
     ) -> None:
-        self.url = url or os.environ.get("RNNSERVE_URL", DEFAULT_URL)
+        conn = connection(url, tls=tls, token=token, max_message_bytes=max_message_bytes)
+        self.url = conn.target
         self.timeout = timeout
         self.retry = resolve_policy(retry)
-        self._channel = grpc.insecure_channel(
-            self.url,
-            options=channel_options(max_message_bytes),
-        )
+        self.metadata = conn.metadata  # what every call carries besides its own (the token, in plaintext)
+        self._channel = open_channel(conn)
         self.stub = pb_grpc.RnnServeStub(self._channel)
 
     def _call(self, method: Any, request: Any, *, gone_is_done: bool = False) -> Any:
         """One unary call, retried by the policy. `gone_is_done`: NOT_FOUND after a retried attempt
-        is success (None), for calls that make something go away."""
-        attempts = Attempts(self.retry)
+        is success (None), for calls that make something go away. A call on a session carries its id
+        as metadata (`call_metadata`)."""
+        attempts, metadata = Attempts(self.retry), with_metadata(self.metadata, call_metadata(request))
         while True:
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             if gone_is_done and attempts.retried and isinstance(error, NotFoundError):

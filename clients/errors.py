@@ -61,8 +61,20 @@ _BY_CODE: dict[grpc.StatusCode, type[RnnserveError]] = {
 }
 
 
+def tls_hint(details: str) -> str:
+    """gRPC's report of a failed TLS handshake (UNAVAILABLE, "...: Tls handshake failed (...): ...") led by
+    what is likely wrong; other details as they are."""
+    if "handshake failed" not in details.lower():
+        return details
+    if "WRONG_VERSION_NUMBER" in details:
+        return f"TLS handshake failed: does the server serve TLS? ({details})"
+    return f"TLS handshake failed: is the CA right? ({details})"
+
+
 def from_rpc_error(error: grpc.RpcError) -> RnnserveError:
     """The client exception for a failed gRPC call."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.UNAVAILABLE and details:
+        details = tls_hint(details)
     return _BY_CODE.get(code, RnnserveError)(details or code.name, code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Final
 
 from rnnserve.client.types import input_fields
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -10,6 +11,25 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 # What the clients ask for by default: the server may pack up to this many tokens made meanwhile into
 # one Generate message (GenerateMessage unpacks them; iteration yields one token at a time anyway).
 TOKENS_PER_MESSAGE = 64
+
+# Every call on a session carries its id in this header, so that a balancer in front of several replicas
+# can send all of a session's calls to one of them (nginx: `hash $http_x_rnnserve_session consistent`;
+# deploy/nginx.conf). Calls that name no session (CreateSession, ListModels, ...) carry none.
+SESSION_HEADER: Final = "x-rnnserve-session"
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def session_metadata(session_id: str) -> Metadata:
+    """The call metadata of a call on session `session_id` (its routing header)."""
+    return ((SESSION_HEADER, session_id),)
+
+
+def call_metadata(request: Any) -> Metadata | None:
+    """The call metadata of a call whose request is `request`: the session header when the request
+    names a session (its `session_id` field), else none."""
+    session_id = getattr(request, "session_id", "")
+    return session_metadata(session_id) if session_id else None
 
 
 def feed_request(

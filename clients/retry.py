@@ -15,6 +15,19 @@ from rnnserve.client.errors import RnnserveError
 # reply lost; either way asking again (with the request's safeguards: expected_position, request_id) is
 # safe. Every other status is an answer, and asking again would get it again.
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# And calls the transport cut, which are no answers either: a proxy (nginx in front of the replicas) whose
+# replica died mid-call resets the client's HTTP/2 stream (gRPC: INTERNAL "Stream removed (RST_STREAM ...)")
+# or ends it without a status (UNKNOWN "Stream removed (Data frame with END_STREAM flag received)"). The
+# next attempt goes to another replica, which takes the session over.
+CUT: Final = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+CUT_MARKERS: Final = ("Stream removed", "RST_STREAM")
+
+
+def retryable(error: RnnserveError) -> bool:
+    """Whether a failed attempt may be made again (see RETRYABLE and CUT)."""
+    if error.code in RETRYABLE:
+        return True
+    return error.code in CUT and any(marker in error.message for marker in CUT_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,7 @@ class Attempts:
     def retry_after(self, error: RnnserveError) -> float | None:
         """Seconds to wait before the next attempt, or None: give up and raise `error`."""
         policy = self.policy
-        if policy is None or error.code not in RETRYABLE or self.made >= policy.max_attempts:
+        if policy is None or not retryable(error) or self.made >= policy.max_attempts:
             return None
         delay = policy.backoff(self.made - 1)
         self.made += 1

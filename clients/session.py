@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from rnnserve.client.channel import with_metadata
 from rnnserve.client.errors import FailedPreconditionError, RnnserveError, SessionDiverged, from_rpc_error
-from rnnserve.client.requests import TOKENS_PER_MESSAGE
+from rnnserve.client.requests import TOKENS_PER_MESSAGE, call_metadata, session_metadata
 from rnnserve.client.retry import Attempts
 from rnnserve.client.session_base import SessionBase, generation_diverged
 from rnnserve.client.session_log import LoggedGeneration, LoggedInput
 from rnnserve.client.types import FeedOutput, GeneratedToken, GenerateMessage, GenerateRecord, SessionInfo
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from rnnserve.client.client import Client
@@ -29,9 +29,10 @@ _END = object()  # sentinel that ends a request iterator
 class _FeedStream:
     """One open Stream call: requests go in through a queue, responses come back in order."""
 
-    def __init__(self, stub: pb_grpc.RnnServeStub) -> None:
+    def __init__(self, client: Client, session_id: str) -> None:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._responses = stub.Stream(iter(self._requests.get, _END))
+        metadata = with_metadata(client.metadata, session_metadata(session_id))
+        self._responses = client.stub.Stream(iter(self._requests.get, _END), metadata=metadata)
 
     def send(self, request: pb.StreamRequest) -> pb.StreamResponse:
         self._requests.put(request)
@@ -72,14 +73,20 @@ class Session(SessionBase):
         raises SessionDiverged when the loss goes back further.
         """
         with self._lock:
-            if not self._synced and expected_position is None:
+            resync = not self._synced and expected_position is None
+            if resync:
                 self.info()
             request = self._feed_request(data, top_k, token_logprobs, expected_position)
             try:
                 response = self._send(request)
             except FailedPreconditionError:
                 if not self._catch_up(request.expected_position):
-                    raise
+                    if not resync:
+                        raise
+                    # A Generate cut short was still making its last tokens when we asked where the
+                    # session was; this message waited for it to settle, so asking again is exact.
+                    self.info()
+                    request = self._feed_request(data, top_k, token_logprobs, None)
                 response = self._send(request)
             return self._fed(request, response)
 
@@ -88,7 +95,7 @@ class Session(SessionBase):
         attempts = Attempts(self.client.retry)
         while True:
             if self._stream is None:
-                self._stream = _FeedStream(self.client.stub)
+                self._stream = _FeedStream(self.client, self.id)
             try:
                 return self._stream.send(request)
             except grpc.RpcError as rpc_error:
@@ -155,7 +162,8 @@ class Session(SessionBase):
         stream skips those already yielded (SessionDiverged if they differ), so each token comes once.
         """
         with self._lock:
-            if not self._synced and expected_position is None:
+            resync = not self._synced and expected_position is None
+            if resync:
                 self.info()
             request = self._generate_request(
                 prompt,
@@ -172,7 +180,7 @@ class Session(SessionBase):
                 flush_interval_ms=flush_interval_ms,
                 request_id=request_id,
             )
-        return GenerateStream(self, request, timeout)
+        return GenerateStream(self, request, timeout, resynced=resync)
 
     def info(self) -> SessionInfo:
         get = pb.GetSessionRequest(session_id=self.id)
@@ -235,14 +243,19 @@ class GenerateStream(GenerateRecord):
         timeout: float | None,
         *,
         restoring: LoggedGeneration | None = None,
+        resynced: bool = False,
     ) -> None:
         super().__init__()
         self._session = session
         self._request = request
         self._timeout = timeout
         self._restoring = restoring  # a logged generation made again to restore the session
+        self._resynced = resynced  # its expected position was read while a cut Generate may have settled
         self._closed = False
-        self._call = session.client.stub.Generate(request, timeout=timeout)
+        self._call = session.client.stub.Generate(request, timeout=timeout, metadata=self._metadata())
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return with_metadata(self._session.client.metadata, call_metadata(self._request))
 
     def __iter__(self) -> Iterator[GeneratedToken]:
         for message in self.messages():
@@ -270,14 +283,20 @@ class GenerateStream(GenerateRecord):
             if isinstance(error, FailedPreconditionError) and not caught_up:
                 caught_up = True
                 if not session._catch_up(self._request.expected_position):
-                    raise error
+                    if not (self._resynced and not self.tokens):
+                        raise error
+                    # A Generate cut short was still making its last tokens when the position was read:
+                    # nothing of this call was applied (the position is checked first), so ask again.
+                    self._request.expected_position = session.info().position
             else:
                 delay = attempts.retry_after(error)
                 if delay is None:
                     raise attempts.last(error)
                 time.sleep(delay)
             self.reissued()
-            self._call = session.client.stub.Generate(self._request, timeout=self._timeout)
+            self._call = session.client.stub.Generate(
+                self._request, timeout=self._timeout, metadata=self._metadata()
+            )
         if self._restoring is None:
             session._generated(self._request, self)
 

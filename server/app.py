@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
@@ -25,9 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rnnserve.server import metrics
+from rnnserve.server.auth import RELOAD_INTERVAL_S, AuthInterceptor, token_store
 from rnnserve.server.config import ServerConfig
 from rnnserve.server.engine import Engine, EngineLimits, StoreOptions
 from rnnserve.server.errors import CallTracker, ErrorInterceptor, Unavailable
+from rnnserve.server.logs import CallObserver
 from rnnserve.server.reload import Reloader
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.runtime import RuntimeOptions
@@ -35,8 +38,12 @@ from rnnserve.server.scheduler import SchedulerOptions
 from rnnserve.server.service import RnnServeServicer
 from rnnserve.server.sessions import SessionLimits
 from rnnserve.server.store import open_store
+from rnnserve.server.tls import server_credentials
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from rnnserve.server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +57,18 @@ STOP_MARGIN_S = 1.0  # of the grace period, kept for ending leftover calls and s
 class RnnServeServer:
     """The running server. `await start()` returns the bound port; `await stop()` drains and stops."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tracing: Tracing | None = None) -> None:
+        """`tracing`: trace spans to this (tests); None: to config.otel_endpoint when set, else none."""
         self.config = config
+        # Bearer tokens (auth.py); None: authentication off (no token file, no token variables). Read
+        # first: a bad token file stops the server before the models load.
+        self.auth = token_store(config.auth_tokens, dict(config.auth_env))
+        self._owns_tracing = tracing is None and bool(config.otel_endpoint)
+        if self._owns_tracing:
+            from rnnserve.server.tracing import Tracing  # the optional `otel` extra
+
+            tracing = Tracing.to(config.otel_endpoint)
+        self.tracing = tracing
         runtime = RuntimeOptions(
             device=config.device,
             intra_op_threads=config.intra_op_threads,  # 0: per model (default_intra_op_threads)
@@ -60,25 +77,41 @@ class RnnServeServer:
         )
         self.engine = Engine(
             ModelRepository.load(config.repo, runtime),
-            SessionLimits(max_sessions=config.max_sessions, default_ttl_seconds=config.session_ttl_s),
+            SessionLimits(
+                max_sessions=config.max_sessions,
+                max_sessions_per_owner=config.max_sessions_per_token,
+                default_ttl_seconds=config.session_ttl_s,
+            ),
             SchedulerOptions(
                 max_batch=config.max_batch,
                 max_wait_s=config.max_wait_ms / 1000,
                 inline_max_tokens=config.inline_max_tokens,
+                tracer=self.tracing,
             ),
             EngineLimits(
                 generate_flush_ms=config.generate_flush_ms,
                 generate_flush_min_sessions=config.generate_flush_min_sessions,
+                max_tokens_per_input=config.max_input_tokens,
+                max_input_chars=8 * config.max_input_tokens,  # (see EngineLimits.max_input_chars)
+                max_generate_tokens=config.max_generate_tokens,
+                max_generates_per_token=config.max_generates_per_token,
             ),
-            open_store(config.session_store),
-            StoreOptions(persist_interval_s=config.persist_interval_ms / 1000, idle_ttl_s=config.idle_ttl_s),
+            open_store(config.session_store, lease_s=config.owner_lease_s),
+            StoreOptions(
+                persist_interval_s=config.persist_interval_ms / 1000,
+                idle_ttl_s=config.idle_ttl_s,
+                lease_s=config.owner_lease_s,
+            ),
         )
         self.reloader = Reloader(self.engine)  # hot reload: ReloadModels and the watcher (reload.py)
         self.health = health.aio.HealthServicer()
         self.calls = CallTracker(SERVICE_NAME, REFUSED_WHILE_DRAINING)
+        # Request ids, the access log (logger rnnserve.access) and RPC spans (logs.py, tracing.py).
+        self.observer = CallObserver(self._session_model, tracer=self.tracing, access=config.access_log)
         self._server: aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._token_watcher: asyncio.Task[None] | None = None
         self._metrics: metrics.MetricsServer | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
@@ -93,7 +126,11 @@ class RnnServeServer:
             # log-probability). Refusing to send it would fail a call whose message was already applied.
             ("grpc.max_send_message_length", -1),
         ]
-        server = aio.server(interceptors=[ErrorInterceptor(self.calls)], options=options)
+        # The ErrorInterceptor stays outermost: it maps and counts what the others raise (UNAUTHENTICATED).
+        interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor(self.calls, self.observer)]
+        if self.auth is not None:
+            interceptors.append(AuthInterceptor(self.auth))
+        server = aio.server(interceptors=interceptors, options=options)
         servicer = RnnServeServicer(self.engine)
         servicer.reloader = self.reloader
         pb_grpc.add_RnnServeServicer_to_server(servicer, server)
@@ -106,7 +143,11 @@ class RnnServeServer:
             ],
             server,
         )
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address, credentials = f"{self.config.host}:{self.config.port}", server_credentials(self.config)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port} (in use?)")
         if self.config.metrics_port >= 0:
@@ -128,15 +169,30 @@ class RnnServeServer:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_sessions())
         if self.config.watch_interval_s > 0:
             self._watcher = self.loop.create_task(self.reloader.watch(self.config.watch_interval_s))
+        if self.auth is not None and self.auth.path is not None:
+            self._token_watcher = self.loop.create_task(self._watch_tokens())
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "rnnserve listening on %s:%d with %d model version(s)",
+            "rnnserve listening on %s:%d%s with %d model version(s)",
             self.config.host,
             self.port,
+            " (mTLS)" if self.config.tls_client_ca else " (TLS)" if self.config.tls_cert else "",
             len(self.engine.repository),
         )
         return self.port
+
+    def _session_model(self, session_id: str) -> str:
+        """The model of an open session held here, for the access log ("" if not held here)."""
+        sessions = self.engine.sessions
+        return sessions.get(session_id).model.manifest.name if session_id in sessions else ""
+
+    async def _watch_tokens(self) -> None:
+        """Reload the token file when it changes (a bad one is logged and refused: see auth.py)."""
+        assert self.auth is not None
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            self.auth.reload_if_changed()
 
     async def _sweep_sessions(self) -> None:
         idle_ttl = self.config.idle_ttl_s or self.config.session_ttl_s
@@ -184,6 +240,8 @@ class RnnServeServer:
             self._sweeper.cancel()
         if self._watcher:
             self._watcher.cancel()
+        if self._token_watcher:
+            self._token_watcher.cancel()
         self.reloader.closed = True  # a reload still loading publishes nothing
         if self._server:
             # Nothing of ours is left in flight; health watchers and the like end here.
@@ -191,6 +249,8 @@ class RnnServeServer:
         await self.engine.stop()
         if self._metrics:
             await asyncio.to_thread(self._metrics.stop)
+        if self.tracing is not None and self._owns_tracing:
+            await asyncio.to_thread(self.tracing.shutdown)  # export the spans still buffered
         log.info("stopped; %d session(s) were open", len(self.engine.sessions))
 
     async def wait(self) -> None:
@@ -206,6 +266,9 @@ async def serve_forever(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    auth = server.auth
+    if auth is not None and auth.path is not None:  # SIGHUP: re-read the token file now
+        loop.add_signal_handler(signal.SIGHUP, lambda: auth.reload_if_changed(force=True))
     await stop.wait()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.force_stop)
@@ -214,17 +277,17 @@ async def serve_forever(config: ServerConfig) -> None:
 
 
 @contextlib.contextmanager
-def background_server(config: ServerConfig) -> Iterator[RnnServeServer]:
+def background_server(config: ServerConfig, tracing: Tracing | None = None) -> Iterator[RnnServeServer]:
     """Run a server on its own event loop in a daemon thread (for tests, the demo and notebooks).
 
-    Yields the started server (its `.port` is bound); stops it on exit.
+    Yields the started server (its `.port` is bound); stops it on exit. `tracing`: see RnnServeServer.
     """
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="rnnserve-server", daemon=True)
     thread.start()
 
     async def create() -> RnnServeServer:
-        server = RnnServeServer(config)  # created on the loop: sessions' locks belong to it
+        server = RnnServeServer(config, tracing)  # created on the loop: sessions' locks belong to it
         await server.start()
         return server
 

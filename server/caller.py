@@ -18,9 +18,17 @@ class Caller:
 
     name: str  # the token's name ("" when authentication is off); never the token itself
     models: frozenset[str] | None = None  # model names it may use; None: all
+    # This token's own limits (None: the server's --max-sessions-per-token / --max-generates-per-token).
+    max_sessions: int | None = None
+    max_generates: int | None = None
 
     def may_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
+
+    def sees(self, owner: str) -> bool:
+        """Whether a session created by `owner` is visible to this caller: its own only, except that
+        with authentication off (the anonymous caller) every session is."""
+        return not self.name or owner == self.name
 
 
 ANONYMOUS = Caller("")

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rnnserve.server.errors import FailedPrecondition, InvalidArgument
+from rnnserve.server.caller import current_caller
+from rnnserve.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from rnnserve.server.generation import (
     MAX_AHEAD,
     Clock,
@@ -33,7 +35,7 @@ from rnnserve.server.generation import (
     request_digest,
 )
 from rnnserve.server.inputs import InputReader
-from rnnserve.server.keeper import SessionKeeper, StoreOptions
+from rnnserve.server.keeper import SessionKeeper, StoreOptions, check_model
 from rnnserve.server.output import InputUpdate
 from rnnserve.server.quoting import quote, quote_items
 from rnnserve.server.repository import LoadedModel, ModelRepository
@@ -94,6 +96,9 @@ class EngineLimits:
     generate_flush_ms: float = 50.0
     generate_flush_min_sessions: int = 8
     max_flush_interval_ms: int = 1000
+    # Generate calls one token may have in flight at once (0: no limit); a token's own limit
+    # (Caller.max_generates) overrides it. Without authentication there is no token: no limit.
+    max_generates_per_token: int = 0
 
 
 class Engine:
@@ -121,6 +126,7 @@ class Engine:
         self.inputs = InputReader(self.limits)
         self._scheduler_options = scheduler_options
         self._started = False
+        self._generating: dict[str, int] = {}  # Generate calls in flight, by token name
         self.schedulers: dict[str, Scheduler] = {}
         for model, _ in repository.all():
             self.add_model(model)
@@ -263,6 +269,10 @@ class Engine:
                 commit=lambda out: update.commit(steps[0], out),
             )
         else:
+            # A long input runs to its end even if its caller is cancelled meanwhile (a deadline, a lost
+            # reply): applied once, so that a retry is answered as a replay (a cost bounded by
+            # --max-input-tokens). A single step not yet run when its caller is cancelled never runs
+            # (Scheduler.step).
             await finish_even_if_cancelled(self._apply_chunks(session, scheduler, steps, last, update))
         return update.token_logprobs
 
@@ -298,9 +308,10 @@ class Engine:
         self, model: str, version: str, texts: Sequence[str | Sequence[int]]
     ) -> tuple[LoadedModel, list[Classification]]:
         """Class probabilities for each text (or token id list), independently of any session."""
-        loaded = self.repository.get(model, version) if model else None
-        if loaded is None:
+        if not model:
             raise InvalidArgument("model is required (see ListModels for what is loaded)")
+        check_model(model)
+        loaded = self.repository.get(model, version)
         task = self.tasks[loaded.key]
         task.check_classify()
         if not 1 <= len(texts) <= self.limits.max_classify_texts:
@@ -362,6 +373,40 @@ class Engine:
         """
         session = await self.keeper.get(session_id)
         self._validate_generate(session, request)
+        token = self._start_generate()
+        try:
+            async with aclosing(self._generate(session, request)) as tokens_made:
+                async for tokens in tokens_made:
+                    yield tokens
+        finally:
+            self._end_generate(token)
+
+    def _start_generate(self) -> str:
+        """Count a Generate of the caller's token; ResourceExhausted when it has its limit in flight."""
+        caller = current_caller()
+        if not caller.name:
+            return ""
+        limit = self.limits.max_generates_per_token if caller.max_generates is None else caller.max_generates
+        running = self._generating.get(caller.name, 0)
+        if limit and running >= limit:
+            raise ResourceExhausted(
+                f"token {quote(caller.name)} has its maximum of {limit} Generate calls in flight "
+                "(max concurrent Generates per token); retry when a Generate ends"
+            )
+        self._generating[caller.name] = running + 1
+        return caller.name
+
+    def _end_generate(self, token: str) -> None:
+        if token:
+            left = self._generating[token] - 1
+            if left:
+                self._generating[token] = left
+            else:
+                del self._generating[token]
+
+    async def _generate(
+        self, session: Session, request: GenerateRequest
+    ) -> AsyncGenerator[list[GeneratedToken], None]:
         prompt = (
             None
             if request.prompt is None
@@ -372,6 +417,8 @@ class Engine:
         if request.sampling.seed is None:  # kept with the request_id, so that a retry samples the same
             request = replace(request, sampling=replace(request.sampling, seed=secrets.randbits(63)))
         async with self.keeper.use(session) as session:
+            if self.keeper.persister is not None:
+                self.keeper.persister.holding_long(session)  # written as it is now, not after the call
             last = session.last_applied
             resume: Replay | None = None
             if (

@@ -7,6 +7,7 @@ call with the matching code and the message, which is written for the person rea
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -17,6 +18,7 @@ import grpc
 from grpc import aio
 
 from rnnserve.server import metrics
+from rnnserve.server.logs import CallObserver, CallRecord
 from rnnserve.server.quoting import MAX_STATUS_MESSAGE, cap_message
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,18 @@ class ResourceExhausted(ServingError):
 
 class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServingError):
+    """No valid bearer token (see auth.py); the message says what is missing, never echoes a token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServingError):
+    """A valid token asked for something its entry does not allow (a model not on its list)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 SHUTTING_DOWN = "server is shutting down; retry on another replica"
@@ -257,8 +271,11 @@ def _code_of(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusCod
 class _Instrumented:
     """Wraps one method's handler: status mapping, metrics, and (on the drainable service) the drain."""
 
-    def __init__(self, full_method: str, calls: CallTracker | None) -> None:
+    def __init__(
+        self, full_method: str, calls: CallTracker | None, observer: CallObserver | None = None
+    ) -> None:
         service, _, method = full_method.lstrip("/").rpartition("/")
+        self.observer = observer  # the access log and trace spans (logs.py)
         self.service, self.method = service, method
         self.calls = calls if calls is not None and service == calls.service else None
         self.refused = self.calls is not None and method in self.calls.refused
@@ -279,19 +296,29 @@ class _Instrumented:
         metrics.request_finished(self.service, self.method, code.name)
 
     def _requests(
-        self, request_or_iterator: Any, context: aio.ServicerContext, call: _Call | None, client_streams: bool
+        self,
+        request_or_iterator: Any,
+        context: aio.ServicerContext,
+        call: _Call | None,
+        client_streams: bool,
+        record: CallRecord | None = None,
     ) -> Any:
         """The request, or the client's stream of them, checked for ones that did not parse."""
         if not client_streams:
             if isinstance(request_or_iterator, Malformed):
                 raise self._malformed(request_or_iterator, context, "the request")
+            if record is not None and self.observer is not None:
+                record.messages_in = 1
+                self.observer.request(record, request_or_iterator)
             return request_or_iterator
-        requests = self._parsed(request_or_iterator, context)
+        requests = self._parsed(request_or_iterator, context, record)
         if call is not None and self.calls is not None:
             return self.calls.track_requests(requests, call)
         return requests
 
-    async def _parsed(self, requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def _parsed(
+        self, requests: AsyncIterator[Any], context: aio.ServicerContext, record: CallRecord | None = None
+    ) -> AsyncIterator[Any]:
         """A client stream's messages, ending it with INVALID_ARGUMENT at one that did not parse.
 
         (A handler that reads with `context.read()` instead of its iterator gets the marker itself.)
@@ -301,6 +328,10 @@ class _Instrumented:
             index += 1
             if isinstance(request, Malformed):
                 raise self._malformed(request, context, f"message {index} of the stream")
+            if record is not None:
+                record.messages_in = index
+                if index == 1 and self.observer is not None:
+                    self.observer.request(record, request)  # the stream's session is its first message's
             yield request
 
     def _malformed(self, request: Malformed, context: aio.ServicerContext, which: str) -> InvalidArgument:
@@ -339,10 +370,16 @@ class _Instrumented:
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
             code, call, started = grpc.StatusCode.OK, None, False
+            observer = self.observer
+            record = observer.begin(self.service, self.method, context, client_streams) if observer else None
             try:
                 call, started = self._start(), True
-                requests = self._requests(request_or_iterator, context, call, client_streams)
-                return await behavior(requests, context)
+                requests = self._requests(request_or_iterator, context, call, client_streams, record)
+                response = await behavior(requests, context)
+                if record is not None and observer is not None:
+                    record.messages_out = 1
+                    observer.answered(record, response)
+                return response
             except aio.AbortError as exc:
                 code = _code_of(exc, context)
                 raise
@@ -351,6 +388,8 @@ class _Instrumented:
                 await self._fail(context, call, exc)
             finally:
                 self._finish(started, call, code)
+                if record is not None and observer is not None:
+                    observer.end(record, code)
 
         return wrapper
 
@@ -359,10 +398,20 @@ class _Instrumented:
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             code, call, started = grpc.StatusCode.OK, None, False
+            observer = self.observer
+            record = observer.begin(self.service, self.method, context, True) if observer else None
             try:
                 call, started = self._start(), True
-                requests = self._requests(request_or_iterator, context, call, client_streams)
-                async for response in behavior(requests, context):
+                requests = self._requests(request_or_iterator, context, call, client_streams, record)
+                responses = behavior(requests, context)
+                if inspect.isawaitable(responses):
+                    # A handler that sends with context.write() and returns nothing (grpc_health's
+                    # Watch): run it to its end; this wrapper yields nothing itself.
+                    await responses
+                    return
+                async for response in responses:
+                    if record is not None:
+                        record.messages_out += 1
                     yield response
             except aio.AbortError as exc:
                 code = _code_of(exc, context)
@@ -375,6 +424,8 @@ class _Instrumented:
                 await self._fail(context, call, exc)
             finally:
                 self._finish(started, call, code)
+                if record is not None and observer is not None:
+                    observer.end(record, code)
 
         return wrapper
 
@@ -388,11 +439,14 @@ class ErrorInterceptor(aio.ServerInterceptor):
       line at most once a minute per method, where grpc.aio would answer UNKNOWN or INTERNAL and log
       a traceback for each;
     - counts each call by service, method and final status (`rnnserve.server.metrics`);
-    - with a `CallTracker`, tracks the calls of its service so that shutdown can drain them.
+    - with a `CallTracker`, tracks the calls of its service so that shutdown can drain them;
+    - with a `CallObserver` (logs.py), gives each call a request id, an access log record and,
+      when tracing, a span.
     """
 
-    def __init__(self, calls: CallTracker | None = None) -> None:
+    def __init__(self, calls: CallTracker | None = None, observer: CallObserver | None = None) -> None:
         self.calls = calls
+        self.observer = observer
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # wrapped once per method
 
     async def intercept_service(
@@ -410,7 +464,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        wrap = _Instrumented(method, self.calls)
+        wrap = _Instrumented(method, self.calls, self.observer)
         if handler.request_deserializer is not None:
             handler = handler._replace(request_deserializer=safe_deserializer(handler.request_deserializer))
         if handler.unary_unary:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.server import output
-from rnnserve.server.errors import NotFound
+from rnnserve.server.errors import NotFound, Unavailable
 from rnnserve.server.runtime import Outputs
 from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.server.scheduler import Scheduler
@@ -401,6 +401,11 @@ class Generation:
         """The tokens generated since the last call (at least one, in order), once they are due."""
         while not self._due(self._clock()):
             if self.gone.done() and not self._ready:
+                if self.session.parked:
+                    raise Unavailable(
+                        f"session {self.session.id} moved to another replica while generating, after "
+                        f"{self._count} tokens (all of them sent); retry: the call goes to its owner"
+                    )
                 if self.session.closed:
                     raise NotFound(
                         f"session {self.session.id} was closed while generating, after {self._count} "

@@ -1,11 +1,19 @@
 """The Redis session store (`--session-store redis://host:port/db`): one key per session, holding its
-serialized SessionSnapshot, that Redis itself expires after the session's idle TTL."""
+serialized SessionSnapshot, that Redis itself expires after the session's idle TTL, and one lease key
+per session held by a replica (`<owner_prefix><id>` = the replica's name, expiring after the lease).
+
+Writes are fenced: a Lua script checks the lease and writes in one atomic step (Redis runs a script
+alone), so a replica that lost a session's lease can never overwrite what the new owner wrote. One
+Redis server (or a primary): the scripts touch several sessions' keys at once, which Redis Cluster
+would only allow within one hash slot."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import socket
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -14,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -37,16 +46,84 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+# KEYS: session key, lease key, for each session. ARGV: owner, lease ms, then data and ttl ms per session.
+# Writes the sessions whose lease is ours or free (taking it); returns the 1-based indexes of the others.
+_SAVE = """
+local refused = {}
+for i = 1, #KEYS / 2 do
+  local holder = redis.call('GET', KEYS[2 * i])
+  if holder == false or holder == ARGV[1] then
+    redis.call('SET', KEYS[2 * i], ARGV[1], 'PX', ARGV[2])
+    redis.call('SET', KEYS[2 * i - 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
+  else
+    table.insert(refused, i)
+  end
+end
+return refused
+"""
+# KEYS: lease keys. ARGV: owner, lease ms. Extends ours; returns the indexes of those not ours any more.
+_RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    table.insert(lost, i)
+  end
+end
+return lost
+"""
+# KEYS: session key, lease key, for each session. ARGV: owner. Deletes the sessions (and leases) that are
+# ours or free; with ARGV[2] == "lease", only the leases that are ours.
+_DROP = """
+for i = 1, #KEYS / 2 do
+  local holder = redis.call('GET', KEYS[2 * i])
+  if holder == ARGV[1] then
+    redis.call('DEL', KEYS[2 * i])
+  end
+  if ARGV[2] ~= 'lease' and (holder == false or holder == ARGV[1]) then
+    redis.call('DEL', KEYS[2 * i - 1])
+  end
+end
+return 0
+"""
+
+
+def replica_name() -> str:
+    """This process's name in lease records: host and pid, unique among live processes. A server that
+    restarts in place with the same name (a container's pid 1 on the same hostname) takes its sessions
+    back at once: the process that held them is certainly dead. Any other waits for their leases."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
 class RedisStore:
-    """Sessions as `<key_prefix><session id>` string keys with a PX expiry (the session's idle TTL)."""
+    """Sessions as `<key_prefix><session id>` string keys with a PX expiry (the session's idle TTL), and
+    leases as `<owner_prefix><session id>` keys (see the module's docstring). `owner`: this replica's
+    name (default: replica_name())."""
 
     durable = True
 
-    def __init__(self, url: str, *, key_prefix: str = "rnnserve:session:") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "rnnserve:session:",
+        owner_prefix: str = "",
+        owner: str = "",
+        lease_s: float = 5.0,
+    ) -> None:
         parse_url(url)  # a malformed URL is a ValueError at startup, not a StoreUnavailable per request
         self._url = url
         self._prefix = key_prefix
+        # Leases beside the sessions, outside their prefix (count() scans the sessions'): by default
+        # "rnnserve:session.owner:<id>" for "rnnserve:session:<id>".
+        self._owner_prefix = owner_prefix or key_prefix.rstrip(":") + ".owner:"
+        self.owner = owner or replica_name()
+        self.lease_s = lease_s
+        self._lease_ms = str(max(1, round(lease_s * 1000)))
         self._where = redact(url)
+        self._scripts: dict[str, AsyncScript] = {}  # registered on the current client (EVALSHA)
+        self._scripts_client: aioredis.Redis | None = None
         # The client is made on first use: redis.asyncio connections belong to the loop that opened
         # them, and the server builds its store before its event loop runs.
         self._client: aioredis.Redis | None = None
@@ -94,18 +171,74 @@ class RedisStore:
             )
         return StoreUnavailable(f"{at} failed ({type(e).__name__}: {e}); retry, or check the Redis server")
 
-    async def save(self, records: Sequence[StoredSession]) -> None:
+    def _lease(self, session_id: str) -> str:
+        return self._owner_prefix + session_id
+
+    def _pairs(self, session_ids: Sequence[str]) -> list[str]:
+        return [k for sid in session_ids for k in (self._key(sid), self._lease(sid))]
+
+    async def _script(self, script: str, keys: Sequence[str], args: Sequence[str | bytes]) -> list[int]:
+        """Run a script (by its hash: the text goes over the wire only the first time on a server)."""
+        redis = self._redis()
+        runner = self._scripts.get(script)
+        if runner is None or self._scripts_client is not redis:
+            if self._scripts_client is not redis:
+                self._scripts, self._scripts_client = {}, redis
+            runner = self._scripts[script] = redis.register_script(script)
+        result = await self._call(runner(keys=keys, args=args))
+        return [int(i) for i in result] if isinstance(result, list) else []
+
+    async def save(self, records: Sequence[StoredSession]) -> list[str]:
         if not records:
-            return
+            return []
+        args: list[str | bytes] = [self.owner, self._lease_ms]
+        for r in records:
+            args += [r.data, str(max(1, round(r.ttl_seconds * 1000)))]
+        # One script call: one round trip however many sessions, each written only if its lease is ours.
+        refused = await self._script(_SAVE, self._pairs([r.session_id for r in records]), args)
+        return [records[i - 1].session_id for i in refused]
 
-        async def write() -> None:
-            # One pipeline: every SET goes out in one write, one round trip however many sessions.
-            async with self._redis().pipeline(transaction=False) as pipe:
-                for r in records:
-                    pipe.set(self._key(r.session_id), r.data, px=max(1, round(r.ttl_seconds * 1000)))
-                await pipe.execute()
+    async def claim(self, session_id: str) -> str | None:
+        lease = self._lease(session_id)
 
-        await self._call(write())
+        async def take() -> str | None:
+            redis = self._redis()
+            if await redis.set(lease, self.owner, nx=True, px=int(self._lease_ms)):
+                await redis.delete(self._want(session_id))  # wanted here: here it is
+                return None
+            holder = await redis.get(lease)
+            if holder is None:  # expired between the two calls: try once more
+                return None if await redis.set(lease, self.owner, nx=True, px=int(self._lease_ms)) else "?"
+            holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+            if holder == self.owner:
+                await redis.pexpire(lease, int(self._lease_ms))
+                return None
+            # Tell the holder that calls for this session come here now (see wanted()).
+            await redis.set(self._want(session_id), self.owner, px=int(self._lease_ms))
+            return holder
+
+        return await self._call(take())
+
+    async def renew(self, session_ids: Sequence[str]) -> list[str]:
+        if not session_ids:
+            return []
+        lost = await self._script(_RENEW, [self._lease(s) for s in session_ids], [self.owner, self._lease_ms])
+        return [session_ids[i - 1] for i in lost]
+
+    def _want(self, session_id: str) -> str:
+        return self._owner_prefix + "want:" + session_id
+
+    async def wanted(self, session_ids: Sequence[str]) -> list[str]:
+        if not session_ids:
+            return []
+        keys = [self._want(s) for s in session_ids]
+        found = await self._call(self._redis().mget(keys))
+        me = self.owner.encode()
+        return [sid for sid, by in zip(session_ids, found, strict=True) if by is not None and by != me]
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        if session_ids:
+            await self._script(_DROP, self._pairs(session_ids), [self.owner, "lease"])
 
     async def load(self, session_id: str) -> bytes | None:
         data = await self._call(self._redis().get(self._key(session_id)))
@@ -113,7 +246,7 @@ class RedisStore:
 
     async def delete(self, session_ids: Sequence[str]) -> None:
         if session_ids:
-            await self._call(self._redis().delete(*(self._key(s) for s in session_ids)))
+            await self._script(_DROP, self._pairs(session_ids), [self.owner, "all"])
 
     async def count(self) -> int:
         # SCAN rather than DBSIZE: the database may hold other keys (other prefixes, other apps).

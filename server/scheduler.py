@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,8 @@ class SchedulerOptions:
     # they batch. (Measured: letting slow runs take this path too kept a design-sized model at batch 1
     # under load, 616 vs 2086 tokens/s for 64 streams.)
     direct_after_idle_s: float = 0.0002
+    # Trace spans around each run (tracing.Tracing, with its `run(model, plan)` context manager); None: off.
+    tracer: Any = None
 
 
 class Scheduler:
@@ -166,13 +169,16 @@ class Scheduler:
         try:
             return await future
         except asyncio.CancelledError:
-            if request.taken:
+            # (A deadline or a client that went away cancels its call's task.) Not taken: it is dropped,
+            # never run. Taken and not delivered yet (the cancel may come after it was: then it was
+            # committed and nothing is left to wait for):
+            if request.taken and not request.delivered:
                 # Its run is in flight and will be committed: the caller lets go of its session only
                 # after that, so the next request on the session sees the session as this one left it
                 # (and a retry of this input is recognised as applied).
                 request.settled = asyncio.get_running_loop().create_future()
                 await asyncio.wait([request.settled])
-            raise  # (not taken: it is dropped, never run)
+            raise
 
     async def classify(self, texts: Sequence[Sequence[int]], pad: int, run_rows: int) -> np.ndarray:
         """Class probabilities [texts, classes] of whole texts (token ids each) through a whole-sequence
@@ -390,7 +396,7 @@ class Scheduler:
     def _execute_timed(self, batch: Batch) -> RunOutput:
         """In the worker: run a batch, and note how long small ones take (for the inline decision)."""
         plan = self._plan(batch)
-        result = self.runner.execute(plan)
+        result = self._run(plan)
         if plan.tokens <= self.options.inline_max_tokens:
             self._observe_small(result.seconds)
         return result
@@ -407,9 +413,16 @@ class Scheduler:
 
     def _execute_small(self, batch: Batch) -> RunOutput:
         """Run a small batch on the event loop itself."""
-        result = self.runner.execute(self._plan(batch))
+        result = self._run(self._plan(batch))
         self._observe_small(result.seconds)
         return result
+
+    def _run(self, plan: RunPlan) -> RunOutput:
+        """Run a plan (in the worker or on the loop), in a trace span when tracing."""
+        if self.options.tracer is None:
+            return self.runner.execute(plan)
+        with self.options.tracer.run(self.model.key, plan):
+            return self.runner.execute(plan)
 
     def _observe_small(self, seconds: float) -> None:
         """Track how long small batches take to run (the run itself, not the hop to the worker)."""

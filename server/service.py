@@ -10,12 +10,13 @@ from itertools import accumulate
 
 from grpc import aio
 
+from rnnserve.server.caller import current_caller
 from rnnserve.server.engine import (
     Engine,
     GeneratedToken,
     GenerateRequest,
 )
-from rnnserve.server.errors import FailedPrecondition, InvalidArgument
+from rnnserve.server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from rnnserve.server.quoting import quote
 from rnnserve.server.reload import Reloader
 from rnnserve.server.repository import LoadedModel
@@ -134,8 +135,13 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        caller = current_caller()  # a token sees the models it may use, no others
         return pb.ListModelsResponse(
-            models=[model_info_pb(m, latest) for m, latest in self.engine.repository.all()]
+            models=[
+                model_info_pb(m, latest)
+                for m, latest in self.engine.repository.all()
+                if caller.may_use(m.manifest.name)
+            ]
         )
 
     async def CreateSession(
@@ -248,6 +254,12 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     ) -> pb.ReloadModelsResponse:
         if self.reloader is None:
             raise FailedPrecondition("this server does not reload models")
+        caller = current_caller()
+        if caller.models is not None:
+            raise PermissionDenied(
+                f"token {quote(caller.name)} may not reload models: that takes a token allowed every "
+                'model (models = ["*"])'
+            )
         result = await self.reloader.reload()
         latest = {m.key: is_latest for m, is_latest in self.engine.repository.all()}
         return pb.ReloadModelsResponse(

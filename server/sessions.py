@@ -94,6 +94,8 @@ class Session:
     # Called when a request lets go of the session, with whether it succeeded (persist.py writes it).
     on_release: Callable[[Session, bool], Awaitable[None]] | None = field(default=None, repr=False)
     parked: bool = False  # it left memory for the session store (see SessionTable.park)
+    # The name of the token that created it ("" with authentication off): only that token sees it.
+    owner: str = ""
 
     @property
     def state(self) -> State:
@@ -186,6 +188,9 @@ def session_not_found(session_id: str) -> NotFound:
 @dataclass(frozen=True)
 class SessionLimits:
     max_sessions: int = 10_000
+    # Sessions one token (a session owner) may hold at once; 0: no limit but max_sessions. A token's
+    # own limit (Caller.max_sessions) overrides it.
+    max_sessions_per_owner: int = 0
     default_ttl_seconds: float = 600.0
     max_ttl_seconds: float = 24 * 3600.0
 
@@ -198,6 +203,7 @@ class SessionTable:
         self.limits = limits or SessionLimits()
         self._sessions: dict[str, Session] = {}
         self._slabs: dict[str, StateSlab] = {}
+        self._owned: dict[str, int] = {}  # sessions in memory by owner (those with an owner)
         # Given to every session: called when a request lets go of it (persist.Persister.released).
         self.on_release: Callable[[Session, bool], Awaitable[None]] | None = None
 
@@ -217,8 +223,17 @@ class SessionTable:
         """Open sessions on a model version (O(sessions): for reloads, not per request)."""
         return sum(1 for s in self._sessions.values() if s.model.key == model_key)
 
-    def create(self, model: LoadedModel, ttl_seconds: float = 0, session_id: str = "") -> Session:
-        """A new session at the model's initial state (with `session_id`: one revived from the store)."""
+    def create(
+        self,
+        model: LoadedModel,
+        ttl_seconds: float = 0,
+        session_id: str = "",
+        owner: str = "",
+        owner_limit: int | None = None,
+    ) -> Session:
+        """A new session at the model's initial state (with `session_id`: one revived from the store).
+        `owner`: the token creating it; a new one is refused when that owner already holds its limit
+        (`owner_limit`, else the table's max_sessions_per_owner; 0 = none)."""
         if ttl_seconds < 0 or ttl_seconds > self.limits.max_ttl_seconds:
             raise InvalidArgument(
                 f"ttl_seconds must be in [0, {self.limits.max_ttl_seconds:.0f}] (0 = server default), "
@@ -233,6 +248,8 @@ class SessionTable:
                 f"the server holds its maximum of {self.limits.max_sessions} sessions; "
                 "close sessions you no longer need or retry later"
             )
+        if owner and not session_id:
+            self._check_owner_limit(owner, owner_limit)
         slab = self.slab(model)
         session = Session(
             id=session_id or uuid.uuid4().hex,
@@ -241,15 +258,44 @@ class SessionTable:
             slot=slab.allocate(),
             ttl_seconds=ttl_seconds or self.limits.default_ttl_seconds,
             on_release=self.on_release,
+            owner=owner,
         )
         self._sessions[session.id] = session
+        if owner:
+            self._owned[owner] = self._owned.get(owner, 0) + 1
         metrics.SESSIONS_ACTIVE.labels(model.key).inc()
         if not session_id:
             metrics.SESSIONS_CREATED.labels(model.key).inc()
         return session
 
+    def _check_owner_limit(self, owner: str, owner_limit: int | None) -> None:
+        limit = self.limits.max_sessions_per_owner if owner_limit is None else owner_limit
+        if limit and self._owned.get(owner, 0) >= limit:
+            self.evict_expired()  # (an O(sessions) scan, only for a token at its limit)
+        if limit and self._owned.get(owner, 0) >= limit:
+            raise ResourceExhausted(
+                f"token {quote(owner)} holds its maximum of {limit} open sessions "
+                "(max sessions per token); close sessions you no longer need, or retry once idle ones "
+                f"expire (after their TTL, default {self.limits.default_ttl_seconds:g} s)"
+            )
+
+    def owned_by(self, owner: str) -> int:
+        """Sessions in memory created by this owner (token name)."""
+        return self._owned.get(owner, 0)
+
+    def _disown(self, session: Session) -> None:
+        if session.owner:
+            left = self._owned.get(session.owner, 0) - 1
+            if left > 0:
+                self._owned[session.owner] = left
+            else:
+                self._owned.pop(session.owner, None)
+
     def revived(self, session: Session) -> None:
         metrics.SESSIONS_REVIVED.labels(session.model.key).inc()
+
+    def ids(self) -> list[str]:
+        return list(self._sessions)
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -264,6 +310,7 @@ class SessionTable:
         """The session is in the store: let it leave memory (its slot is freed). A request that was
         waiting for it gets SessionParked and revives it."""
         del self._sessions[session.id]
+        self._disown(session)
         session.parked = True
         session.close()
         metrics.SESSIONS_ACTIVE.labels(session.model.key).dec()
@@ -281,6 +328,7 @@ class SessionTable:
     def close(self, session_id: str) -> Session:
         session = self.get(session_id)
         del self._sessions[session_id]
+        self._disown(session)
         session.close()
         metrics.session_closed(session.model.key)
         return session
@@ -297,6 +345,7 @@ class SessionTable:
         expired = [sid for sid, s in self._sessions.items() if s.expired(now)]
         for sid in expired:
             session = self._sessions.pop(sid)
+            self._disown(session)
             session.close()
             metrics.session_evicted(session.model.key)
         return expired

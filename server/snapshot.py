@@ -91,6 +91,7 @@ def snapshot_of(session: Session) -> pb.SessionSnapshot:
         class_probs=_floats(session.class_probs),
         recent_tokens=list(session.recent_tokens),
         saved_at=time.time(),
+        owner=session.owner,  # (a revived session keeps it: see SessionKeeper._revive)
     )
     last = session.last_applied
     if isinstance(last, AppliedInput):

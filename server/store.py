@@ -34,13 +34,40 @@ class StoredSession:
 
 
 class SessionStore(Protocol):
-    """The session-store seam. Every method may raise StoreUnavailable."""
+    """The session-store seam. Every method may raise StoreUnavailable.
+
+    Ownership: a store shared by replicas gives each session one owner at a time, the replica that
+    holds it in memory, through a lease the owner renews. Only the owner's writes land: `save` and
+    `delete` check the lease and change the session in one atomic step, so two replicas can never both
+    advance one session, even when a paused replica's lease ran out and another took the session over
+    (its late writes are refused, and it drops the session). A store of one process owns everything.
+    """
 
     durable: bool  # whether what it holds survives this process (so the engine writes behind)
+    owner: str  # this replica's name in ownership records
 
-    async def save(self, records: Sequence[StoredSession]) -> None:
-        """Write snapshots (replacing older ones of the same sessions), restarting their TTLs; in one
-        round trip however many there are."""
+    async def save(self, records: Sequence[StoredSession]) -> list[str]:
+        """Write snapshots (replacing older ones of the same sessions), restarting their TTLs and taking
+        (or keeping) their leases, in one round trip however many there are. Returns the ids of the
+        sessions another replica owns: those were not written."""
+        ...
+
+    async def claim(self, session_id: str) -> str | None:
+        """Take (or keep) the lease on a session before loading it: None when it is ours now, else the
+        name of the replica that holds it."""
+        ...
+
+    async def renew(self, session_ids: Sequence[str]) -> list[str]:
+        """Extend our leases; returns the ids whose lease is no longer ours (taken over elsewhere)."""
+        ...
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        """Give up our leases (the sessions left memory): another replica may take them at once."""
+        ...
+
+    async def wanted(self, session_ids: Sequence[str]) -> list[str]:
+        """Those of our sessions another replica was refused lately (a `claim` that found our lease): it
+        wants them, since calls for them go there now."""
         ...
 
     async def load(self, session_id: str) -> bytes | None:
@@ -48,7 +75,8 @@ class SessionStore(Protocol):
         ...
 
     async def delete(self, session_ids: Sequence[str]) -> None:
-        """Forget sessions (closed or expired); unknown ids are ignored."""
+        """Forget sessions (closed or expired) and their leases; unknown ids, and sessions another
+        replica owns, are left alone."""
         ...
 
     async def count(self) -> int:
@@ -68,18 +96,32 @@ class MemoryStore:
     """Snapshots in a dict of this process: what an idle session evicted from the slab keeps."""
 
     durable = False
+    owner = "this process"
 
     def __init__(self) -> None:
         self._records: dict[str, tuple[bytes, float]] = {}  # id -> (snapshot, monotonic expiry)
         self._prune_at = 1024  # expired records are dropped when the dict doubles past its last size
 
-    async def save(self, records: Sequence[StoredSession]) -> None:
+    async def save(self, records: Sequence[StoredSession]) -> list[str]:
         now = time.monotonic()
         for r in records:
             self._records[r.session_id] = (r.data, now + r.ttl_seconds)
         if len(self._records) >= self._prune_at:
             await self.count()
             self._prune_at = 2 * max(len(self._records), 512)
+        return []  # one process: every session is ours
+
+    async def claim(self, session_id: str) -> str | None:
+        return None
+
+    async def renew(self, session_ids: Sequence[str]) -> list[str]:
+        return []
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        return None
+
+    async def wanted(self, session_ids: Sequence[str]) -> list[str]:
+        return []
 
     async def load(self, session_id: str) -> bytes | None:
         record = self._records.get(session_id)
@@ -107,14 +149,15 @@ class MemoryStore:
         return "memory"
 
 
-def open_store(url: str) -> SessionStore:
-    """The store a `--session-store` value names: "memory" or "redis://host:port/db"."""
+def open_store(url: str, lease_s: float = 5.0) -> SessionStore:
+    """The store a `--session-store` value names: "memory" or "redis://host:port/db" (whose session
+    leases last `lease_s`: how long a dead replica's sessions wait before another takes them)."""
     if url in ("", "memory"):
         return MemoryStore()
     if url.startswith(("redis://", "rediss://", "unix://")):
         from rnnserve.server.redis_store import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, lease_s=lease_s)
     raise ValueError(f"--session-store must be 'memory' or a redis://host:port/db URL, got {url!r}")
 
 

@@ -46,7 +46,13 @@ class IncrementalDecoder:
         self._codec = codec
         self._ids: list[int] = list(context or [])
         self._prefix_offset = 0  # the context is decoded too, so the first delta gets its leading space
-        self._read_offset = len(self._ids)
+        # A context that ends inside a character (a Generate cut mid-character) decodes to a trailing
+        # U+FFFD that was never sent: its tokens count as unread, so the character is sent whole once
+        # the tokens pushed complete it. (A character is at most 4 bytes: a few steps back at most.)
+        read = len(self._ids)
+        while read > 0 and codec.decode(self._ids[:read]).endswith("\ufffd"):
+            read -= 1
+        self._read_offset = read
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)

@@ -32,8 +32,10 @@ class StepRequest:
     taken: bool = field(default=False, repr=False)  # in a batch: it will run and be committed
     # Made only when the caller is cancelled while the step is in flight: set once it was committed.
     settled: asyncio.Future[None] | None = field(default=None, repr=False)
+    delivered: bool = field(default=False, repr=False)  # committed (or failed): settle() was called
 
     def settle(self) -> None:
+        self.delivered = True
         if self.settled is not None and not self.settled.done():
             self.settled.set_result(None)
 

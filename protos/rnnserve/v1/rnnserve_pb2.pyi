@@ -542,7 +542,7 @@ class SessionSnapshot(_message.Message):
     class_probs: _builtins.bytes
     """streaming classifier: float32 little-endian [classes]; empty before any token"""
     owner: _builtins.str
-    """reserved for the name of the token that created the session"""
+    """the name of the token that created the session ("": no auth)"""
     saved_at: _builtins.float
     """unix seconds"""
     @_builtins.property
