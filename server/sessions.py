@@ -308,7 +308,11 @@ class SessionTable:
 
     def park(self, session: Session) -> None:
         """The session is in the store: let it leave memory (its slot is freed). A request that was
-        waiting for it gets SessionParked and revives it."""
+        waiting for it gets SessionParked and revives it. Parking a session that already left (two
+        parts of the server moving it out across an await, e.g. the idle sweep and a new session's
+        publication) does nothing."""
+        if self._sessions.get(session.id) is not session:
+            return
         del self._sessions[session.id]
         self._disown(session)
         session.parked = True

@@ -10,6 +10,7 @@ engine on the same store, with the first one dropped without any shutdown (nothi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -270,6 +271,39 @@ def test_redis_going_away_gives_unavailable_and_recovers_by_itself(
             assert replay.replayed and replay.position == 6
             assert (await engine.feed(session.id, "g", expected_position=6)).position == 7
         finally:
+            await engine.stop()
+
+    run(work)
+
+
+@pytest.mark.redis
+def test_a_new_session_moved_out_by_the_idle_sweep_while_it_is_published(
+    cell_repo: Path, redis_url: str
+) -> None:
+    """CreateSession writes the new session, then lets it leave memory; the idle sweep may move it out
+    across that write's await (a CreateSession once failed INTERNAL on this): both are fine."""
+
+    async def work() -> None:
+        store = RedisStore(redis_url, key_prefix="rnnserve:publish-race:")
+        engine = await started(make_engine(cell_repo, store, StoreOptions(idle_ttl_s=1)))
+        persister = engine.keeper.persister
+        assert persister is not None
+        write, swept, sweeping = persister.write, [], []
+
+        async def write_then_sweep(sessions: Any) -> list[str]:
+            lost = await write(sessions)
+            if not sweeping:  # the sweep's own write comes back here: once is enough
+                sweeping.append(True)
+                swept.append(await engine.keeper.sweep(now=time.monotonic() + 60))
+            return lost
+
+        persister.write = write_then_sweep  # type: ignore[method-assign]
+        try:
+            session = await engine.keeper.open("lstm")
+            assert swept == [(0, 1)]  # the sweep moved it out first
+            assert (await engine.feed(session.id, "abc")).position == 3
+        finally:
+            persister.write = write  # type: ignore[method-assign]
             await engine.stop()
 
     run(work)
