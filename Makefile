@@ -33,6 +33,7 @@ typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/rnnserve
 	ln -s $(CURDIR)/protos/rnnserve/__init__.py $(CURDIR)/protos/rnnserve/py.typed build/typecheck/rnnserve/
 	ln -s $(CURDIR)/protos/rnnserve/v1 build/typecheck/rnnserve/v1
+	ln -s $(CURDIR)/protos/rnnserve/inference build/typecheck/rnnserve/inference
 	ln -s $(CURDIR)/training build/typecheck/rnnserve/training
 	ln -s $(CURDIR)/export build/typecheck/rnnserve/export
 	ln -s $(CURDIR)/server build/typecheck/rnnserve/server

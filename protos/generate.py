@@ -1,4 +1,5 @@
-"""Regenerate the Python code for protos/rnnserve/v1/*.proto (and its typed stubs).
+"""Regenerate the Python code for protos/rnnserve/v1/*.proto and protos/rnnserve/inference/*.proto (Triton's
+KServe V2 protocol, vendored) and their typed stubs.
 
     python protos/generate.py          # rewrite the generated files next to the .proto files
     python protos/generate.py --check  # exit 1 if the committed files differ from a fresh generation
@@ -20,17 +21,22 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PACKAGE_DIR = PROTO_ROOT / "rnnserve" / "v1"
+# The packages whose .proto files are compiled: rnnserve.v1 (ours) and rnnserve.inference (Triton's).
+PACKAGES = ("v1", "inference")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def generate(out_dir: Path) -> None:
-    """Run protoc (with the mypy-protobuf plugins) over every .proto into out_dir/rnnserve/v1."""
+    """Run protoc (with the mypy-protobuf plugins) over every .proto into out_dir/rnnserve/<package>."""
     out_dir.mkdir(parents=True, exist_ok=True)
     import grpc_tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PACKAGE_DIR.glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT))
+        for pkg in PACKAGES
+        for p in (PROTO_ROOT / "rnnserve" / pkg).glob("*.proto")
+    )
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
@@ -48,7 +54,13 @@ def generate(out_dir: Path) -> None:
 
 
 def generated_files(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "rnnserve" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+    return sorted(
+        p
+        for pkg in PACKAGES
+        if (root / "rnnserve" / pkg).is_dir()
+        for p in (root / "rnnserve" / pkg).iterdir()
+        if p.name.endswith(GENERATED_SUFFIXES)
+    )
 
 
 def main() -> int:
@@ -62,8 +74,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
-        fresh = {p.name: p for p in generated_files(Path(tmp))}
-        committed = {p.name: p for p in generated_files(PROTO_ROOT)}
+        fresh = {str(p.relative_to(tmp)): p for p in generated_files(Path(tmp))}
+        committed = {str(p.relative_to(PROTO_ROOT)): p for p in generated_files(PROTO_ROOT)}
         stale = sorted(
             name
             for name in fresh.keys() | committed.keys()

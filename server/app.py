@@ -25,6 +25,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rnnserve.inference import grpc_service_pb2_grpc as v2_pb_grpc
 from rnnserve.server import metrics
 from rnnserve.server.auth import RELOAD_INTERVAL_S, AuthInterceptor, token_store
 from rnnserve.server.config import ServerConfig
@@ -39,10 +40,13 @@ from rnnserve.server.service import RnnServeServicer
 from rnnserve.server.sessions import SessionLimits
 from rnnserve.server.store import open_store
 from rnnserve.server.tls import server_credentials
+from rnnserve.server.v2.grpc_service import SERVICE_NAME as V2_SERVICE_NAME
+from rnnserve.server.v2.grpc_service import InferenceServicer
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from rnnserve.server.http import HttpServer
     from rnnserve.server.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -113,9 +117,12 @@ class RnnServeServer:
         self._watcher: asyncio.Task[None] | None = None
         self._token_watcher: asyncio.Task[None] | None = None
         self._metrics: metrics.MetricsServer | None = None
+        self._http: HttpServer | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self.v2_servicer: InferenceServicer | None = None  # the KServe V2 gRPC service, once started
         self.port = 0
         self.metrics_port = 0  # bound metrics port once started (0 = none)
+        self.http_port = 0  # bound HTTP port (playground, /v2 REST) once started (0 = none)
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
 
     async def start(self) -> int:
@@ -134,10 +141,14 @@ class RnnServeServer:
         servicer = RnnServeServicer(self.engine)
         servicer.reloader = self.reloader
         pb_grpc.add_RnnServeServicer_to_server(servicer, server)
+        # The Open Inference Protocol (KServe V2, Triton's flavour) on the same port: server/v2/.
+        self.v2_servicer = InferenceServicer(self.engine)
+        v2_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.v2_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
                 SERVICE_NAME,
+                V2_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -159,6 +170,21 @@ class RnnServeServer:
                     await server.stop(None)  # release the gRPC port
                     raise
                 log.warning("serving without metrics: %s", exc)
+        if self.config.http_port >= 0:
+            # The playground and /v2 REST (http.py), on this loop, over the same engine and tokens.
+            from rnnserve.server.http import HttpServer, build_app
+
+            self._http = HttpServer(
+                build_app(self.engine, self.auth),
+                shutdown_timeout=max(0.0, self.config.grace_s - STOP_MARGIN_S),
+            )
+            try:
+                self.http_port = await self._http.start(self.config.host, self.config.http_port)
+            except OSError:
+                await server.stop(None)  # release the gRPC port
+                if self._metrics:
+                    await asyncio.to_thread(self._metrics.stop)
+                raise
         for model, _ in self.engine.repository.all():
             metrics.MODELS.labels(model.key, model.runtime.provider).set(1)
         metrics.DRAINING.set(0)
@@ -231,6 +257,10 @@ class RnnServeServer:
             len(self.calls),
         )
         self.calls.begin_drain()
+        if self.v2_servicer is not None:
+            self.v2_servicer.ready = False  # V2 ServerReady / ModelReady answer false while draining
+        # HTTP stops listening now; its requests in flight end within its shutdown timeout.
+        http_stop = loop.create_task(self._http.stop()) if self._http else None
         margin = min(STOP_MARGIN_S, grace / 4)
         if not await self.calls.wait_finished(deadline - margin - loop.time()):
             log.warning("grace period over: ending %d call(s) still in flight (UNAVAILABLE)", len(self.calls))
@@ -246,6 +276,8 @@ class RnnServeServer:
         if self._server:
             # Nothing of ours is left in flight; health watchers and the like end here.
             await self._server.stop(max(0.0, min(deadline - loop.time(), margin)))
+        if http_stop is not None:
+            await http_stop
         await self.engine.stop()
         if self._metrics:
             await asyncio.to_thread(self._metrics.stop)

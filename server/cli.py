@@ -61,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "in use; a port given here must bind; 0 = any free port, -1 = off)",
         type=int,
     )
+    _add(
+        p,
+        "--http-port",
+        d.http_port,
+        "HTTP on http://HOST:PORT/: the playground page (try a model in a browser) and the KServe V2 "
+        "REST routes under /v2 (0 = any free port; default -1 = off)",
+        type=int,
+    )
     _add(p, "--device", d.device, "ONNX Runtime device: auto uses CUDA when it really works (auto|cuda|cpu)")
     _add(
         p,
@@ -353,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         metrics_port=METRICS_PORT if args.metrics_port is None else args.metrics_port,
         metrics_required=args.metrics_port is not None,
+        http_port=args.http_port,
     )
     from rnnserve.server.auth import TokenFileError
 

@@ -46,6 +46,9 @@ class ServerConfig:
     grace_s: float = 10.0  # on SIGTERM: how long calls in flight may take to finish
     metrics_port: int = -1  # Prometheus /metrics on host:metrics_port; 0 = any free port, -1 = none
     metrics_required: bool = True  # False: a metrics port in use is logged and skipped, not fatal
+    # HTTP (server/http.py): the playground page at / and the /v2 REST routes on host:http_port, on the
+    # same event loop and engine; 0 = any free port, -1 = none.
+    http_port: int = -1
     # Hot reload: look for new model versions in the repository every N seconds (0 = off; the
     # ReloadModels call works either way). See server/reload.py.
     watch_interval_s: float = 0.0

@@ -462,7 +462,10 @@ class Engine:
                         return
             finally:
                 generation.cancel()
-                await generation.gone  # no run on the session's slot is in flight any more
+                # No run on the session's slot is in flight any more before the session is let go,
+                # even if this call is cancelled again meanwhile (else its last block would be applied
+                # after the next request took the session, which would see the position move).
+                await finish_even_if_cancelled(generation.gone)
 
     async def _prepare_generation(
         self, session: Session, applied: AppliedGeneration, prompt: list[int] | None, eos: int | None

@@ -277,6 +277,9 @@ async def finish_even_if_cancelled(work: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if not task.done():
-            await asyncio.wait([task])
+        while not task.done():  # however many times the caller is cancelled meanwhile
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                continue
         raise

@@ -73,8 +73,9 @@ RULES = [
     Rule("Using it", r"rnnserve export \S+/checkpoint\.pt --repo model_repo --name \w+$", "run"),
     Rule("Using it", r"rnnserve serve --repo model_repo --port 50051$", "serve"),
     Rule("Using it", r"rnnserve (models|generate|classify)\b", "run"),
-    Rule("Deploy", r"(rnnserve export|chmod -R|RNNSERVE_MODELS=\S+ docker compose|rnnserve generate --url "
-         r"localhost:50051|curl -s localhost:9464/metrics|docker compose (stop|down))", "skip",
+    Rule("Deploy", r"(rnnserve export|chmod -R|rnnserve auth add|RNNSERVE_MODELS=\S+ docker compose|"
+         r"rnnserve generate --url localhost:50051|curl -s localhost:9464/metrics|"
+         r"docker compose (stop|down))", "skip",
          f"needs Docker: {COMPOSE_TEST} runs these for real (marker `docker`), against a model repository "
          "of its own"),
 ]  # fmt: skip

@@ -10,11 +10,14 @@ Without either the tests skip, saying why, except under CI (CI=true), where they
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -87,6 +90,7 @@ class Stack:
     port: int
     metrics_port: int
     prometheus_port: int
+    token: str  # the stack's bearer token (the compose stack has authentication on)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -112,8 +116,21 @@ class Stack:
         return done
 
 
+def token_file(token: str) -> Path:
+    """A token file (README "Deploy": `rnnserve auth add`) holding `token`'s hash, readable by the
+    container's user."""
+    directory = Path(tempfile.mkdtemp(prefix="rnnserve-tokens-"))
+    path = directory / "tokens.toml"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    path.write_text(f'[[token]]\nname = "e2e"\nsha256 = "{digest}"\nmodels = ["*"]\n')
+    directory.chmod(0o755)
+    path.chmod(0o644)
+    return path
+
+
 def make_stack(models: str | Path, **env: str) -> Stack:
     port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
+    token = "rns_" + secrets.token_hex(16)
     environment = {
         **{k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")},
         "RNNSERVE_MODELS": str(models),
@@ -121,9 +138,11 @@ def make_stack(models: str | Path, **env: str) -> Stack:
         "RNNSERVE_PUBLISH_METRICS_PORT": str(metrics_port),
         "PROMETHEUS_PUBLISH_PORT": str(prometheus_port),
         "RNNSERVE_HEALTHCHECK_INTERVAL": "2s",  # so `--wait` returns soon after the server is up
+        "RNNSERVE_TOKENS": str(token_file(token)),
+        "RNNSERVE_TOKEN": token,  # for the `rnnserve` commands run with this environment
         **env,
     }
-    return Stack(f"rnnserve-e2e-{os.getpid()}", environment, port, metrics_port, prometheus_port)
+    return Stack(f"rnnserve-e2e-{os.getpid()}", environment, port, metrics_port, prometheus_port, token)
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +204,11 @@ class Generation(threading.Thread):
     generation meanwhile (it makes at most a window's worth of messages, then waits): the call is
     certainly in flight while the drain is checked, however fast the machine."""
 
-    def __init__(self, client: Client, url: str, max_tokens: int) -> None:
+    def __init__(self, client: Client, url: str, max_tokens: int, token: str) -> None:
         super().__init__(daemon=True)
         self.session = client.session("tiny")
         self.url = url
+        self.metadata = (("authorization", f"Bearer {token}"),)  # the session's owner: the stack's token
         self.max_tokens = max_tokens
         self.started = threading.Event()
         self.proceed = threading.Event()
@@ -207,7 +227,8 @@ class Generation(threading.Thread):
         )
         with grpc.insecure_channel(self.url, options=options) as channel:
             try:
-                for message in pb_grpc.RnnServeStub(channel).Generate(request, timeout=120):
+                stub = pb_grpc.RnnServeStub(channel)
+                for message in stub.Generate(request, timeout=120, metadata=self.metadata):
                     self.count += len(message.token_ids)
                     self.finish_reason = message.finish_reason
                     if not self.started.is_set():
@@ -221,7 +242,7 @@ class Generation(threading.Thread):
 
 def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
     # -- traffic through the published port, with the real client ------------------------------------
-    with Client(stack.url, timeout=30) as client:
+    with Client(stack.url, timeout=30, token=stack.token) as client:
         assert [m.name for m in client.models()] == ["tiny"]
         with client.session("tiny") as session:
             out = session.feed("def add(a, b):\n")  # 15 chars
@@ -273,10 +294,10 @@ def test_compose_stack_serves_counts_and_drains(stack: Stack) -> None:
     assert [float(r["value"][1]) for r in up] == [1.0]
 
     # -- `docker compose stop`: SIGTERM, drain, exit 0 ------------------------------------------------
-    with Client(stack.url, timeout=30) as client:
+    with Client(stack.url, timeout=30, token=stack.token) as client:
         idle = client.session("tiny")
         idle.feed("x")  # a Stream left open, waiting for its next message
-        generations = [Generation(client, stack.url, max_tokens=4096) for _ in range(4)]
+        generations = [Generation(client, stack.url, 4096, stack.token) for _ in range(4)]
         for g in generations:
             g.start()
         assert all(g.started.wait(30) for g in generations)
@@ -369,7 +390,7 @@ def test_trainer_profile_trains_into_the_volume_then_serves(docker_ready: None) 
     t0 = time.monotonic()
     try:
         s.timed("trainer: build + up --wait", "--profile", "train", "up", "-d", "--build", "--wait")
-        with Client(s.url, timeout=30) as client, client.session("py") as session:
+        with Client(s.url, timeout=30, token=s.token) as client, client.session("py") as session:
             assert len(list(session.generate("def ", max_tokens=10, ignore_eos=True))) == 10
         assert exit_code(s.compose("--profile", "train", "ps", "-a", "-q", "trainer").stdout.strip()) == 0
         image = subprocess.run(

@@ -71,8 +71,9 @@ def scale_stack(docker_ready: None, model_repo: Path) -> Iterator[Stack]:  # noq
 class Run:
     """One pass of the work over SESSIONS sessions; `kill` (if given) is called once all passed GATE."""
 
-    def __init__(self, url: str, kill: Any = None) -> None:
+    def __init__(self, url: str, token: str, kill: Any = None) -> None:
         self.url = url
+        self.token = token
         self.kill = kill
         self.seen: list[list[object]] = [[] for _ in range(SESSIONS)]
         self.stamps: list[list[float]] = [[] for _ in range(SESSIONS)]
@@ -118,7 +119,7 @@ class Run:
         await asyncio.to_thread(self.kill)
 
     async def main(self) -> None:
-        async with AsyncClient(self.url, timeout=30, retry=PATIENT) as client:
+        async with AsyncClient(self.url, timeout=30, retry=PATIENT, token=self.token) as client:
             work = [self.session(client, i) for i in range(SESSIONS)]
             await asyncio.wait_for(asyncio.gather(*work, *([self.killer()] if self.kill else [])), 600)
 
@@ -150,12 +151,12 @@ def test_kill_a_replica_mid_stream_behind_nginx(scale_stack: Stack) -> None:
         time.sleep(2)
     assert len(up) == 3, up
 
-    reference = Run(url)
+    reference = Run(url, s.token)
     asyncio.run(reference.main())
 
     victim = s.compose("--profile", "scale", "ps", "-q", VICTIM).stdout.strip()
     victim_ip = container_ip(s, VICTIM)
-    run = Run(url, kill=lambda: subprocess.run(["docker", "kill", victim], check=True, timeout=60))
+    run = Run(url, s.token, kill=lambda: subprocess.run(["docker", "kill", victim], check=True, timeout=60))
     t0 = time.monotonic()
     asyncio.run(run.main())
     s.timings["work with the kill"] = time.monotonic() - t0
