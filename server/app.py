@@ -39,7 +39,7 @@ from rnnserve.server.scheduler import SchedulerOptions
 from rnnserve.server.service import RnnServeServicer
 from rnnserve.server.sessions import SessionLimits
 from rnnserve.server.store import open_store
-from rnnserve.server.tls import server_credentials
+from rnnserve.server.tls import server_credentials, server_ssl_context
 from rnnserve.server.v2.grpc_service import SERVICE_NAME as V2_SERVICE_NAME
 from rnnserve.server.v2.grpc_service import InferenceServicer
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -55,6 +55,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
 SWEEP_INTERVAL_S = 5.0
 # What a draining server refuses: anything that starts new work. Lookups and CloseSession stay open.
 REFUSED_WHILE_DRAINING = ("CreateSession", "Stream", "Generate", "Classify", "ReloadModels")
+V2_REFUSED_WHILE_DRAINING = ("ModelInfer", "ModelStreamInfer")  # the Open Inference Protocol's work
 STOP_MARGIN_S = 1.0  # of the grace period, kept for ending leftover calls and stopping cleanly
 
 
@@ -109,7 +110,9 @@ class RnnServeServer:
         )
         self.reloader = Reloader(self.engine)  # hot reload: ReloadModels and the watcher (reload.py)
         self.health = health.aio.HealthServicer()
-        self.calls = CallTracker(SERVICE_NAME, REFUSED_WHILE_DRAINING)
+        self.calls = CallTracker(
+            {SERVICE_NAME: REFUSED_WHILE_DRAINING, V2_SERVICE_NAME: V2_REFUSED_WHILE_DRAINING}
+        )
         # Request ids, the access log (logger rnnserve.access) and RPC spans (logs.py, tracing.py).
         self.observer = CallObserver(self._session_model, tracer=self.tracing, access=config.access_log)
         self._server: aio.Server | None = None
@@ -179,7 +182,9 @@ class RnnServeServer:
                 shutdown_timeout=max(0.0, self.config.grace_s - STOP_MARGIN_S),
             )
             try:
-                self.http_port = await self._http.start(self.config.host, self.config.http_port)
+                self.http_port = await self._http.start(
+                    self.config.host, self.config.http_port, server_ssl_context(self.config)
+                )
             except OSError:
                 await server.stop(None)  # release the gRPC port
                 if self._metrics:

@@ -55,6 +55,10 @@ OPEN_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
+# The Open Inference Protocol's liveness and readiness: probes and load balancers ask them without a token.
+OPEN_METHODS = frozenset(
+    {"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"}
+)
 TOKEN_PREFIX = "rns_"  # of the tokens `rnnserve auth add` makes (easy to spot in a leaked file)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -301,7 +305,7 @@ class AuthInterceptor(aio.ServerInterceptor):
         if wrapped is None:
             handler = await continuation(handler_call_details)
             service = method.lstrip("/").rpartition("/")[0]
-            if handler is None or service in OPEN_SERVICES:
+            if handler is None or service in OPEN_SERVICES or method in OPEN_METHODS:
                 return handler
             wrapped = self._handlers[method] = self._wrap(method, handler)
         return wrapped

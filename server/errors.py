@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +91,10 @@ class CallTracker:
     stay open, so clients can still read and close what they have.
     """
 
-    def __init__(self, service: str, refused: Iterable[str]) -> None:
-        self.service = service
-        self.refused = frozenset(refused)  # method names, e.g. "CreateSession"
+    def __init__(self, refused: Mapping[str, Iterable[str]]) -> None:
+        # The drainable services, each with the methods refused while draining, e.g.
+        # {"rnnserve.v1.RnnServe": ["CreateSession", ...]}.
+        self.refused = {service: frozenset(methods) for service, methods in refused.items()}
         self.draining = False
         self._calls: set[_Call] = set()
         self._idle = asyncio.Event()
@@ -277,8 +278,8 @@ class _Instrumented:
         service, _, method = full_method.lstrip("/").rpartition("/")
         self.observer = observer  # the access log and trace spans (logs.py)
         self.service, self.method = service, method
-        self.calls = calls if calls is not None and service == calls.service else None
-        self.refused = self.calls is not None and method in self.calls.refused
+        self.calls = calls if calls is not None and service in calls.refused else None
+        self.refused = self.calls is not None and method in self.calls.refused[service]
         self.in_flight = metrics.IN_FLIGHT.labels(service, method)
         self.malformed_log = LogLimiter(MALFORMED_LOG_INTERVAL_S)
 

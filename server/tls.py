@@ -3,6 +3,7 @@ must chain to (light: only grpc, so the CLI can check the files before loading a
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -27,3 +28,17 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def server_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The same TLS (and mTLS) for the HTTP port (playground, /v2 REST) as for the gRPC port: None for
+    plaintext. Checked like server_credentials."""
+    if server_credentials(config) is None:  # validates the flags and reads the files
+        return None
+    assert config.tls_cert is not None and config.tls_key is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca is not None:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

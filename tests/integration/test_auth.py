@@ -570,3 +570,19 @@ def test_authentication_is_off_without_tokens(tiny_only: Path) -> None:
             stub = pb_grpc.RnnServeStub(channel)
             session = stub.CreateSession(pb.CreateSessionRequest(model="tiny"), timeout=30)
             assert session.session_id and server.engine.sessions.get(session.session_id).owner == ""
+
+
+def test_the_open_inference_protocols_liveness_and_readiness_need_no_token(served: RnnServeServer) -> None:
+    """As grpc.health: probes and load balancers ask them without a token; the V2 work does need one."""
+    from rnnserve.inference import grpc_service_pb2 as v2
+    from rnnserve.inference import grpc_service_pb2_grpc as v2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        assert v2_stub.ServerLive(v2.ServerLiveRequest(), timeout=30).live
+        assert v2_stub.ServerReady(v2.ServerReadyRequest(), timeout=30).ready
+        error = rpc_error(lambda: v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="tiny"), timeout=30))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert v2_stub.ModelMetadata(
+            v2.ModelMetadataRequest(name="tiny"), metadata=md("alice"), timeout=30
+        ).name

@@ -349,3 +349,33 @@ def test_serve_and_health_configured_by_environment_alone(lm_repo: Path, certs: 
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "(TLS)" in out
+
+
+def test_the_http_port_serves_https_with_the_same_certificates(lm_repo: Path, certs: Certs) -> None:
+    """The playground and /v2 REST share the gRPC port's TLS (and mTLS): a client trusting the CA gets
+    the page over HTTPS; one that does not is refused in the handshake; with --tls-client-ca, a client
+    without a certificate is refused too."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    def get(url: str, context: ssl.SSLContext) -> int:
+        with urllib.request.urlopen(url, context=context, timeout=30) as response:
+            return int(response.status)
+
+    trusting = ssl.create_default_context(cafile=str(certs.ca))
+    with_cert = ssl.create_default_context(cafile=str(certs.ca))
+    with_cert.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    tls = {"tls_cert": certs.server_cert, "tls_key": certs.server_key}
+    with background_server(ServerConfig(repo=lm_repo, port=0, http_port=0, **tls)) as server:
+        url = f"https://localhost:{server.http_port}/v2/health/ready"
+        assert get(url, trusting) == 200
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            get(url, ssl.create_default_context(cafile=str(certs.other_ca)))
+    with background_server(
+        ServerConfig(repo=lm_repo, port=0, http_port=0, tls_client_ca=certs.ca, **tls)
+    ) as server:
+        url = f"https://localhost:{server.http_port}/v2/health/ready"
+        assert get(url, with_cert) == 200
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            get(url, trusting)
