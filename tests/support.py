@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -59,3 +60,50 @@ def run_engine_with(make_engine: Callable[[], Any], work: Callable[[Any], Awaita
             await engine.stop()
 
     return asyncio.run(go())
+
+
+# What a scheduler's ONNX Runtime runs go through in the worker thread: its SlotRunner, whose `run` runs
+# steps and `run_block` K-step generation blocks (a hook replaces them).
+RUN_METHODS = ("run", "run_block")
+
+
+def model_runs(scheduler: Any) -> Any:
+    return scheduler.runner.slots
+
+
+class HeldRuns:
+    """From the `start`-th model run after entering on, runs wait in the ORT worker until `release()`
+    (or exit): calls that need a run stay in flight, however fast the machine. `held` is set once a run
+    waits; `runs` counts every run. (Give the server inline_max_tokens=0: every run goes to the worker.)"""
+
+    def __init__(self, server: Any, start: int = 1) -> None:
+        self.server = server
+        self.start = start
+        self.runs = 0  # counted in the (one) worker thread
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._real: dict[tuple[Any, str], Callable[..., Any]] = {}
+
+    def __enter__(self) -> HeldRuns:
+        for scheduler in self.server.engine.schedulers.values():
+            runner = model_runs(scheduler)
+            for method in RUN_METHODS:
+                run = self._real[(runner, method)] = getattr(runner, method)
+
+                def held(*args: Any, run: Callable[..., Any] = run) -> Any:
+                    self.runs += 1
+                    if self.runs >= self.start and not self._released.is_set():
+                        self.held.set()
+                        assert self._released.wait(60), "the test never released the held run"
+                    return run(*args)
+
+                setattr(runner, method, held)
+        return self
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        for (runner, method), run in self._real.items():
+            setattr(runner, method, run)

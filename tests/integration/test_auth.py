@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import scrape, value
+from support import HeldRuns, scrape, value
 
 from rnnserve.server.app import RnnServeServer, background_server
 from rnnserve.server.auth import (
@@ -314,40 +314,6 @@ def test_a_session_is_not_found_for_another_token(served: RnnServeServer, stub: 
 
 
 # -- per-token limits ----------------------------------------------------------------------------------
-
-
-class HeldRuns:
-    """Model runs wait in the ORT worker from entering until `release()` (or exit); `held` is set once
-    one waits. (The server's runs all go to the worker: inline_max_tokens=0.)"""
-
-    def __init__(self, server: RnnServeServer) -> None:
-        self.server = server
-        self.held = threading.Event()
-        self._released = threading.Event()
-        self._real: dict[tuple[Any, str], Any] = {}
-
-    def __enter__(self) -> HeldRuns:
-        for scheduler in self.server.engine.schedulers.values():
-            runner = scheduler.runner.slots
-            for method in ("run", "run_block"):
-                run = self._real[(runner, method)] = getattr(runner, method)
-
-                def held(*args: Any, run: Any = run) -> Any:
-                    if not self._released.is_set():
-                        self.held.set()
-                        assert self._released.wait(60), "the test never released the held run"
-                    return run(*args)
-
-                setattr(runner, method, held)
-        return self
-
-    def release(self) -> None:
-        self._released.set()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-        for (runner, method), run in self._real.items():
-            setattr(runner, method, run)
 
 
 def test_sessions_per_token_are_limited(stub: pb_grpc.RnnServeStub) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import free_port, scrape, value
+from support import HeldRuns, free_port, scrape, value
 
 from rnnserve.client import Client
 from rnnserve.client.errors import NotFoundError, UnavailableError
@@ -161,53 +161,6 @@ def drainable(tiny_repo: Path) -> Iterator[RnnServeServer]:
     config = ServerConfig(repo=tiny_repo, host="127.0.0.1", port=0, metrics_port=0, inline_max_tokens=0)
     with background_server(config) as server:
         yield server
-
-
-def model_runs(scheduler: Any) -> Any:
-    """What a scheduler's ONNX Runtime runs go through in the worker thread (a hook replaces its
-    methods): its SlotRunner, whose `run` runs steps and `run_block` K-step generation blocks."""
-    return scheduler.runner.slots
-
-
-RUN_METHODS = ("run", "run_block")
-
-
-class HeldRuns:
-    """From the `start`-th model run after entering on, runs wait in the ORT worker until `release()`
-    (or exit): calls that need a run stay in flight, however fast the machine. `held` is set once a
-    run waits."""
-
-    def __init__(self, server: RnnServeServer, start: int) -> None:
-        self.server = server
-        self.start = start
-        self.runs = 0  # counted in the (one) worker thread
-        self.held = threading.Event()
-        self._released = threading.Event()
-        self._real: dict[tuple[Any, str], Callable[..., Any]] = {}
-
-    def __enter__(self) -> HeldRuns:
-        for scheduler in self.server.engine.schedulers.values():
-            runner = model_runs(scheduler)
-            for method in RUN_METHODS:
-                run = self._real[(runner, method)] = getattr(runner, method)
-
-                def held(*args: Any, run: Callable[..., Any] = run) -> Any:
-                    self.runs += 1
-                    if self.runs >= self.start and not self._released.is_set():
-                        self.held.set()
-                        assert self._released.wait(60), "the test never released the held run"
-                    return run(*args)
-
-                setattr(runner, method, held)
-        return self
-
-    def release(self) -> None:
-        self._released.set()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-        for (runner, method), run in self._real.items():
-            setattr(runner, method, run)
 
 
 def reporting(obj: Any, method: str, before: Callable[[], None] | None = None) -> threading.Event:

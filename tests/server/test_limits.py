@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import pytest
-from support import run_engine_with
+from support import HeldRuns, run_engine_with
 
 from rnnserve.server import cli as server_cli
 from rnnserve.server.app import RnnServeServer, background_server
@@ -226,43 +226,6 @@ def test_input_and_max_tokens_limits_are_configurable(lm_repo: Path, tmp_path: P
 
 
 # -- deadlines -------------------------------------------------------------------------------------------
-
-
-class HeldRuns:
-    """Model runs (in the ORT worker) wait from the `start`-th after entering until `release()`; counts
-    every run."""
-
-    def __init__(self, server: RnnServeServer, start: int = 1) -> None:
-        self.server = server
-        self.start = start
-        self.runs = 0
-        self.held = threading.Event()
-        self._released = threading.Event()
-        self._real: dict[tuple[Any, str], Any] = {}
-
-    def __enter__(self) -> HeldRuns:
-        for scheduler in self.server.engine.schedulers.values():
-            runner = scheduler.runner.slots
-            for method in ("run", "run_block"):
-                run = self._real[(runner, method)] = getattr(runner, method)
-
-                def held(*args: Any, run: Any = run) -> Any:
-                    self.runs += 1
-                    if self.runs >= self.start and not self._released.is_set():
-                        self.held.set()
-                        assert self._released.wait(60), "the test never released the held run"
-                    return run(*args)
-
-                setattr(runner, method, held)
-        return self
-
-    def release(self) -> None:
-        self._released.set()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-        for (runner, method), run in self._real.items():
-            setattr(runner, method, run)
 
 
 def wait_for(condition: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
