@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -107,3 +108,11 @@ class HeldRuns:
         self.release()
         for (runner, method), run in self._real.items():
             setattr(runner, method, run)
+
+
+def wait_for(condition: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
+    """Poll until `condition` holds (a bound against a hang, not a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

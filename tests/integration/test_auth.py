@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import HeldRuns, scrape, value
+from support import HeldRuns, scrape, value, wait_for
 
 from rnnserve.server.app import RnnServeServer, background_server
 from rnnserve.server.auth import (
@@ -401,14 +400,6 @@ def test_concurrent_generates_per_token_are_limited(
 
 
 # -- the token file: reload, refusal ---------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
-    """Poll until `condition` holds (a bound against a hang, not a timing assertion)."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_the_token_file_is_reloaded_without_a_restart_and_a_bad_one_is_refused(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import pytest
-from support import HeldRuns, run_engine_with
+from support import HeldRuns, run_engine_with, wait_for
 
 from rnnserve.server import cli as server_cli
 from rnnserve.server.app import RnnServeServer, background_server
@@ -226,14 +226,6 @@ def test_input_and_max_tokens_limits_are_configurable(lm_repo: Path, tmp_path: P
 
 
 # -- deadlines -------------------------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
-    """Poll until `condition` holds (a bound against a hang, not a timing assertion)."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture
