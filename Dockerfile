@@ -39,6 +39,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python /src/requirements.py "$RNNSERVE_EXTRA" > /src/requirements.txt \
  && pip install -r /src/requirements.txt
 COPY README.md /src/
+COPY rnnserve /src/rnnserve
 COPY protos /src/protos
 COPY server /src/server
 COPY clients /src/clients

@@ -31,7 +31,7 @@ lint: setup
 # installed `rnnserve` package.
 typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/rnnserve
-	ln -s $(CURDIR)/protos/rnnserve/__init__.py $(CURDIR)/protos/rnnserve/py.typed build/typecheck/rnnserve/
+	ln -s $(CURDIR)/rnnserve/*.py $(CURDIR)/rnnserve/py.typed build/typecheck/rnnserve/
 	ln -s $(CURDIR)/protos/rnnserve/v1 build/typecheck/rnnserve/v1
 	ln -s $(CURDIR)/protos/rnnserve/inference build/typecheck/rnnserve/inference
 	ln -s $(CURDIR)/training build/typecheck/rnnserve/training

@@ -418,7 +418,7 @@ def main() -> None:
 
         def serve(*extra: str) -> tuple[list[str], str]:
             port = free_port()
-            return [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo),
+            return [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo),
                     "--port", str(port), "--metrics-port", "-1", *extra], f"127.0.0.1:{port}"  # fmt: skip
 
         servers = {MEMORY: serve("--session-store", "memory"),

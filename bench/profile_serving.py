@@ -112,7 +112,7 @@ def main() -> None:
         if args.echo:
             command = [sys.executable, str(Path(__file__).with_name("grpc_echo.py")), "--port", str(port)]
         else:
-            command = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port",
+            command = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--port",
                        str(port), "--metrics-port", str(metrics_port), *args.server_args]  # fmt: skip
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -773,7 +773,7 @@ def main() -> None:
         rows: list[Row] = []
         port = free_port()
         url = f"127.0.0.1:{port}"
-        cli = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port)]
+        cli = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--port", str(port)]
         with server_process(cli, url):
             rows += served("rnnserve", url, args.concurrency, args.tokens, vocab, window, ceiling)
             if args.flush_sweep:

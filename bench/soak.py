@@ -378,7 +378,7 @@ def main() -> None:
         model = f"LSTM {manifest.num_layers}x{manifest.hidden_size}, vocab {vocab}"
         port = free_port()
         url = f"127.0.0.1:{port}"
-        cli = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port)]
+        cli = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--port", str(port)]
         print(f"soak: {args.sessions} sessions for {args.minutes:g} min, {model}; {os.cpu_count()} cores")
         with server_process(cli, url) as proc:
             tally, samples = asyncio.run(soak(url, proc.pid, vocab, args))

@@ -192,7 +192,7 @@ def main() -> None:
         model = f"LSTM {manifest.num_layers}x{manifest.hidden_size}, vocab {vocab}"
         port, http_port = free_port(), free_port()
         url = f"127.0.0.1:{port}"
-        cli = [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port),
+        cli = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--port", str(port),
                "--http-port", str(http_port), "--metrics-port", "-1"]  # fmt: skip
         with server_process(cli, url):
             asyncio.run(wait_http(http_port))

@@ -1,4 +1,4 @@
-"""rnnserve.client: the Python client library (and the `rnnserve` CLI front end).
+"""rnnserve.client: the Python client library (and the client commands of the `rnnserve` CLI).
 
 from rnnserve.client import Client
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -39,14 +40,15 @@ class AsyncSession(SessionBase):
         top_k: int = 5,
         token_logprobs: bool = False,
         expected_position: int | None = None,
+        end_turn: bool = False,
     ) -> FeedOutput:
         """Append text or token ids; returns the model's output after them (see `Session.feed`, retries
-        and the restoring of a session the server lost messages of included)."""
+        and the restoring of a session the server lost messages of included; `end_turn` as there)."""
         async with self._lock:
             resync = not self._synced and expected_position is None
             if resync:
                 await self.info()
-            request = self._feed_request(data, top_k, token_logprobs, expected_position)
+            request = self._feed_request(data, top_k, token_logprobs, expected_position, end_turn)
             try:
                 response = await self._send(request)
             except FailedPreconditionError:
@@ -54,9 +56,15 @@ class AsyncSession(SessionBase):
                     if not resync:
                         raise
                     await self.info()  # a cut Generate had not settled yet (see Session.feed)
-                    request = self._feed_request(data, top_k, token_logprobs, None)
+                    request = self._feed_request(data, top_k, token_logprobs, None, end_turn)
                 response = await self._send(request)
             return self._fed(request, response)
+
+    async def say(
+        self, text: str | Sequence[int] = "", *, top_k: int = 5, expected_position: int | None = None
+    ) -> FeedOutput:
+        """A turn of the conversation: `text` then <eos> in one Stream message (see `Session.say`)."""
+        return await self.feed(text, top_k=top_k, expected_position=expected_position, end_turn=True)
 
     async def _send(self, request: pb.StreamRequest) -> pb.StreamResponse:
         """One Stream message and its answer, on a new stream for each retry (the lock held)."""
@@ -118,9 +126,10 @@ class AsyncSession(SessionBase):
         max_tokens_per_message: int = TOKENS_PER_MESSAGE,
         flush_interval_ms: int | None = None,
         request_id: str = "",
+        end_turn: bool = False,
     ) -> AsyncGenerateStream:
         """Sampled tokens as they are made: `async for` the result (see `Session.generate`, retries
-        included). The call starts when iteration does."""
+        and `end_turn` included). The call starts when iteration does."""
         options = dict(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -133,8 +142,33 @@ class AsyncSession(SessionBase):
             max_tokens_per_message=max_tokens_per_message,
             flush_interval_ms=flush_interval_ms,
             request_id=request_id,
+            end_turn=end_turn,
         )
         return AsyncGenerateStream(self, (prompt, expected_position, options))
+
+    def reply(
+        self,
+        *,
+        max_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        **options: Any,
+    ) -> AsyncGenerateStream:
+        """The model's turn: a Generate with end_turn (see `Session.reply`); `async for` the result to
+        stream it, its `text` is the reply."""
+        return self.generate(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            end_turn=True,
+            **options,
+        )
 
     async def info(self) -> SessionInfo:
         get = pb.GetSessionRequest(session_id=self.id)
@@ -216,6 +250,7 @@ class AsyncGenerateStream(GenerateRecord):
         self._resynced = False  # see GenerateStream
         self._call: Any = None
         self._closed = False
+        self._open = False  # its call counts as open on the session (see SessionBase._generate_opened)
 
     async def __aiter__(self) -> AsyncIterator[GeneratedToken]:
         async for message in self.messages():
@@ -231,12 +266,27 @@ class AsyncGenerateStream(GenerateRecord):
             if self._resynced:
                 await session.info()
             self._request = session._generate_request(prompt, expected_position, **options)
+            self._open = True
         return self._request
 
     async def messages(self) -> AsyncIterator[GenerateMessage]:
         """The messages of the call as they arrive (each with one token or several)."""
         if self._call is not None:
             raise RnnserveError("a Generate stream can be iterated once")
+        try:
+            async with aclosing(self._call_messages()) as messages:
+                async for message in messages:
+                    yield message
+        finally:  # ended, failed, or closed early (aclose, or left by the reader and finalized)
+            self._over()
+
+    def _over(self) -> None:
+        """Its call is over for the session (once): see SessionBase._generate_opened."""
+        if self._open:
+            self._open = False
+            self._session._generate_closed()
+
+    async def _call_messages(self) -> AsyncGenerator[GenerateMessage, None]:
         session, request = self._session, await self._start()
         attempts, caught_up = Attempts(session.client.retry), self._restoring is not None
         while True:
@@ -271,6 +321,7 @@ class AsyncGenerateStream(GenerateRecord):
                 await asyncio.sleep(delay)
             self.reissued()
         if self._restoring is None:
+            self._over()
             session._generated(request, self)
 
     @property
@@ -289,6 +340,7 @@ class AsyncGenerateStream(GenerateRecord):
         self._closed = True
         if self._call is not None:
             self._call.cancel()
+        self._over()  # now, not when the reader's loop is finalized: the session's next call re-reads
 
     async def __aenter__(self) -> AsyncGenerateStream:
         return self

@@ -1,29 +1,15 @@
-"""The `rnnserve` command: one CLI for every role.
+"""The client commands of the `rnnserve` CLI: generate, classify, models, session, reload.
 
-    rnnserve train lm --out runs/demo            # needs the `train` extra
-    rnnserve export runs/demo/checkpoint.pt --repo model_repo --name demo
-    rnnserve serve --repo model_repo             # needs the `serve` extra
-    rnnserve generate --model demo --prompt "def main("
-    rnnserve classify --model sst2 "a gorgeous, witty film" "a dull mess"
-    rnnserve models
-    rnnserve models validate model_repo        # offline: what is wrong with each bundle
-    rnnserve session export SESSION_ID -o s.bin  # a session as bytes; `session import s.bin` restores it
-    rnnserve session fork SESSION_ID             # a copy of a session (prints the new id)
-    rnnserve reload                              # load model versions added to the server's repository
-    rnnserve demo                                # all of the above, end to end
-
-Subcommands register their flags without importing torch or ONNX Runtime; those load only when the
-subcommand runs, so a client-only install can still use `generate` and `models`.
+`register(subparsers)` adds them; the `rnnserve` command itself (every role's subcommands) is
+`rnnserve.cli`. This module imports only the client library (never the training, export or server roles),
+and the connection helpers here (`add_connection_flags`, `connect`) serve every command that calls a server.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-from rnnserve.client.errors import RnnserveError
 
 if TYPE_CHECKING:
     from rnnserve.client.client import Client
@@ -124,16 +110,16 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from rnnserve.export.cli import register_models_validate
-
+def _register_models(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     p = subparsers.add_parser(
         "models", help="list the models a server has loaded; `models validate REPO` checks bundles offline"
     )
     p.add_argument("--url", default=None, help="server host:port (default $RNNSERVE_URL or localhost:50051)")
     add_connection_flags(p)
     p.set_defaults(func=run_models)
-    register_models_validate(p.add_subparsers(dest="models_command", metavar="{validate}"))
+    return p.add_subparsers(dest="models_command")
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -211,76 +197,17 @@ def run_reload(args: argparse.Namespace) -> int:
     return 1 if result.refused else 0
 
 
-# The extras (pyproject.toml) a command needs beyond the client install, and which extra brings a module.
-COMMAND_EXTRAS = {
-    "train": "train",
-    "sample": "train",
-    "export": "train",
-    "data": "train",
-    "serve": "serve",
-    "demo": "train,serve",  # it trains, exports and serves
-}
-MODULE_EXTRAS = {
-    "torch": "train",
-    "onnx": "train",
-    "onnxscript": "train",
-    "tqdm": "train",
-    "onnxruntime": "serve",
-    "tokenizers": "serve",
-    "grpc_health": "serve",
-    "grpc_reflection": "serve",
-    "grpc_status": "serve",
-    "prometheus_client": "serve",
-}
-
-
-def missing_extra(command: str, module: str | None) -> str | None:
-    """The extra to install when `command` fails to import `module` (None: not a module of ours to name)."""
-    top = (module or "").split(".")[0]
-    if top not in MODULE_EXTRAS:
-        return None
-    return COMMAND_EXTRAS.get(command, MODULE_EXTRAS[top])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnnserve", description=__doc__.split("\n\n")[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from rnnserve.client import demo
-    from rnnserve.export import cli as export_cli
-    from rnnserve.server import cli as server_cli
-    from rnnserve.training import cli as training_cli
-
-    training_cli.register(subparsers)
-    export_cli.register(subparsers)
-    server_cli.register(subparsers)
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """Add the client commands; returns the subcommands of `rnnserve models`, where offline model tools
+    of other roles go (`models validate`, registered by `rnnserve.cli`)."""
     _register_generate(subparsers)
     _register_classify(subparsers)
-    _register_models(subparsers)
+    models_commands = _register_models(subparsers)
     _register_sessions(subparsers)
-    demo.register(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except RnnserveError as error:
-        print(f"rnnserve: {error}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as error:
-        extra = missing_extra(args.command, error.name)
-        if extra is None:
-            raise
-        print(
-            f"rnnserve {args.command} needs {error.name}, which a client-only install lacks: "
-            f"pip install 'rnnserve[{extra}]'",
-            file=sys.stderr,
-        )
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return models_commands
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("the `rnnserve` command is `python -m rnnserve` (rnnserve.cli), not rnnserve.client.cli")

@@ -34,17 +34,20 @@ def call_metadata(request: Any) -> Metadata | None:
 
 def feed_request(
     session_id: str,
-    data: str | Sequence[int],
+    data: str | Sequence[int] | None,
     *,
     top_k: int,
     token_logprobs: bool,
     expected_position: int | None,
+    end_turn: bool = False,
 ) -> pb.StreamRequest:
+    """A Stream message; `data` may be empty (or None) when `end_turn` closes the turn alone."""
     request = pb.StreamRequest(
         session_id=session_id,
         top_k=top_k,
         return_token_logprobs=token_logprobs,
-        **input_fields(data, "text", "tokens"),
+        end_turn=end_turn,
+        **({} if not data and end_turn else input_fields("" if data is None else data, "text", "tokens")),
     )
     if expected_position is not None:
         request.expected_position = expected_position
@@ -67,6 +70,7 @@ def generate_request(
     max_tokens_per_message: int = 1,
     flush_interval_ms: int | None = None,
     request_id: str = "",
+    end_turn: bool = False,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
@@ -80,6 +84,7 @@ def generate_request(
         ignore_eos=ignore_eos,
         max_tokens_per_message=max_tokens_per_message,
         request_id=request_id,
+        end_turn=end_turn,
         **({} if prompt is None else input_fields(prompt, "prompt_text", "prompt_tokens")),
     )
     if expected_position is not None:

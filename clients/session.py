@@ -59,6 +59,7 @@ class Session(SessionBase):
         top_k: int = 5,
         token_logprobs: bool = False,
         expected_position: int | None = None,
+        end_turn: bool = False,
     ) -> FeedOutput:
         """Append text or token ids; returns the model's output after them.
 
@@ -71,12 +72,14 @@ class Session(SessionBase):
         (a restart lost its last messages), the client resends its recent inputs from the server's
         position, then this one; it keeps the last 256 messages / 65,536 tokens (`SessionLog`), and
         raises SessionDiverged when the loss goes back further.
+
+        `end_turn` appends the end-of-turn token <eos> to the message (see `say`).
         """
         with self._lock:
             resync = not self._synced and expected_position is None
             if resync:
                 self.info()
-            request = self._feed_request(data, top_k, token_logprobs, expected_position)
+            request = self._feed_request(data, top_k, token_logprobs, expected_position, end_turn)
             try:
                 response = self._send(request)
             except FailedPreconditionError:
@@ -86,9 +89,18 @@ class Session(SessionBase):
                     # A Generate cut short was still making its last tokens when we asked where the
                     # session was; this message waited for it to settle, so asking again is exact.
                     self.info()
-                    request = self._feed_request(data, top_k, token_logprobs, None)
+                    request = self._feed_request(data, top_k, token_logprobs, None, end_turn)
                 response = self._send(request)
             return self._fed(request, response)
+
+    def say(
+        self, text: str | Sequence[int] = "", *, top_k: int = 5, expected_position: int | None = None
+    ) -> FeedOutput:
+        """A turn of the conversation: `text` (or token ids) then the end-of-turn token <eos>, in one
+        Stream message (`feed` with end_turn; retried like it). A dialogue model's context advances;
+        the output's `top` are the candidates for the first token of the next turn. Empty `text` only
+        closes the turn."""
+        return self.feed(text, top_k=top_k, expected_position=expected_position, end_turn=True)
 
     def _send(self, request: pb.StreamRequest) -> pb.StreamResponse:
         """One Stream message and its answer, on a new stream for each retry."""
@@ -145,6 +157,7 @@ class Session(SessionBase):
         flush_interval_ms: int | None = None,
         timeout: float | None = None,
         request_id: str = "",
+        end_turn: bool = False,
     ) -> GenerateStream:
         """Continue the session by sampling; iterate the result to get tokens as they are made.
 
@@ -160,6 +173,8 @@ class Session(SessionBase):
         given) and the position it expects. If it fails with UNAVAILABLE or DEADLINE_EXCEEDED, it is
         made again, identical: the server sends the tokens it had made again and goes on, and the
         stream skips those already yielded (SessionDiverged if they differ), so each token comes once.
+
+        `end_turn` closes the turn when the generation finishes (see `reply`).
         """
         with self._lock:
             resync = not self._synced and expected_position is None
@@ -179,8 +194,35 @@ class Session(SessionBase):
                 max_tokens_per_message=max_tokens_per_message,
                 flush_interval_ms=flush_interval_ms,
                 request_id=request_id,
+                end_turn=end_turn,
             )
         return GenerateStream(self, request, timeout, resynced=resync)
+
+    def reply(
+        self,
+        *,
+        max_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        **options: Any,
+    ) -> GenerateStream:
+        """The model's turn: a Generate with end_turn (see `generate`, retries included), so the turn
+        is closed when it finishes: its last token is <eos> (sampled, or appended after max_tokens, a
+        stop string or a stop token id; its text is empty). Iterate the result to stream the reply's
+        tokens; its `text` is the reply. Other `generate` options pass through `options`."""
+        return self.generate(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            end_turn=True,
+            **options,
+        )
 
     def info(self) -> SessionInfo:
         get = pb.GetSessionRequest(session_id=self.id)
@@ -252,6 +294,7 @@ class GenerateStream(GenerateRecord):
         self._restoring = restoring  # a logged generation made again to restore the session
         self._resynced = resynced  # its expected position was read while a cut Generate may have settled
         self._closed = False
+        self._open = restoring is None  # its call counts as open on the session (see _generate_opened)
         self._call = session.client.stub.Generate(request, timeout=timeout, metadata=self._metadata())
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
@@ -263,6 +306,19 @@ class GenerateStream(GenerateRecord):
 
     def messages(self) -> Iterator[GenerateMessage]:
         """The messages of the call as they arrive (each with one token or several)."""
+        try:
+            yield from self._call_messages()
+        except Exception:  # failed for good (a reader that leaves the loop leaves the call going on)
+            self._over()
+            raise
+
+    def _over(self) -> None:
+        """Its call is over for the session (once): see SessionBase._generate_opened."""
+        if self._open:
+            self._open = False
+            self._session._generate_closed()
+
+    def _call_messages(self) -> Iterator[GenerateMessage]:
         session, attempts = self._session, Attempts(self._session.client.retry)
         caught_up = self._restoring is not None  # restoring the session is not restored in turn
         while True:
@@ -298,6 +354,7 @@ class GenerateStream(GenerateRecord):
                 self._request, timeout=self._timeout, metadata=self._metadata()
             )
         if self._restoring is None:
+            self._over()
             session._generated(self._request, self)
 
     @property
@@ -314,6 +371,10 @@ class GenerateStream(GenerateRecord):
     def close(self) -> None:
         self._closed = True
         self._call.cancel()
+        self._over()
+
+    def __del__(self) -> None:
+        self._over()  # (grpc cancels a call it garbage-collects)
 
     def __enter__(self) -> GenerateStream:
         return self

@@ -33,17 +33,23 @@ class SessionBase:
         self.closed = False
         self._log = SessionLog(info.position)
         self._synced = True  # whether `position` is certainly the server's
+        self._generates_open = 0  # Generate calls sent and not over: while one is, the server may move on
 
     def _seen(self, info: SessionInfo) -> SessionInfo:
         """The server says where the session is: the log starts again from there if the client lost track."""
         self.position = info.position
         if not self._synced or self._log.end != info.position:
             self._log.reset(info.position)
-            self._synced = True
+            self._synced = not self._generates_open  # (a position read mid-Generate is not final)
         return info
 
     def _feed_request(
-        self, data: str | Sequence[int], top_k: int, token_logprobs: bool, expected_position: int | None
+        self,
+        data: str | Sequence[int] | None,
+        top_k: int,
+        token_logprobs: bool,
+        expected_position: int | None,
+        end_turn: bool = False,
     ) -> pb.StreamRequest:
         return feed_request(
             self.id,
@@ -51,6 +57,7 @@ class SessionBase:
             top_k=top_k,
             token_logprobs=token_logprobs,
             expected_position=self.position if expected_position is None else expected_position,
+            end_turn=end_turn,
         )
 
     def _fed(self, request: pb.StreamRequest, response: pb.StreamResponse) -> FeedOutput:
@@ -75,8 +82,22 @@ class SessionBase:
             expected_position=self.position if expected_position is None else expected_position,
             **kwargs,
         )
-        self._synced = False  # until it ends: the server may be ahead of what this client received
+        self._generate_opened()
         return request
+
+    def _generate_opened(self) -> None:
+        """A Generate call of this session is sent: until it is over, the server may be ahead of what this
+        client received, and stays ahead if the stream is closed early (the tokens made before the cancel
+        reached the server are applied, a K-step block before any of its tokens is sent). So a position
+        read while a Generate is open (by `info`, or to send the call again after a refusal) does not
+        make the session synced: only the call's end, or a read once no Generate is open. Its stream
+        calls `_generate_closed` once, whichever way it ends."""
+        self._generates_open += 1
+        self._synced = False
+
+    def _generate_closed(self) -> None:
+        """A Generate call opened by `_generate_opened` is over (ended, failed, or closed early)."""
+        self._generates_open -= 1
 
     def _generated(self, request: pb.GenerateRequest, record: GenerateRecord) -> None:
         """A Generate ran to its end: log it (so that it can be made again) and move on."""
@@ -85,7 +106,7 @@ class SessionBase:
         ids = tuple(t.id for t in tokens)
         self._log.add(LoggedGeneration(request.expected_position, end, request, ids))
         self.position = end
-        self._synced = True
+        self._synced = not self._generates_open  # (its stream closed it first)
 
 
 def generation_diverged(entry: LoggedGeneration, record: GenerateRecord) -> str | None:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rnnserve.export.manifest import Manifest, ManifestError, TensorSpec, file_problems, load_manifest_json
+from rnnserve.export.manifest import (
+    DIALOGUE_PART_ROLES,
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    file_problems,
+    load_manifest_json,
+)
 
 LAST_OUTPUT = "logits_last"  # the "last" graph's logits [batch, vocab] (see export/variants.py)
 _ORT_DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "float16": "tensor(float16)"}
@@ -45,6 +52,8 @@ def graph_problems(
         return _match(gen.file, "input", gen.inputs, inputs, set()) + _match(
             gen.file, "output", gen.outputs, outputs, set()
         )
+    if role in DIALOGUE_PART_ROLES:  # not served; their own inputs/outputs (export/dialogue_graphs.py)
+        return []
     file = manifest.graph_file(role) or manifest.model_file
     state_outputs = [s.output_name for s in manifest.state]
     if role == "step":

@@ -100,7 +100,7 @@ class _WholeUnpacked(nn.Module):
 
 def _state_dims(model: RNNClassifier, name: str, batch: int | str) -> list[int | str]:
     a = model.args
-    if name in ("h", "c"):
+    if name in a.recurrent_state_names:
         return [a.num_layers, batch, a.hidden_size]
     return [batch, 1 if name == "pool_count" else a.hidden_size]
 

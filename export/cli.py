@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="export a checkpoint to a validated ONNX bundle <repo>/<name>/<version>/"
     )
     p.add_argument(
-        "checkpoint", help="checkpoint.pt written by `rnnserve train lm|classifier` (tokenizer.json beside)"
+        "checkpoint",
+        help="checkpoint.pt written by `rnnserve train lm|classifier|dialogue` (tokenizer.json beside); "
+        "a dialogue model (HRED/VHRED) exports its step, last, encoder, context and decoder graphs",
     )
     p.add_argument("--repo", required=True, help="model repository directory")
     p.add_argument("--name", required=True, help="model name (a directory under the repository)")

@@ -26,17 +26,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-# Gate order, in blocks of `hidden` rows: ONNX's order as indices into PyTorch's.
-#   LSTM: torch (i, f, g, o) -> ONNX (i, o, f, c);  GRU: torch (r, z, n) -> ONNX (z, r, h);  RNN: one gate.
-_TO_ONNX_GATES: dict[str, list[int]] = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "rnn": [0]}
-_TO_TORCH_GATES: dict[str, list[int]] = {"lstm": [0, 2, 3, 1], "gru": [1, 0, 2], "rnn": [0]}
+from rnnserve.cells import CellSpec, cell_of_module, cell_spec
 
 
-def _kind(rnn: nn.RNNBase) -> str:
-    return {"LSTM": "lstm", "GRU": "gru"}.get(rnn.mode, "rnn")
-
-
-def _reorder(t: Tensor, order: list[int]) -> Tensor:
+def _reorder(t: Tensor, order: tuple[int, ...]) -> Tensor:
     """Permute the gate blocks of t (gates * hidden, ...) along dim 0."""
     blocks = t.chunk(len(order), dim=0)
     return torch.cat([blocks[i] for i in order], dim=0)
@@ -46,27 +39,25 @@ def _reorder(t: Tensor, order: list[int]) -> Tensor:
 
 
 def _torch_layer(
-    kind: str, x: Tensor, hx: tuple[Tensor, ...], w: Tensor, r: Tensor, b: Tensor,
-    seq_lens: Tensor | None, hidden_size: int, bidirectional: bool, nonlinearity: str = "tanh",
+    cell: CellSpec, x: Tensor, hx: tuple[Tensor, ...], w: Tensor, r: Tensor, b: Tensor,
+    seq_lens: Tensor | None, hidden_size: int, bidirectional: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """One layer in PyTorch from ONNX-layout weights: x (seq, batch, in) -> y (seq, dirs, batch, hidden),
     final h (dirs, batch, hidden) [and c]. With seq_lens, each text stops at its length (packed)."""
     dirs = 2 if bidirectional else 1
     kw: dict[str, Any] = {"bidirectional": bidirectional}
-    if kind == "rnn":
-        kw["nonlinearity"] = nonlinearity
+    if cell.nonlinearity:
+        kw["nonlinearity"] = cell.nonlinearity
     with torch.device("meta"):  # shapes only: functional_call supplies the real weights
-        module: nn.RNNBase = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](
-            x.shape[-1], hidden_size, **kw
-        )
-    order, gh = _TO_TORCH_GATES[kind], len(_TO_TORCH_GATES[kind]) * hidden_size
+        module: nn.RNNBase = getattr(nn, cell.torch_class)(x.shape[-1], hidden_size, **kw)
+    order, gh = cell.torch_gate_order, cell.gates * hidden_size
     params = {}
     for d, suffix in enumerate(["", "_reverse"][:dirs]):
         params[f"weight_ih_l0{suffix}"] = _reorder(w[d], order)
         params[f"weight_hh_l0{suffix}"] = _reorder(r[d], order)
         params[f"bias_ih_l0{suffix}"] = _reorder(b[d, :gh], order)
         params[f"bias_hh_l0{suffix}"] = _reorder(b[d, gh:], order)
-    state = hx if kind == "lstm" else hx[0]
+    state = cell.torch_state(hx)
     if seq_lens is None:
         y, new = functional_call(module, params, (x, state))
     else:
@@ -83,7 +74,7 @@ def lstm_layer(
     hidden_size: int, bidirectional: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One LSTM layer with ONNX semantics and layout (see ONNX LSTM); y (seq, dirs, batch, hidden)."""
-    y, h, c = _torch_layer("lstm", x, (h0, c0), w, r, b, seq_lens, hidden_size, bidirectional)
+    y, h, c = _torch_layer(cell_spec("lstm"), x, (h0, c0), w, r, b, seq_lens, hidden_size, bidirectional)
     return y, h, c
 
 
@@ -93,7 +84,7 @@ def gru_layer(
     hidden_size: int, bidirectional: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One GRU layer (linear_before_reset, as PyTorch computes it); y (seq, dirs, batch, hidden)."""
-    y, h = _torch_layer("gru", x, (h0,), w, r, b, seq_lens, hidden_size, bidirectional)
+    y, h = _torch_layer(cell_spec("gru"), x, (h0,), w, r, b, seq_lens, hidden_size, bidirectional)
     return y, h
 
 
@@ -103,7 +94,8 @@ def rnn_layer(
     hidden_size: int, bidirectional: bool, nonlinearity: str,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One Elman RNN layer (nonlinearity "tanh" or "relu"); y (seq, dirs, batch, hidden)."""
-    y, h = _torch_layer("rnn", x, (h0,), w, r, b, seq_lens, hidden_size, bidirectional, nonlinearity)
+    cell = cell_spec(f"rnn_{nonlinearity}")
+    y, h = _torch_layer(cell, x, (h0,), w, r, b, seq_lens, hidden_size, bidirectional)
     return y, h
 
 
@@ -177,12 +169,11 @@ class DynamoRecurrentStack(nn.Module):
             raise ValueError("DynamoRecurrentStack mirrors batch-first stacks only")
         if not rnn.bias or rnn.proj_size:
             raise ValueError("DynamoRecurrentStack needs biases and no LSTM projection")
-        self.kind = _kind(rnn)
-        self.nonlinearity = str(getattr(rnn, "nonlinearity", "tanh"))
+        self.cell = cell_of_module(rnn)
         self.hidden_size, self.num_layers = rnn.hidden_size, rnn.num_layers
         self.bidirectional = rnn.bidirectional
         self.dirs = 2 if rnn.bidirectional else 1
-        order = _TO_ONNX_GATES[self.kind]
+        order = self.cell.onnx_gate_order
         for k in range(self.num_layers):
             # ONNX layout, directions stacked (forward, then reverse): W (dirs, gates * hidden, input),
             # R (dirs, gates * hidden, hidden), B (dirs, 2 * gates * hidden) = [input, recurrent biases]
@@ -200,7 +191,7 @@ class DynamoRecurrentStack(nn.Module):
     def forward(
         self, x: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
-        lstm = self.kind == "lstm"
+        lstm = len(self.cell.state_names) == 2  # (h, c): the custom op takes and returns c too
         if hx is None:
             zeros = x.new_zeros(self.num_layers * self.dirs, x.shape[0], self.hidden_size)
             hx = (zeros, zeros) if lstm else zeros
@@ -216,10 +207,12 @@ class DynamoRecurrentStack(nn.Module):
                 assert c0 is not None
                 y, h, c = torch.ops.rnnserve.lstm_layer(layer_in, h0[d], c0[d], w, r, b, *common)
                 cs.append(c)
-            elif self.kind == "gru":
+            elif self.cell.onnx_op == "GRU":
                 y, h = torch.ops.rnnserve.gru_layer(layer_in, h0[d], w, r, b, *common)
             else:
-                y, h = torch.ops.rnnserve.rnn_layer(layer_in, h0[d], w, r, b, *common, self.nonlinearity)
+                y, h = torch.ops.rnnserve.rnn_layer(
+                    layer_in, h0[d], w, r, b, *common, str(self.cell.nonlinearity)
+                )
             hs.append(h)
             layer_in = y.transpose(1, 2).flatten(2)  # (seq, dirs, batch, hidden) -> (seq, batch, dirs*hidden)
         out = layer_in.transpose(0, 1)  # (batch, seq, dirs * hidden)

@@ -13,6 +13,8 @@ plus `Manifest.validate`'s consistency rules. It is checked when a manifest is w
   3  adds `generate` (the K-step generation graphs, `GenerateGraph`: cut graphs, and plain ones with
      top_k_max 0) and the "generate" graph role. A version-1 or -2 manifest reads with no generation
      graph: the server keeps its host sampling path.
+  4  adds task "dialogue" (HRED/VHRED, docs/dialogue.md): the LM step interface with the state enc.*,
+     ctx.*, dec.* (and z), a "last" graph, and the "encoder", "context", "decoder" part graphs.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 3
+from rnnserve.cells import CELLS, cell_spec
+
+SCHEMA_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
-Task = Literal["lm", "classifier"]
-TASKS: tuple[str, ...] = ("lm", "classifier")
-CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+Task = Literal["lm", "classifier", "dialogue"]
+TASKS: tuple[str, ...] = ("lm", "classifier", "dialogue")
 POOLINGS: tuple[str, ...] = ("max", "mean", "last")
 # How a classifier graph is run:
 #   "streaming": tokens[batch, seq] + state -> probs[batch, classes] *so far* + new state; the state holds
@@ -45,8 +48,11 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 # Graph roles in `Manifest.graphs`: "step" = logits for every position (the model file); "last" (language
 # models) = logits for the last position only, as output `logits_last` [batch, vocab] (it may be the same
 # file as "step" when that graph carries the extra output); "generate" (language models) = the default
-# K-step generation graph, one of the files in `Manifest.generate`.
-GRAPH_ROLES: tuple[str, ...] = ("step", "last", "generate")
+# K-step generation graph, one of the files in `Manifest.generate`; "encoder", "context", "decoder"
+# (dialogue models) = the three parts alone, every state explicit (docs/dialogue.md; not served).
+GRAPH_ROLES: tuple[str, ...] = ("step", "last", "generate", "encoder", "context", "decoder")
+DIALOGUE_PART_ROLES: tuple[str, ...] = ("encoder", "context", "decoder")
+LOGITS_TASKS: tuple[str, ...] = ("lm", "dialogue")  # next-token models: first output "logits", a "last" graph
 
 
 class ManifestError(ValueError):
@@ -247,12 +253,14 @@ class Manifest:
                 ) from exc
         self._validate_variants()
         self._validate_io()
-        recurrent = ["h", "c"] if self.cell == "lstm" else ["h"]
+        recurrent = list(cell_spec(self.cell).state_names)
         names = [s.name for s in self.state]
         if self.task == "lm" and names != recurrent:
             raise ManifestError(f"a {self.cell} language model must carry state {recurrent}")
         if self.task == "classifier":
             self._validate_classifier(names[: len(recurrent)] == recurrent)
+        if self.task == "dialogue":
+            self._validate_dialogue(names, recurrent)
 
     def _validate_io(self) -> None:
         """The file digest, and the graph inputs/outputs the manifest lists against its state specs."""
@@ -263,7 +271,7 @@ class Manifest:
             )
         if self.num_directions not in (1, 2):
             raise ManifestError(f"num_directions: must be 1 or 2, got {self.num_directions}")
-        first_output = "logits" if self.task == "lm" else "probs"
+        first_output = "logits" if self.task in LOGITS_TASKS else "probs"
         if not self.inputs or self.inputs[0].name != "tokens":
             raise ManifestError("inputs: the first graph input must be 'tokens'")
         if not self.outputs or self.outputs[0].name != first_output:
@@ -298,8 +306,11 @@ class Manifest:
             raise ManifestError(f"graphs has unknown roles {unknown} (known: {GRAPH_ROLES})")
         if self.graphs.get("step", self.model_file) != self.model_file:
             raise ManifestError(f"graphs['step'] must be the model file {self.model_file!r}")
-        if "last" in self.graphs and self.task != "lm":
-            raise ManifestError("only a language model has a 'last' (last-position logits) graph")
+        if "last" in self.graphs and self.task not in LOGITS_TASKS:
+            raise ManifestError("only a language or dialogue model has a 'last' (last-position logits) graph")
+        parts = sorted(set(self.graphs) & set(DIALOGUE_PART_ROLES))
+        if parts and self.task != "dialogue":
+            raise ManifestError(f"only a dialogue model has the {parts} graphs")
         self._validate_generate()
 
     def _validate_generate(self) -> None:
@@ -341,10 +352,24 @@ class Manifest:
         if self.classifier_mode == "whole" and "pad" not in self.special_tokens:
             raise ManifestError("a whole-sequence classifier needs a 'pad' special token (its padding id)")
 
+    def _validate_dialogue(self, names: list[str], recurrent: list[str]) -> None:
+        """The state in the contract's order (enc.*, ctx.*, dec.*, then z for VHRED) and an "eos" token."""
+        expected = [f"{stack}.{n}" for stack in ("enc", "ctx", "dec") for n in recurrent]
+        latent = int(self.model_args.get("latent_dim", 0) or 0)
+        expected += ["z"] if latent > 0 else []
+        if names != expected:
+            raise ManifestError(
+                f"a {self.cell} dialogue model must carry state {expected} in this order, got {names}"
+            )
+        if "eos" not in self.special_tokens:
+            raise ManifestError("a dialogue model needs an 'eos' special token (its end of turn)")
+        if self.num_directions != 1:
+            raise ManifestError("a served dialogue model streams: num_directions must be 1")
+
     @property
     def streams(self) -> bool:
         """Whether sessions can append to this model's state message by message."""
-        return self.task == "lm" or self.classifier_mode == "streaming"
+        return self.task in LOGITS_TASKS or self.classifier_mode == "streaming"
 
     def state_spec(self, name: str) -> StateSpec:
         for spec in self.state:
@@ -455,7 +480,7 @@ def read_manifest(bundle_dir: Path, *, verify_sha256: bool = True) -> Manifest:
 
 def lm_state_specs(cell: str, num_layers: int, hidden_size: int, num_directions: int = 1) -> list[StateSpec]:
     """The state tensors of a recurrent stack: h (and c for LSTM), each [layers*dirs, batch, hidden]."""
-    names = ["h", "c"] if cell == "lstm" else ["h"]
+    names = cell_spec(cell).state_names
     return [
         StateSpec(
             name=n,

@@ -278,10 +278,15 @@ def export_checkpoint(
     check_version_name(name)
     check_exporter(exporter)
     writer: BundleWriter
-    if read_checkpoint_kind(checkpoint) == "classifier":
+    kind = read_checkpoint_kind(checkpoint)
+    if kind == "classifier":
         from rnnserve.export.classifier_export import classifier_bundle_writer
 
         writer = classifier_bundle_writer(checkpoint, name, precision, exporter)
+    elif kind == "dialogue":  # HRED/VHRED: rnnserve.export.dialogue_export
+        from rnnserve.export.dialogue_export import dialogue_bundle_writer
+
+        writer = dialogue_bundle_writer(checkpoint, name, precision, exporter)
     else:
         writer = _lm_bundle_writer(checkpoint, name, precision, exporter)
     return publish_bundle(repo, name, version, writer)

@@ -26,6 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from rnnserve.cells import cell_spec
 from rnnserve.export.manifest import Manifest, TensorSpec, sha256_file
 from rnnserve.export.onnx_export import (
     DEFAULT_EXPORTER,
@@ -61,8 +62,7 @@ class _LastPositionLM(nn.Module):
     def forward(self, tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         m = self.model
         x = m.embedding(tokens)  # (batch, seq, emb)
-        rnn_state = (state[0], state[1]) if m.args.cell == "lstm" else state[0]
-        y, new = m.rnn(x, rnn_state)  # y: (batch, seq, hidden)
+        y, new = m.rnn(x, cell_spec(m.args.cell).torch_state(state))  # y: (batch, seq, hidden)
         logits = m.decoder(m.drop(y[:, -1]))  # (batch, vocab)
         return (logits, *(new if isinstance(new, tuple) else (new,)))
 

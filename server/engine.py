@@ -54,7 +54,6 @@ from rnnserve.server.tasks import (
     Classification,
     FeedResult,
     ModelTask,
-    chunks,
     finish_even_if_cancelled,
     task_for,
 )
@@ -173,13 +172,17 @@ class Engine:
     async def feed(
         self,
         session_id: str,
-        data: str | Sequence[int],
+        data: str | Sequence[int] | None,
         *,
         expected_position: int | None = None,
         top_k: int = 0,
         token_logprobs: bool = False,
+        end_turn: bool = False,
     ) -> FeedResult:
-        """Append text or token ids to a session; returns the model's output after them."""
+        """Append text or token ids to a session; returns the model's output after them.
+
+        end_turn: append the end-of-turn token <eos> after them (then `data` may be None or empty: the
+        message only closes the turn); it is one of the message's tokens, retried with it."""
         session = await self.keeper.get(session_id)
         task = self.tasks[session.model.key]
         top_k = top_k or self.limits.default_top_k
@@ -187,7 +190,14 @@ class Engine:
             raise InvalidArgument(f"top_k must be in [0, {self.limits.max_top_k}] (0 = default), got {top_k}")
         if token_logprobs:
             task.check_token_logprobs()
-        ids = await self.inputs.resolve_input(session.model, data)
+        closing = [task.end_turn_token()] if end_turn else []
+        if data is None and not closing:
+            raise InvalidArgument("the message carries no input: set text or tokens (or end_turn)")
+        if closing and not data:
+            ids = closing  # the message only closes the turn
+        else:
+            assert data is not None
+            ids = [*await self.inputs.resolve_input(session.model, data), *closing]
         async with self.keeper.use(session) as session:
             replay = self._check_position(session, expected_position, ids)
             if replay is not None:
@@ -258,7 +268,7 @@ class Engine:
         task = self.tasks[session.model.key]
         last = task.last_position(want_token_logprobs)
         update = InputUpdate(task, session, ids, want_token_logprobs, on_commit)
-        steps = chunks(ids, self.limits.chunk_tokens)
+        steps = task.chunks(ids, self.limits.chunk_tokens)
         if len(steps) == 1:
             # Written in place: the scheduler commits the session as soon as the step ran.
             await scheduler.step(
@@ -327,6 +337,8 @@ class Engine:
 
     def _validate_generate(self, session: Session, request: GenerateRequest) -> None:
         self.tasks[session.model.key].check_generate()
+        if request.end_turn:
+            self.tasks[session.model.key].end_turn_token()  # (raises if the model has none)
         vocab = session.model.manifest.vocab_size
         request.sampling.validate(vocab)
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
@@ -370,6 +382,9 @@ class Engine:
         same expected_position is refused, saying where it ended (see _position_mismatch). If the
         session is closed meanwhile, it stops at the next run; the reader gets the tokens made until
         then, then NotFound.
+
+        With `request.end_turn`, the last token is always <eos>: sampled, or appended once the
+        generation has finished for another reason (`_close_turn`), with the finish reason.
         """
         session = await self.keeper.get(session_id)
         self._validate_generate(session, request)
@@ -435,8 +450,12 @@ class Engine:
                 applied, prompt = last, None  # its prompt is applied
                 if last.first_position >= 0:  # it made tokens (or was about to): hand them over again
                     resume = Replay(session.model.codec, last, request.stop)
-                    for start in range(0, len(resume.tokens), MAX_AHEAD):
-                        yield resume.tokens[start : start + MAX_AHEAD]
+                    made = [resume.tokens[i : i + MAX_AHEAD] for i in range(0, len(resume.tokens), MAX_AHEAD)]
+                    closing = bool(made) and _turn_to_close(request, last, eos)
+                    for tokens in made[:-1] if closing else made:
+                        yield tokens
+                    if closing:  # it finished, but its turn was not closed yet
+                        yield await self._close_turn(session, last, made[-1])
                     if last.finish_reason is not None:
                         return
             else:
@@ -457,6 +476,8 @@ class Engine:
             try:
                 while True:
                     tokens = await generation.take()
+                    if tokens[-1].finish_reason and _turn_to_close(request, applied, eos):
+                        break  # handed over with the <eos> that closes the turn, once it is applied
                     yield tokens
                     if tokens[-1].finish_reason:
                         return
@@ -466,6 +487,29 @@ class Engine:
                 # even if this call is cancelled again meanwhile (else its last block would be applied
                 # after the next request took the session, which would see the position move).
                 await finish_even_if_cancelled(generation.gone)
+            yield await self._close_turn(session, applied, tokens)
+
+    async def _close_turn(
+        self, session: Session, applied: AppliedGeneration, last: list[GeneratedToken]
+    ) -> list[GeneratedToken]:
+        """end_turn, after a generation that finished without sampling <eos> (and left the batch):
+        apply <eos>, recorded as the Generate's last token in the same commit (so a retry under its
+        request_id hands it over again and never appends it twice). Returns `last` (its last tokens)
+        followed by the <eos>, which carries the finish reason."""
+        if session.closed:
+            raise session_not_found(session.id)
+        eos = self.tasks[session.model.key].end_turn_token()
+        assert session.next_logprobs is not None
+        logprob = float(session.next_logprobs[eos])
+
+        def record(_: InputUpdate) -> None:
+            applied.token_ids.append(eos)
+            applied.logprobs.append(logprob)
+            applied.appended_eos = True
+
+        await self._apply(session, [eos], on_commit=record)
+        finish, last[-1].finish_reason = last[-1].finish_reason, None
+        return [*last, GeneratedToken(eos, "", logprob, session.position, finish)]
 
     async def _prepare_generation(
         self, session: Session, applied: AppliedGeneration, prompt: list[int] | None, eos: int | None
@@ -495,3 +539,15 @@ class Engine:
         return FlushPolicy(
             per_message, self.limits.generate_flush_ms / 1000, self.limits.generate_flush_min_sessions
         )
+
+
+def _turn_to_close(request: GenerateRequest, applied: AppliedGeneration, eos: int | None) -> bool:
+    """Whether an end_turn Generate that finished still needs its <eos> appended (it sampled another
+    token last, and no earlier attempt of it appended one)."""
+    return (
+        request.end_turn
+        and applied.finish_reason is not None
+        and not applied.appended_eos
+        and bool(applied.token_ids)
+        and applied.token_ids[-1] != eos
+    )

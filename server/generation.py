@@ -59,6 +59,7 @@ class GenerateRequest:
     max_tokens_per_message: int = 1  # tokens one hand-over to the reader may carry
     flush_interval_ms: float | None = None  # how long a token may wait for company; None: the default
     request_id: str = ""  # a retry with the same id gets the tokens already made (see AppliedGeneration)
+    end_turn: bool = False  # close the turn when it finishes: its last token is <eos> (see Engine.generate)
 
 
 def request_digest(request: GenerateRequest) -> bytes:
@@ -66,7 +67,7 @@ def request_digest(request: GenerateRequest) -> bytes:
     packaging, max_tokens_per_message and flush_interval_ms, may differ)."""
     s = request.sampling
     prompt = request.prompt if isinstance(request.prompt, str | None) else tuple(request.prompt)
-    fields = (
+    fields: tuple[object, ...] = (
         (s.temperature, s.top_k, s.top_p, s.seed),
         request.max_tokens,
         tuple(request.stop),
@@ -75,6 +76,8 @@ def request_digest(request: GenerateRequest) -> bytes:
         prompt,
         request.expected_position,
     )
+    if request.end_turn:  # (only when set: the digests of requests without it stay as they were)
+        fields += (("end_turn",),)
     return hashlib.sha256(repr(fields).encode()).digest()
 
 
@@ -130,12 +133,16 @@ class Replay:
         self.stops = StopMatcher(stops)
         self.tokens: list[GeneratedToken] = []
         last = len(applied.token_ids) - 1
+        last_sampled = last - 1 if applied.appended_eos else last
         for i, (token, logprob) in enumerate(zip(applied.token_ids, applied.logprobs, strict=True)):
+            position, finish = applied.first_position + 1 + i, applied.finish_reason if i == last else None
+            if i > last_sampled:  # the <eos> appended by end_turn: no text (see Engine._close_turn)
+                self.tokens.append(GeneratedToken(token, "", logprob, position, finish))
+                continue
             text, _ = self.stops.push(self.decoder.push(token))  # as Generation._sampled_next does
-            finish = applied.finish_reason if i == last else None
-            if finish:
+            if i == last_sampled and applied.finish_reason:
                 text += self.stops.flush()
-            self.tokens.append(GeneratedToken(token, text, logprob, applied.first_position + 1 + i, finish))
+            self.tokens.append(GeneratedToken(token, text, logprob, position, finish))
 
 
 @dataclass(frozen=True)

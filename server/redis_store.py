@@ -47,13 +47,16 @@ def redact(url: str) -> str:
 
 
 # KEYS: session key, lease key, for each session. ARGV: owner, lease ms, then data and ttl ms per session.
-# Writes the sessions whose lease is ours or free (taking it); returns the 1-based indexes of the others.
+# Writes the sessions whose lease is ours or free (taking a free one; a held one is the renewer's to
+# extend, so a save costs one GET and one SET); returns the 1-based indexes of the others.
 _SAVE = """
 local refused = {}
 for i = 1, #KEYS / 2 do
   local holder = redis.call('GET', KEYS[2 * i])
   if holder == false or holder == ARGV[1] then
-    redis.call('SET', KEYS[2 * i], ARGV[1], 'PX', ARGV[2])
+    if holder == false then
+      redis.call('SET', KEYS[2 * i], ARGV[1], 'PX', ARGV[2])
+    end
     redis.call('SET', KEYS[2 * i - 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
   else
     table.insert(refused, i)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rnnserve.export.manifest import Manifest
+from rnnserve.cells import cell_spec
+from rnnserve.export.manifest import LOGITS_TASKS, Manifest
 from rnnserve.server.config import GENERATE_GRAPH_CHOICES
 from rnnserve.server.slab import State
 
@@ -151,7 +152,7 @@ class OnnxModel:
         self.state_output_names = [s.output_name for s in manifest.state]
         # The "last" graph: (session, output names to fetch), or None to slice the step graph's logits.
         self.last: tuple[ort.InferenceSession, list[str]] | None = None
-        last_file = manifest.graph_file("last") if manifest.task == "lm" else None
+        last_file = manifest.graph_file("last") if manifest.task in LOGITS_TASKS else None
         if last_file:
             last_session = (
                 self.session
@@ -168,6 +169,7 @@ class OnnxModel:
         # by RuntimeOptions.generate_graphs).
         self.generate: dict[tuple[int, bool], GenerateGraphRuntime] = {}
         self._generate_steps = options.generate_steps
+        # (A dialogue model has none: <eos> may only end a step, which a K-step block cannot promise.)
         for g in manifest.generate if manifest.task == "lm" else []:
             if _loads_generate_graph(options, self.provider, g.plain):
                 session = create_inference_session(bundle_dir / g.file, options, manifest.precision)
@@ -279,13 +281,13 @@ HEAVY_TOKEN_FLOPS = 6e6
 
 def token_flops(manifest: Manifest) -> float:
     """Multiply-adds x 2 of one token through the recurrent layers and (LMs) the vocabulary projection."""
-    gates = {"lstm": 4, "gru": 3}.get(manifest.cell, 1)
+    gates = cell_spec(manifest.cell).gates
     hidden, directions = manifest.hidden_size, manifest.num_directions
     flops, inputs = 0.0, manifest.embedding_size
     for _ in range(manifest.num_layers):
         flops += directions * gates * 2 * hidden * (inputs + hidden)
         inputs = hidden * directions
-    if manifest.task == "lm":
+    if manifest.task in LOGITS_TASKS:
         flops += 2 * inputs * manifest.vocab_size
     return flops
 

@@ -174,8 +174,8 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             if not bound:
                 raise InvalidArgument("the first message of a stream must carry session_id")
             data = stream_input(request)
-            if data is None:
-                raise InvalidArgument("the message carries no input: set text or tokens")
+            if data is None and not request.end_turn:
+                raise InvalidArgument("the message carries no input: set text or tokens (or end_turn)")
             result = await self.engine.feed(
                 bound,
                 data,
@@ -184,6 +184,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                 else None,
                 top_k=request.top_k,
                 token_logprobs=request.return_token_logprobs,
+                end_turn=request.end_turn,
             )
             yield feed_result_pb(result)
 
@@ -201,6 +202,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             max_tokens_per_message=request.max_tokens_per_message,
             flush_interval_ms=request.flush_interval_ms if request.HasField("flush_interval_ms") else None,
             request_id=request.request_id,
+            end_turn=request.end_turn,
         )
         async for tokens in self.engine.generate(request.session_id, params):
             # Tokens due together (see GenerateRequest.flush_interval_ms) go out in one message when allowed.

@@ -59,6 +59,8 @@ class AppliedGeneration:
     token_ids: list[int] = field(default_factory=list)  # the tokens made so far, in order
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # set with its last token
+    # end_turn: the last of token_ids is the <eos> appended after the generation finished (not sampled)
+    appended_eos: bool = False
 
 
 Applied = AppliedInput | AppliedGeneration

@@ -112,6 +112,7 @@ def snapshot_of(session: Session) -> pb.SessionSnapshot:
                 token_ids=last.token_ids,
                 logprobs=last.logprobs,
                 finish_reason=FINISH_REASONS[last.finish_reason],
+                appended_eos=last.appended_eos,
             )
         )
     return snapshot
@@ -171,6 +172,7 @@ def _applied(snapshot: pb.SessionSnapshot) -> Applied | None:
             token_ids=list(g.token_ids),
             logprobs=list(g.logprobs),
             finish_reason=_FINISH_REASON_OF.get(g.finish_reason),
+            appended_eos=g.appended_eos,
         )
     return None
 

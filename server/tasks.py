@@ -2,16 +2,21 @@
 
 - `LanguageModelTask`: sessions stream text and Generate; a step's output is the next-token
   distribution (the last position's only, through the "last" graph, unless per-token log-probabilities
-  are asked for); a Stream reply carries the top next-token candidates.
+  are asked for); a Stream reply carries the top next-token candidates. A message (Stream or Generate)
+  may end with its end-of-turn token <eos> (`end_turn_token`): for a plain LM that is the end of a
+  document.
+- `DialogueTask` (task "dialogue", docs/dialogue.md): a language model over a conversation whose turns
+  end with <eos>; its step graph needs <eos> to be the last token of a step (that is where the context
+  advances), so its inputs are cut after every <eos> (`chunks`).
 - `StreamingClassifierTask` (classifier_mode "streaming": unidirectional): sessions stream text; a step's
   output is the class probabilities of the text so far, which a Stream reply carries; Classify runs each
   text from a fresh state in a scratch slot.
 - `WholeTextClassifierTask` (classifier_mode "whole": bidirectional): no sessions (it reads a text from
   both ends); Classify runs padded batches of whole texts through the scheduler (`Scheduler.classify`).
 
-The engine asks a model's task what is allowed (the task raises the refusal) and how Classify runs; the
-output processor (`InputUpdate`) asks it how a step's outputs change a session. Beyond `task_for`, only
-loading reads the task (runtime.py: the language-model-only graphs).
+The engine asks a model's task what is allowed (the task raises the refusal), how an input is cut into
+steps and how Classify runs; the output processor (`InputUpdate`) asks it how a step's outputs change a
+session. Beyond `task_for`, only loading reads the task (runtime.py: the language-model-only graphs).
 """
 
 from __future__ import annotations
@@ -116,6 +121,17 @@ class ModelTask(ABC):
         vocabulary projection of every other position)."""
         return False
 
+    def chunks(self, ids: Sequence[int], size: int) -> list[np.ndarray]:
+        """An input's tokens as the steps it runs as: each int64 [seq], at most `size` tokens."""
+        return chunks(ids, size)
+
+    def end_turn_token(self) -> int:
+        """The token a message with end_turn ends with; raise if this model has none."""
+        raise FailedPrecondition(
+            f"model {self.key} is a {self.model.manifest.task}: end_turn needs a language model or a "
+            "dialogue model (it appends the end-of-turn token <eos>)"
+        )
+
     @abstractmethod
     def absorb(self, update: InputUpdate, chunk: np.ndarray, outputs: Outputs) -> None:
         """Take a step's outputs for chunk tokens [seq] into `update` (not yet into the session)."""
@@ -147,6 +163,15 @@ class LanguageModelTask(ModelTask):
     def last_position(self, token_logprobs: bool) -> bool:
         return not token_logprobs
 
+    def end_turn_token(self) -> int:
+        eos = self.model.manifest.special_tokens.get("eos")
+        if eos is None:
+            raise FailedPrecondition(
+                f"model {self.key} has no end-of-turn token (no 'eos' in its special tokens): end_turn "
+                "cannot be used with it"
+            )
+        return eos
+
     def absorb(self, update: InputUpdate, chunk: np.ndarray, outputs: Outputs) -> None:
         if LAST_LOGPROBS in outputs:
             update.next_logprobs = outputs[LAST_LOGPROBS]  # [vocab]
@@ -169,6 +194,22 @@ class LanguageModelTask(ModelTask):
         self, scheduler: Scheduler, ids: list[list[int]], limits: ClassifyLimits
     ) -> list[np.ndarray]:
         raise self._not_a_classifier()
+
+
+class DialogueTask(LanguageModelTask):
+    """A dialogue model (HRED/VHRED): served as a language model over the conversation's token stream."""
+
+    def chunks(self, ids: Sequence[int], size: int) -> list[np.ndarray]:
+        """Cut after every <eos> (the step graph's contract: <eos> is only ever a step's last token,
+        where the turn ends and the context advances), then at most `size` tokens a step."""
+        eos = self.end_turn_token()
+        steps: list[np.ndarray] = []
+        start = 0
+        for end in [i + 1 for i, t in enumerate(ids) if t == eos] + [len(ids)]:
+            if end > start:
+                steps += chunks(ids[start:end], size)
+            start = end
+        return steps
 
 
 class ClassifierTask(ModelTask):
@@ -257,6 +298,8 @@ def task_for(model: LoadedModel) -> ModelTask:
     manifest = model.manifest
     if manifest.task == "lm":
         return LanguageModelTask(model)
+    if manifest.task == "dialogue":
+        return DialogueTask(model)
     if manifest.classifier_mode == "whole":
         return WholeTextClassifierTask(model)
     return StreamingClassifierTask(model)

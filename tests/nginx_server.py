@@ -140,7 +140,7 @@ class Replica:
         self.metrics_port = free_port()
         self.log = log
         self.command = [
-            sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+            sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host", "127.0.0.1",
             "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--session-store", store,
             *extra,
         ]  # fmt: skip

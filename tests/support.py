@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from rnnserve.cells import CELLS as CELLS_REGISTRY
+
 T = TypeVar("T")
 # Reviews the sentiment fixtures (conftest.classifier_checkpoints) classify: short, long, mixed.
 SENTIMENT_TEXTS = [
@@ -21,7 +23,7 @@ SENTIMENT_TEXTS = [
     "brilliant",
     "the acting was really superb but the story was clumsy and the film was lifeless",
 ]
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]  # every recurrent cell (conftest.cell_repo)
+CELLS = list(CELLS_REGISTRY)  # every recurrent cell (conftest.cell_repo)
 CELL_TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n"  # their vocabulary
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnserve.training.model import CELLS, recurrent_stack
+from rnnserve.cells import cell_spec
+from rnnserve.training.model import recurrent_stack
 
 POOLINGS: tuple[str, ...] = ("max", "mean", "last")
 State = tuple[Tensor, ...]  # h, [c], then the pooling accumulator tensors
@@ -50,8 +51,7 @@ class ClassifierArgs:
     pad_id: int = 0  # the <pad> token (its embedding row stays zero and gets no gradient)
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell {self.cell!r} is not one of {CELLS}")
+        cell_spec(self.cell)  # a ValueError naming the known cells
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         if min(self.vocab_size, self.embedding_size, self.hidden_size, self.num_layers) < 1:
@@ -69,7 +69,7 @@ class ClassifierArgs:
 
     @property
     def recurrent_state_names(self) -> tuple[str, ...]:
-        return ("h", "c") if self.cell == "lstm" else ("h",)
+        return cell_spec(self.cell).state_names
 
     @property
     def pool_state_names(self) -> tuple[str, ...]:
@@ -154,7 +154,7 @@ class RNNClassifier(nn.Module):
         n_rec = len(a.recurrent_state_names)
         rec, acc = state[:n_rec], state[n_rec:]
         x = self.emb_drop(self.embedding(tokens))  # (batch, seq, emb)
-        y, new = self.rnn(x, (rec[0], rec[1]) if a.cell == "lstm" else rec[0])  # y (batch, seq, hidden)
+        y, new = self.rnn(x, cell_spec(a.cell).torch_state(rec))  # y (batch, seq, hidden)
         new_rec = tuple(new) if isinstance(new, tuple) else (new,)
         if a.pooling == "max":
             running = torch.maximum(acc[0], y.amax(dim=1))  # (batch, hidden)

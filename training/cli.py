@@ -10,17 +10,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from rnnserve.cells import CELLS
 from rnnserve.training.config import ClassifierTrainConfig, TrainConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 _CLF_DEFAULTS = {f.name: f.default for f in fields(ClassifierTrainConfig)}
-CELL_CHOICES = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `train` (nested `lm` and `classifier` subcommands) and `sample` to an argparse subparsers."""
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `train` (nested `lm` and `classifier` subcommands), `sample` and `data` to an argparse
+    subparsers; returns the kinds under `train`, where another kind of model adds its own subcommand."""
     train = subparsers.add_parser("train", help="train a model")
-    kinds = train.add_subparsers(dest="train_command", required=True, metavar="{lm,classifier}")
+    kinds = train.add_subparsers(dest="train_command", required=True)
     lm = kinds.add_parser(
         "lm", help="train a recurrent language model (truncated BPTT)", argument_default=argparse.SUPPRESS
     )
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clf.set_defaults(func=run_train_classifier)
     _register_sample(subparsers)
     _register_data(subparsers)
+    return kinds
 
 
 def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +74,7 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-vocab", type=int, help=f"word vocabulary cap / BPE size, 0 = no cap {dflt('max_vocab')}"
     )
-    p.add_argument("--cell", choices=CELL_CHOICES, help=dflt("cell"))
+    p.add_argument("--cell", choices=CELLS, help=dflt("cell"))
     p.add_argument("--layers", type=int, help=dflt("layers"))
     p.add_argument("--hidden", type=int, help=dflt("hidden"))
     p.add_argument("--emb", type=int, help=dflt("emb"))
@@ -331,7 +333,7 @@ def _add_classifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-freq", type=int, default=d["min_freq"], help="rarer words (or BPE pairs) are dropped"
     )
-    p.add_argument("--cell", choices=CELL_CHOICES, default=d["cell"], help="recurrent cell")
+    p.add_argument("--cell", choices=CELLS, default=d["cell"], help="recurrent cell")
     p.add_argument("--layers", type=int, default=d["layers"], help="stacked recurrent layers")
     p.add_argument("--hidden", type=int, default=d["hidden"], help="hidden size per direction")
     p.add_argument("--emb", type=int, default=d["emb"], help="embedding size")

@@ -202,6 +202,22 @@ REGISTRY: dict[str, Dataset] = {
             _HF.format("imdb"),
             verified=False,
         ),
+        Dataset(  # kept as the wheel (a zip); training/dialogue_data.py reads its YAML from it
+            "chatterbot-corpus",
+            "chatterbot-corpus 1.3.3: small YAML chat dialogues in 28 languages (BSD; the PyPI wheel)",
+            (
+                DataFile(
+                    "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+                    "https://files.pythonhosted.org/packages/77/2a/"
+                    "6b6576acf8a0050f3066cc87ee4401c87840385003c60f46f145d6265b0c/"
+                    "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+                    "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+                ),
+            ),
+            "rnnserve train dialogue --data {folder}",
+            "sha256 computed here from the wheel downloaded from PyPI (equal to the digest PyPI publishes)",
+            verified=False,
+        ),
     )
 }
 

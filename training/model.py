@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+from rnnserve.cells import CELLS, cell_spec
+
+__all__ = ["CELLS", "ModelArgs", "RNNLanguageModel", "State", "detach_state", "recurrent_stack"]
 State = tuple[Tensor, ...]  # (h,) or (h, c); each (layers, batch, hidden)
 
 
@@ -28,8 +30,7 @@ class ModelArgs:
     tie_weights: bool = False  # decoder.weight is embedding.weight; needs embedding_size == hidden_size
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell {self.cell!r} is not one of {CELLS}")
+        cell_spec(self.cell)  # a ValueError naming the known cells
         if min(self.vocab_size, self.embedding_size, self.hidden_size, self.num_layers) < 1:
             raise ValueError("vocab_size, embedding_size, hidden_size and num_layers must be positive")
         if not 0.0 <= self.dropout < 1.0:
@@ -42,26 +43,14 @@ class ModelArgs:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        return ("h", "c") if self.cell == "lstm" else ("h",)
+        return cell_spec(self.cell).state_names
 
 
 def recurrent_stack(
     cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool = False
 ) -> nn.RNNBase:
     """nn.RNN/LSTM/GRU for `cell` (batch first); these export to the native ONNX RNN/LSTM/GRU ops."""
-    common = {
-        "input_size": input_size,
-        "hidden_size": hidden_size,
-        "num_layers": num_layers,
-        "batch_first": True,
-        "bidirectional": bidirectional,
-        "dropout": dropout if num_layers > 1 else 0.0,  # torch applies it between layers only
-    }
-    if cell == "lstm":
-        return nn.LSTM(**common)
-    if cell == "gru":
-        return nn.GRU(**common)
-    return nn.RNN(nonlinearity=cell.removeprefix("rnn_"), **common)
+    return cell_spec(cell).build(input_size, hidden_size, num_layers, dropout, bidirectional)
 
 
 class RNNLanguageModel(nn.Module):
@@ -90,8 +79,7 @@ class RNNLanguageModel(nn.Module):
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         x = self.embedding(tokens)  # (batch, seq, emb)
-        rnn_state = (state[0], state[1]) if self.args.cell == "lstm" else state[0]
-        y, new = self.rnn(x, rnn_state)  # y: (batch, seq, hidden)
+        y, new = self.rnn(x, cell_spec(self.args.cell).torch_state(state))  # y: (batch, seq, hidden)
         logits = self.decoder(self.drop(y))  # (batch, seq, vocab)
         return logits, (tuple(new) if isinstance(new, tuple) else (new,))
 

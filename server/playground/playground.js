@@ -57,8 +57,11 @@ async function openSession() {
 
 // -- models ------------------------------------------------------------------------------------------
 
+// A dialogue model is a language model over its conversation's token stream: the same panel.
+const isLM = (m) => m.task === "lm" || m.task === "dialogue";
+
 function describe(m) {
-  if (m.task === "lm") return `language model (${m.cell}, vocabulary ${m.vocab_size})`;
+  if (isLM(m)) return `${m.task === "lm" ? "language" : "dialogue"} model (${m.cell}, vocabulary ${m.vocab_size})`;
   const how = m.streams ? "streaming: word by word in a session" : "whole text: re-read at each word";
   return `classifier, ${m.labels.join(" / ")} (${how})`;
 }
@@ -76,7 +79,7 @@ async function loadModels() {
   for (const m of models) {
     const option = document.createElement("option");
     option.value = m.name;
-    option.textContent = `${m.name} (${m.task === "lm" ? "language model" : "classifier"})`;
+    option.textContent = `${m.name} (${isLM(m) ? "language model" : "classifier"})`;
     select.appendChild(option);
   }
   if (models.length) await pick(models[0].name);
@@ -93,10 +96,10 @@ async function pick(name) {
   if (!current) return;
   $("model").value = name;
   $("model-info").textContent = describe(current);
-  $("lm-panel").hidden = current.task !== "lm";
-  $("clf-panel").hidden = current.task === "lm";
+  $("lm-panel").hidden = !isLM(current);
+  $("clf-panel").hidden = isLM(current);
   $("continue").disabled = true;
-  if (current.task !== "lm") resetReview();
+  if (!isLM(current)) resetReview();
   await closing;
 }
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from rnnserve.export.manifest import LOGITS_TASKS
 from rnnserve.inference import model_config_pb2 as mc
 from rnnserve.server.caller import current_caller
 from rnnserve.server.engine import Engine, FeedResult, GeneratedToken, GenerateRequest
@@ -105,7 +106,8 @@ class TensorSpec:
 
 
 def is_lm(model: LoadedModel) -> bool:
-    return model.manifest.task == "lm"
+    """A language model (a dialogue model too: it is served as an LM over its conversation's stream)."""
+    return model.manifest.task in LOGITS_TASKS
 
 
 def tensor_specs(model: LoadedModel) -> tuple[list[TensorSpec], list[TensorSpec]]:

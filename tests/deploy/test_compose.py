@@ -153,7 +153,7 @@ def model_repo(lm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("compose-models")
     checkpoint = lm_repo.parent / "run" / "checkpoint.pt"  # where the `lm_repo` fixture trained it
     if checkpoint.is_file():
-        cli = [sys.executable, "-m", "rnnserve.client.cli", "export", str(checkpoint)]
+        cli = [sys.executable, "-m", "rnnserve", "export", str(checkpoint)]
         subprocess.run([*cli, "--repo", str(repo), "--name", "tiny"], check=True, capture_output=True)
     else:
         shutil.copytree(lm_repo / "tiny", repo / "tiny")

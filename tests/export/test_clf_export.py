@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from rnnserve.cells import CELLS, cell_spec
 from rnnserve.export import cli
 from rnnserve.export.classifier_export import export_classifier_to_onnx, validate_classifier_export
 from rnnserve.export.manifest import read_manifest
@@ -29,7 +30,6 @@ from rnnserve.training.classifier_train import (
     predict_proba,
     save_classifier_checkpoint,
 )
-from rnnserve.training.model import CELLS
 from rnnserve.training.tokenizer import build_classifier_tokenizer
 
 TEXTS = ["a great and moving film", "dull , tedious and clumsy", "the plot was fun", "awful acting"]
@@ -49,9 +49,9 @@ def test_export_matches_pytorch(cell: str, bidirectional: bool, tmp_path: Path) 
     model = _model(cell, bidirectional)
     path = export_classifier_to_onnx(model, tmp_path / "model.onnx")
     graph = onnx.load(str(path)).graph
-    native = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
+    native = cell_spec(cell).onnx_op
     assert native in {n.op_type for n in graph.node}  # the native op, not an unrolled loop
-    state = ["h", "c", "pool_max"] if cell == "lstm" else ["h", "pool_max"]
+    state = [*cell_spec(cell).state_names, "pool_max"]
     if bidirectional:
         assert [i.name for i in graph.input] == ["tokens", "lengths"]
         assert [o.name for o in graph.output] == ["probs"]

@@ -11,9 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from rnnserve.cells import CELLS, cell_spec
 from rnnserve.export.onnx_export import export_lm_to_onnx
 from rnnserve.export.validate import ExportValidationError, validate_lm_export
-from rnnserve.training.model import CELLS, ModelArgs, RNNLanguageModel
+from rnnserve.training.model import ModelArgs, RNNLanguageModel
 
 
 def _model(cell: str, layers: int, **kw: Any) -> RNNLanguageModel:
@@ -28,10 +29,10 @@ def test_export_matches_pytorch_and_steps_equal_chunks(cell: str, layers: int, t
     model = _model(cell, layers, dropout=0.3)
     path = export_lm_to_onnx(model, tmp_path / "model.onnx")
     graph = onnx.load(str(path)).graph
-    names = ["h", "c"] if cell == "lstm" else ["h"]
+    names = cell_spec(cell).state_names
     assert [i.name for i in graph.input] == ["tokens", *(f"state_in.{n}" for n in names)]
     assert [o.name for o in graph.output] == ["logits", *(f"state_out.{n}" for n in names)]
-    native = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
+    native = cell_spec(cell).onnx_op
     assert native in {n.op_type for n in graph.node}  # the native op, not an unrolled loop
     diffs = validate_lm_export(model, path)
     assert set(diffs) == {*(o.name for o in graph.output), *(f"step_vs_chunk.{o.name}" for o in graph.output)}

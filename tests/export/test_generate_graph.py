@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from rnnserve.cells import CELLS
 from rnnserve.export.generate_check import (
     RowParams,
     check_generate_graph,
@@ -56,7 +57,7 @@ def _graphs(tmp_path: Path, model: RNNLanguageModel, k: int) -> tuple[Path, ort.
     return step, ort.InferenceSession(str(gen), providers=CPU)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_ids_equal_the_pytorch_reference_sampler(cell: str, tmp_path: Path) -> None:
     # vocab 50: one CDF block; 300: the two-level inverse CDF (3 blocks, the last one short)
     for vocab in (50, 300):
@@ -91,7 +92,7 @@ def test_ids_equal_the_servers_numpy_sampler_on_the_step_graphs_logits(tmp_path:
         state = tuple(rng.uniform(-1, 1, (2, batch, HIDDEN)).astype(np.float32) for _ in range(2))
         tokens = rng.integers(0, 300, (batch, 1), dtype=np.int64)
         uniforms = rng.random((batch, k), dtype=np.float32)
-        ids = gen.run(["ids"], generate_feeds(rows, state, ("h", "c"), tokens, uniforms))[0]
+        ids = gen.run(["ids"], generate_feeds(rows, state, model.args.state_names, tokens, uniforms))[0]
         params = [SamplingParams(r.temperature, r.top_k, r.top_p) for r in rows]
         x, carried = tokens, state
         for i in range(k):
@@ -127,8 +128,8 @@ def test_temperature_zero_is_argmax_and_the_state_excludes_the_last_id(tmp_path:
     rng = np.random.default_rng(5)
     state = tuple(rng.uniform(-1, 1, (2, 4, HIDDEN)).astype(np.float32) for _ in range(2))
     tokens = rng.integers(0, 300, (4, 1), dtype=np.int64)
-    ids, logprobs, h, c = gen.run(None, generate_feeds([RowParams(0.0)] * 4, state, ("h", "c"), tokens,
-                                                      rng.random((4, k))))  # fmt: skip
+    feeds = generate_feeds([RowParams(0.0)] * 4, state, model.args.state_names, tokens, rng.random((4, k)))
+    ids, logprobs, h, c = gen.run(None, feeds)
     x, carried = torch.from_numpy(tokens), tuple(torch.from_numpy(s) for s in state)
     with torch.no_grad():
         for i in range(k):
@@ -152,7 +153,7 @@ def test_validation_catches_a_graph_that_swaps_its_uniforms(tmp_path: Path) -> N
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "broken.onnx"), providers=CPU)
     with pytest.raises(ExportValidationError, match=r"chose id .* where the reference sampler chose"):
-        check_generate_graph(sess, torch_step(model), ("h", "c"), 300, (2, HIDDEN), TOP_K_MAX)
+        check_generate_graph(sess, torch_step(model), model.args.state_names, 300, (2, HIDDEN), TOP_K_MAX)
 
 
 def _plain(tmp_path: Path, model: RNNLanguageModel, k: int, **kw: bool) -> tuple[Path, ort.InferenceSession]:
@@ -195,7 +196,7 @@ def test_plain_graph_ids_equal_the_servers_numpy_sampler(branch: bool, tmp_path:
             state = tuple(rng.uniform(-1, 1, (2, batch, HIDDEN)).astype(np.float32) for _ in range(2))
             tokens = rng.integers(0, 300, (batch, 1), dtype=np.int64)
             uniforms = rng.random((batch, k), dtype=np.float32)
-            feeds = generate_feeds(rows, state, ("h", "c"), tokens, uniforms, plain=True)
+            feeds = generate_feeds(rows, state, model.args.state_names, tokens, uniforms, plain=True)
             ids, logprobs = gen.run(["ids", "logprobs"], feeds)
             params = [SamplingParams(r.temperature) for r in rows]
             x, carried = tokens, state

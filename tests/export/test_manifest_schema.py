@@ -53,7 +53,7 @@ def _data(**changes: Any) -> dict[str, Any]:
 
 def test_round_trip_and_current_version() -> None:
     m = _manifest()
-    assert m.schema_version == SCHEMA_VERSION == 3
+    assert m.schema_version == SCHEMA_VERSION == 4
     assert Manifest.from_dict(json.loads(m.to_json())) == m
 
 
@@ -76,9 +76,9 @@ def test_version_1_reads_as_fp32_with_only_a_step_graph() -> None:
 
 def test_a_newer_schema_is_refused_in_plain_words() -> None:
     with pytest.raises(
-        NewerSchemaError, match=r"schema_version 4 is newer than this rnnserve reads \(3\).*upgrade"
+        NewerSchemaError, match=r"schema_version 5 is newer than this rnnserve reads \(4\).*upgrade"
     ):
-        Manifest.from_dict(_data(schema_version=4, some_future_field=1))
+        Manifest.from_dict(_data(schema_version=5, some_future_field=1))
     with pytest.raises(ManifestError, match="schema_version: must be a positive integer"):
         Manifest.from_dict(_data(schema_version="2"))
 
@@ -104,7 +104,7 @@ def test_schema_errors_name_every_field() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"task": "image"}, r"task: must be one of \['lm', 'classifier'\]"),
+        ({"task": "image"}, r"task: must be one of \['lm', 'classifier', 'dialogue'\]"),
         ({"cell": "transformer"}, "cell 'transformer' is not one of"),
         ({"precision": "fp8"}, "precision 'fp8' is not one of"),
         ({"graphs": {"step": "other.onnx"}}, r"graphs\['step'\] must be the model file"),

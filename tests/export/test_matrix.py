@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rnnserve.cells import CELLS, cell_spec
 from rnnserve.export.dynamo_ops import DynamoRecurrentStack
 from rnnserve.export.matrix import (
     ATOL,
@@ -29,7 +30,7 @@ from rnnserve.export.matrix import (
 )
 from rnnserve.export.onnx_export import EXPORTERS, export_lm_to_onnx
 from rnnserve.export.validate import validate_lm_export
-from rnnserve.training.model import CELLS, ModelArgs, RNNLanguageModel, recurrent_stack
+from rnnserve.training.model import ModelArgs, RNNLanguageModel, recurrent_stack
 
 
 class _Exports:
@@ -73,7 +74,8 @@ def test_matrix(variant: Variant, batch: int, seq: int, exports: _Exports) -> No
 def test_graphs_use_the_native_recurrent_ops(exporter: str, mode: str, exports: _Exports) -> None:
     """Both exporters write one native LSTM/GRU/RNN node per layer (never an unrolled loop) and keep
     batch and sequence length dynamic."""
-    for cell, op_type in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn_relu", "RNN")):
+    for cell in ("lstm", "gru", "rnn_relu"):
+        op_type = cell_spec(cell).onnx_op
         graph = onnx.load(str(exports[Variant(exporter, mode, cell, 2)].path)).graph
         assert [n.op_type for n in graph.node].count(op_type) == 2, (exporter, mode, cell)
         assert not {"Loop", "Scan"} & {n.op_type for n in graph.node}
@@ -90,7 +92,7 @@ def test_dynamo_stack_computes_what_pytorch_does(cell: str, bidirectional: bool)
     stack = DynamoRecurrentStack(rnn).eval()
     x = torch.randn(4, 6, 5)  # (batch, seq, input)
     h = torch.randn(3 * (2 if bidirectional else 1), 4, 7)  # (layers * dirs, batch, hidden)
-    hx = (h, torch.randn_like(h)) if cell == "lstm" else h
+    hx = cell_spec(cell).torch_state((h, torch.randn_like(h)))
     lengths = torch.tensor([6, 2, 1, 4])
     with torch.no_grad():
         want_y, want_state = rnn(x, hx)

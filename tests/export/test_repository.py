@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from rnnserve.client.cli import main as rnnserve_main
+from rnnserve.cli import main as rnnserve_main
 from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.training.model import ModelArgs, RNNLanguageModel
 from rnnserve.training.tokenizer import build_char_tokenizer
@@ -195,7 +195,7 @@ def broken_repo(versions: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_models_validate_names_each_problem(broken_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rnnserve_main(["models", "validate", str(broken_repo)]) == 1
     out, err = capsys.readouterr()
-    assert "good/1: ok (lm lstm 2x12, fp32, torchscript exporter, schema 3)" in out.splitlines()
+    assert "good/1: ok (lm lstm 2x12, fp32, torchscript exporter, schema 4)" in out.splitlines()
     for name, (_, message) in BREAKAGES.items():
         block = out.split(f"{name}/1: BAD\n", 1)[1].split("/1:", 1)[0]
         assert message in block, (name, block)
@@ -205,7 +205,7 @@ def test_models_validate_names_each_problem(broken_repo: Path, capsys: pytest.Ca
 def test_models_validate_on_a_good_repository(versions: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rnnserve_main(["models", "validate", str(versions)]) == 0
     out = capsys.readouterr().out
-    assert "m/candidate: ok (lm lstm 2x12, fp32, dynamo exporter, schema 3)" in out
+    assert "m/candidate: ok (lm lstm 2x12, fp32, dynamo exporter, schema 4)" in out
     assert "3 bundle(s), 0 bad" in out
     assert rnnserve_main(["models", "validate", str(versions / "nowhere")]) == 2
 

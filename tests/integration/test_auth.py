@@ -494,7 +494,7 @@ def test_token_files_in_json_and_tokens_from_variables(tmp_path: Path) -> None:
 
 def test_auth_commands_make_tokens_the_server_accepts(tmp_path: Path) -> None:
     path = tmp_path / "tokens.toml"
-    cli = [sys.executable, "-m", "rnnserve.client.cli", "auth"]
+    cli = [sys.executable, "-m", "rnnserve", "auth"]
     added = subprocess.run(
         [*cli, "add", "dave", "--models", "tiny", "--max-sessions", "5", "--file", str(path)],
         capture_output=True,

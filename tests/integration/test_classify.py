@@ -120,7 +120,7 @@ def test_classify_command(client: Client, server_url: str) -> None:
         [
             sys.executable,
             "-m",
-            "rnnserve.client.cli",
+            "rnnserve",
             "classify",
             "--url",
             server_url,

@@ -14,7 +14,7 @@ from support import free_port
 
 from rnnserve.client import Client
 
-CLI = [sys.executable, "-m", "rnnserve.client.cli"]
+CLI = [sys.executable, "-m", "rnnserve"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_demo_end_to_end_on_small_data(tmp_path: Path) -> None:
     """`rnnserve demo` as a user runs it, on small data so it takes seconds: LM stream + live sentiment."""
     from conftest import TINY_CORPUS, synthetic_sentiment_tsv
 
-    from rnnserve.client.demo import REVIEW
+    from rnnserve.demo import REVIEW
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TINY_CORPUS))

@@ -87,7 +87,7 @@ def client_only_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def _rnnserve(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rnnserve.client.cli", *args],
+        [sys.executable, "-m", "rnnserve", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from rnnserve.cli import main
 from rnnserve.client import (
     AsyncClient,
     Client,
@@ -18,7 +19,6 @@ from rnnserve.client import (
     ReloadResult,
     Session,
 )
-from rnnserve.client.cli import main
 from rnnserve.server.service import RnnServeServicer
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 

@@ -279,7 +279,7 @@ def test_serve_configured_by_environment_drains_on_sigterm(tiny_repo: Path) -> N
         "RNNSERVE_GRACE": "15",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnserve.client.cli", "serve"],
+        [sys.executable, "-m", "rnnserve", "serve"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -289,7 +289,7 @@ def test_serve_configured_by_environment_drains_on_sigterm(tiny_repo: Path) -> N
         url = f"127.0.0.1:{port}"
         with Client(url, timeout=10) as client:
             assert client.wait_ready(timeout=60), "server did not come up"
-            health_cmd = [sys.executable, "-m", "rnnserve.client.cli", "health"]
+            health_cmd = [sys.executable, "-m", "rnnserve", "health"]
             ok = subprocess.run(health_cmd, env=env, capture_output=True, text=True)
             assert ok.returncode == 0 and "SERVING" in ok.stdout, ok
             with client.session("tiny") as session:

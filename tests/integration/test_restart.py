@@ -41,7 +41,7 @@ class Server:
         self.port = free_port()
         self.log = log  # both runs' output, shown when the test fails
         self.command = [
-            sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+            sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host", "127.0.0.1",
             "--port", str(self.port), "--metrics-port", "-1", "--session-store", redis_url,
             "--persist-interval-ms", str(interval_ms),
         ]  # fmt: skip

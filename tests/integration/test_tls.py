@@ -21,15 +21,15 @@ from grpc import aio
 from support import free_port
 from tls_certs import Certs, make_certs
 
+from rnnserve.cli import main
 from rnnserve.client import TLS, AsyncClient, Client, RnnserveError, UnavailableError
 from rnnserve.client.channel import connection
-from rnnserve.client.cli import main
 from rnnserve.client.requests import SESSION_HEADER
 from rnnserve.server import app
 from rnnserve.server.app import background_server
 from rnnserve.server.config import ServerConfig
 
-CLI = [sys.executable, "-m", "rnnserve.client.cli"]
+CLI = [sys.executable, "-m", "rnnserve"]
 TOKEN = "s3cret-token"
 ENV = ("RNNSERVE_URL", "RNNSERVE_TOKEN", "RNNSERVE_TLS_CA", "RNNSERVE_CLIENT_CERT", "RNNSERVE_CLIENT_KEY")
 

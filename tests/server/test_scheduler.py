@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
-from support import run_engine_with
+from support import CELLS, run_engine_with
 
 from rnnserve.export.manifest import read_manifest
 from rnnserve.server.engine import Engine, EngineLimits, GeneratedToken, GenerateRequest
@@ -116,7 +116,7 @@ def test_max_batch_caps_a_run(lm_repo: Path) -> None:
     assert scheduler.steps_run == 10 and scheduler.batches_run == 3
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_running_sessions_together_changes_nothing_for_every_cell(cell: str, tmp_path: Path) -> None:
     """The batching invariant, per cell type: each session's outputs and state are what it gets alone.
 

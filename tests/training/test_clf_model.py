@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rnnserve.cells import CELLS
 from rnnserve.training.classifier_model import POOLINGS, ClassifierArgs, RNNClassifier
-from rnnserve.training.model import CELLS
 
 VOCAB = 23
 

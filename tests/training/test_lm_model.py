@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnnserve.training.model import CELLS, ModelArgs, RNNLanguageModel
+from rnnserve.cells import CELLS, cell_spec
+from rnnserve.training.model import ModelArgs, RNNLanguageModel
 
 
 def _model(cell: str, layers: int = 2) -> RNNLanguageModel:
@@ -20,7 +21,7 @@ def _model(cell: str, layers: int = 2) -> RNNLanguageModel:
 def test_shapes_and_init_state(cell: str) -> None:
     model = _model(cell)
     state = model.init_state(3)
-    assert len(state) == (2 if cell == "lstm" else 1)
+    assert len(state) == len(cell_spec(cell).state_names)
     assert all(s.shape == (2, 3, 8) and not s.any() for s in state)
     logits, new = model(torch.randint(0, 13, (3, 5)), state)
     assert logits.shape == (3, 5, 13)

@@ -193,7 +193,7 @@ def test_cli_max_steps_then_resume_saves_resolved_config(
 
 def test_sample_command_in_a_subprocess(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = train_language_model(_config(tmp_path, "s", epochs=1, max_steps_per_epoch=3))
-    main = "import sys; from rnnserve.client.cli import main; sys.exit(main())"
+    main = "import sys; from rnnserve.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", main, "sample", str(path), "--prompt", "the ", "--max-tokens", "12",
            "--temperature", "0.7", "--seed", "3"]  # fmt: skip
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -211,7 +211,9 @@ class ModelInfo(_message.Message):
     name: _builtins.str
     version: _builtins.str
     task: _builtins.str
-    """"lm" or "classifier" """
+    """"lm" (a language model), "dialogue" (a language model over a conversation: turns end with the
+    "eos" special token, see StreamRequest.end_turn) or "classifier"
+    """
     cell: _builtins.str
     """"rnn_tanh", "rnn_relu", "lstm" or "gru" """
     num_layers: _builtins.int
@@ -330,7 +332,7 @@ class SessionInfo(_message.Message):
     """unix seconds; pushed back by every use"""
     ttl_seconds: _builtins.int
     task: _builtins.str
-    """the model's task: "lm" or "classifier" """
+    """the model's task: "lm", "dialogue" or "classifier" (see ModelInfo.task)"""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """classifier: class names, the order of Classification.probs"""
@@ -655,6 +657,7 @@ class AppliedGenerationRecord(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    APPENDED_EOS_FIELD_NUMBER: _builtins.int
     start_position: _builtins.int
     """before the prompt"""
     request_id: _builtins.str
@@ -666,6 +669,10 @@ class AppliedGenerationRecord(_message.Message):
     """after the prompt, before the first generated token"""
     finish_reason: Global___FinishReason.ValueType
     """unspecified while it may still be continued"""
+    appended_eos: _builtins.bool
+    """end_turn: the last of token_ids is the "eos" the server appended after the generation finished
+    (not sampled), so a retry never appends it again.
+    """
     @_builtins.property
     def recent_before(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """recent tokens at first_position (to rebuild the text)"""
@@ -688,10 +695,11 @@ class AppliedGenerationRecord(_message.Message):
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         logprobs: _abc.Iterable[_builtins.float] | None = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
+        appended_eos: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "first_position", b"first_position", "logprobs", b"logprobs", "recent_before", b"recent_before", "request_digest", b"request_digest", "request_id", b"request_id", "seed", b"seed", "start_position", b"start_position", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appended_eos", b"appended_eos", "finish_reason", b"finish_reason", "first_position", b"first_position", "logprobs", b"logprobs", "recent_before", b"recent_before", "request_digest", b"request_digest", "request_id", b"request_id", "seed", b"seed", "start_position", b"start_position", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -802,6 +810,7 @@ class StreamRequest(_message.Message):
     EXPECTED_POSITION_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    END_TURN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required in the first message of a stream; later messages may leave it empty or repeat it."""
     text: _builtins.str
@@ -818,6 +827,13 @@ class StreamRequest(_message.Message):
     """How many next-token candidates to return (0: server default of 5; at most 100)."""
     return_token_logprobs: _builtins.bool
     """Also return, for every appended token, its log-probability under the model given what came before."""
+    end_turn: _builtins.bool
+    """Append the model's end-of-turn token ("eos" in ModelInfo.special_tokens) after this message's text or
+    tokens, as one more token of the message (in token_ids, counted in the position): the turn ends, and
+    a dialogue model's context advances. With end_turn the message may carry no text or tokens (it then
+    only closes the turn). Language models ("lm", "dialogue") with an "eos" token only; a classifier is
+    FAILED_PRECONDITION. A retry of the message must set it the same (it is part of its tokens).
+    """
     @_builtins.property
     def tokens(self) -> Global___TokenIds:
         """ids in [0, vocab_size)"""
@@ -831,10 +847,11 @@ class StreamRequest(_message.Message):
         expected_position: _builtins.int | None = ...,
         top_k: _builtins.int = ...,
         return_token_logprobs: _builtins.bool = ...,
+        end_turn: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "input", b"input", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "expected_position", b"expected_position", "input", b"input", "return_token_logprobs", b"return_token_logprobs", "session_id", b"session_id", "text", b"text", "tokens", b"tokens", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "end_turn", b"end_turn", "expected_position", b"expected_position", "input", b"input", "return_token_logprobs", b"return_token_logprobs", "session_id", b"session_id", "text", b"text", "tokens", b"tokens", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_position: _TypeAlias = _typing.Literal["expected_position"]  # noqa: Y015
     _WhichOneofArgType__expected_position: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position"]  # noqa: Y015
@@ -1075,6 +1092,7 @@ class GenerateRequest(_message.Message):
     MAX_TOKENS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     FLUSH_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    END_TURN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_tokens: _builtins.int
     """required, >= 1"""
@@ -1105,6 +1123,15 @@ class GenerateRequest(_message.Message):
     the same (FAILED_PRECONDITION otherwise). Without a seed, the server picks one and keeps it with
     the request_id. Empty: no retry protection (a retry samples anew, see expected_position).
     """
+    end_turn: _builtins.bool
+    """Close the turn when the generation finishes (any finish_reason): the generated text is the model's
+    turn in the conversation. If the last token sampled is the end-of-turn token ("eos" in
+    ModelInfo.special_tokens), it is applied like any generated token; otherwise (max_tokens, a stop
+    string or stop token id) the server appends "eos" after it, as one more token of the call (beyond
+    max_tokens, with an empty text, its log-probability under the model and the call's finish_reason),
+    so the last token of an end_turn call is always "eos". A retry under the same request_id returns
+    that token too and never appends it twice. Language models with an "eos" token only.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
     @_builtins.property
@@ -1132,10 +1159,11 @@ class GenerateRequest(_message.Message):
         max_tokens_per_message: _builtins.int = ...,
         flush_interval_ms: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
+        end_turn: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position", "_flush_interval_ms", b"_flush_interval_ms", "end_turn", b"end_turn", "expected_position", b"expected_position", "flush_interval_ms", b"flush_interval_ms", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_per_message", b"max_tokens_per_message", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "stop_token_ids", b"stop_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_position: _TypeAlias = _typing.Literal["expected_position"]  # noqa: Y015
     _WhichOneofArgType__expected_position: _TypeAlias = _typing.Literal["_expected_position", b"_expected_position"]  # noqa: Y015

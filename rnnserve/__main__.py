@@ -1,6 +1,6 @@
 """`python -m rnnserve ...` is the `rnnserve` command (torchrun needs a module: `torchrun -m rnnserve`)."""
 
-from rnnserve.client.cli import main
+from rnnserve.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

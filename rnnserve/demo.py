@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     port = _free_port()
     print(f"[serve] `rnnserve serve --repo {repo}` on 127.0.0.1:{port}", flush=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "rnnserve.client.cli", "serve", "--repo", str(repo), "--port", str(port)],
+        [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--port", str(port)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
