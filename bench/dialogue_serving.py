@@ -85,16 +85,20 @@ def build_models(sizes: Sizes, root: Path) -> Path:
     return root / "repo"
 
 
-def raw_step_ms(repo: Path, model: str, batch: int) -> float:
+def raw_step_ms(repo: Path, model: str, batch: int, turn: bool = False) -> float | None:
     """ONNX Runtime alone (this process, the server's own runtime): median ms of one generated token's
-    step ("last" graph) for `batch` sessions, what the served figures pay per token beyond gRPC."""
+    step ("last" graph) for `batch` sessions, what the served figures pay per token beyond gRPC. `turn`:
+    every row feeds the end-of-turn token (the "turn_last" graph; None for a bundle without one)."""
     from rnnserve.export.manifest import read_manifest
     from rnnserve.server.runtime import OnnxModel
 
     bundle = next(p.parent for p in (repo / model).glob("*/manifest.json"))
     onnx = OnnxModel(bundle, read_manifest(bundle))
-    tokens, state = np.full((batch, 1), 5, dtype=np.int64), onnx.initial_state(batch)  # (batch, 1)
-    return median_ms(lambda: onnx.run_last(tokens, state))
+    if turn and onnx.end_of_turn is None:
+        return None
+    token = onnx.end_of_turn if turn and onnx.end_of_turn is not None else 5
+    tokens, state = np.full((batch, 1), token, dtype=np.int64), onnx.initial_state(batch)  # (batch, 1)
+    return median_ms(lambda: onnx.run_last(tokens, state, turn=turn))
 
 
 @dataclass
@@ -173,12 +177,14 @@ async def memory_run(client: AsyncClient, pid: int, args: argparse.Namespace) ->
     return points
 
 
-def latency_row(model: str, c: int, t: Turns, raw_ms: float) -> dict[str, float | str | int]:
+def latency_row(
+    model: str, c: int, t: Turns, raw_ms: float | None, raw_turn_ms: float | None
+) -> dict[str, float | str | int | None]:
     p50, _, p99 = percentiles(t.latencies_s)
     return {
         "model": model, "concurrency": c, "turns": len(t.latencies_s), "turn_p50_ms": p50,
         "turn_p99_ms": p99, "reply_tokens_per_s": t.reply_tokens / t.seconds,
-        "turns_per_s": len(t.latencies_s) / t.seconds, "raw_step_ms": raw_ms,
+        "turns_per_s": len(t.latencies_s) / t.seconds, "raw_step_ms": raw_ms, "raw_turn_ms": raw_turn_ms,
     }  # fmt: skip
 
 
@@ -208,7 +214,7 @@ def write_report(
     right.legend()
     fig.tight_layout()
     fig.savefig(out / "dialogue_serving.png", dpi=120)
-    raw = {r["model"]: float(r["raw_step_ms"]) for r in rows}
+    raw = {r["model"]: float(r["raw_step_ms"] or 0.0) for r in rows}
     ratio = raw["chat"] / raw["lm"]
     lines = [
         f"# Dialogue sessions served ({result['model_sizes']})",
@@ -232,21 +238,26 @@ def write_report(
         "",
         "## (b) Turn latency and reply throughput",
         "",
-        "| model | sessions | turns | turn p50 ms | turn p99 ms | reply tokens/s | turns/s | raw step ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | sessions | turns | turn p50 ms | turn p99 ms | reply tokens/s | turns/s | raw step ms "
+        "| raw turn ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['model']} | {r['concurrency']} | {r['turns']:,} | {r['turn_p50_ms']:.1f} | "
             f"{r['turn_p99_ms']:.1f} | {r['reply_tokens_per_s']:,.0f} | {r['turns_per_s']:,.1f} | "
-            f"{r['raw_step_ms']:.2f} |"
+            f"{r['raw_step_ms']:.2f} | "
+            + ("-" if r["raw_turn_ms"] is None else f"{r['raw_turn_ms']:.2f}")
+            + " |"
             for r in rows
         ),
         "",
         "raw step ms: ONNX Runtime alone (no server), one generated token's step for all the sessions at "
-        'once (the "last" graph, batch = sessions). The dialogue step runs the encoder and the decoder and '
-        "computes the turn step (context, decoder re-init, <eos> re-read) for every row, selected with "
-        f"`Where`: {ratio:.1f}x the LM's step here. The served figures also pay gRPC, the client and the "
-        "Python serving path per message, on cores the load generator shares: they vary from run to run on "
-        "a busy machine.",
+        'once (the "last" graph, batch = sessions). The dialogue step graph runs the encoder and the '
+        f"decoder only (the context passes through): {ratio:.1f}x the LM's step here. raw turn ms: the "
+        'same when every row feeds <eos> (the "turn_last" graph: the context step, the decoder re-init and '
+        "the <eos> re-read as well), which a session pays once per turn; the server runs the rows that end "
+        "a turn through it and the others through the step graph. The served figures also pay gRPC, the "
+        "client and the Python serving path per message, on cores the load generator shares: they vary "
+        "from run to run on a busy machine.",
         "",
     ]
     (out / "dialogue_serving.md").write_text("\n".join(lines))
@@ -281,7 +292,8 @@ def main() -> None:
         print(f"building models ({sizes}) ...", flush=True)
         repo = build_models(sizes, Path(tmp))
         raw = {m: raw_step_ms(repo, m, args.concurrency) for m in ("chat", "lm")}
-        print(f"raw ORT step, batch {args.concurrency}: {raw}", flush=True)
+        raw_turn = {m: raw_step_ms(repo, m, args.concurrency, turn=True) for m in ("chat", "lm")}
+        print(f"raw ORT step, batch {args.concurrency}: {raw}; turn: {raw_turn}", flush=True)
         port = free_port()
         url = f"127.0.0.1:{port}"
         command = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--port", str(port),
@@ -295,7 +307,7 @@ def main() -> None:
                     rows = []
                     for model in ("chat", "lm"):
                         t = await run_turns(client, model, args.concurrency, args.latency_turns, args)
-                        rows.append(latency_row(model, args.concurrency, t, raw[model]))
+                        rows.append(latency_row(model, args.concurrency, t, raw[model], raw_turn[model]))
                         print(f"(b) {model}: {rows[-1]}", flush=True)
                     return memory, rows
 

@@ -56,7 +56,7 @@ def graph_problems(
         return []
     file = manifest.graph_file(role) or manifest.model_file
     state_outputs = [s.output_name for s in manifest.state]
-    if role == "step":
+    if role in ("step", "turn"):  # "turn": the step graph's inputs/outputs, for rows ending a turn
         want_outputs = list(manifest.outputs)
         allowed_extra = {LAST_OUTPUT} if manifest.graphs.get("last") == file else set()
     else:  # last-position logits: the state outputs, and logits_last instead of logits

@@ -3,17 +3,20 @@
     rnnserve export runs/chat/checkpoint.pt --repo model_repo --name chat
 
 The bundle `<repo>/<name>/<version>/` has the language-model step interface, so the server runs it as it
-runs an LM: `model.onnx` ("step": the fused stream step over a chunk whose `<eos>` may only be a row's
-last token), `model_last.onnx` ("last": `logits_last` only), plus the three parts alone, every state
+runs an LM: `model.onnx` ("step": the stream step over a chunk without `<eos>`, the encoder and the
+decoder only), `model_last.onnx` ("last": `logits_last` only), `model_turn.onnx` and
+`model_turn_last.onnx` ("turn", "turn_last": the same inputs and outputs for rows whose last token is
+`<eos>`, which also run the turn step; the server picks per row), plus the three parts alone, every state
 explicit, validated but not served: `encoder.onnx`, `context.onnx`, `decoder.onnx`
 (`rnnserve.export.dialogue_graphs` has their inputs and outputs). `tokenizer.json` is the run's, and
 `manifest.json` has task "dialogue", the decoder's `hidden_size`, `special_tokens` with "eos" (the end of
 turn), the state in the contract's order and the full `DialogueArgs` as `model_args`.
 
 The step and last graphs go through the same finishing as an LM's (`variants.finish_graphs`: optimised,
-at the requested precision, checked against the validated fp32 graph); the part graphs stay fp32 as
-exported. A bidirectional utterance encoder cannot stream, so no bundle is written for it
-(`DialogueExportError` says why); `export_dialogue_parts` still writes its three part graphs.
+at the requested precision, checked against the validated fp32 step graph), the turn graphs through the
+same against the validated fp32 turn graph; the part graphs stay fp32 as exported. A bidirectional
+utterance encoder cannot stream, so no bundle is written for it (`DialogueExportError` says why);
+`export_dialogue_parts` still writes its three part graphs.
 The TorchScript exporter only: the dynamo path swaps a single `model.rnn` (`dynamo_ops`), and a dialogue
 model has three stacks.
 """
@@ -21,11 +24,13 @@ model has three stacks.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from rnnserve.export.dialogue_graphs import (
     PART_FILES,
+    TURN_FILES,
     dialogue_state_specs,
     export_dialogue_graph,
     step_specs,
@@ -47,6 +52,7 @@ from rnnserve.training.tokenizer import special_token_ids
 
 DIALOGUE_EXPORTER = "torchscript"  # the only one (see the module docstring)
 STEP_FILES: dict[str, str] = {"step": MODEL_FILE, "last": LAST_FILE}
+SERVED_FILES: dict[str, str] = {**STEP_FILES, **TURN_FILES}  # the graphs the server runs
 
 
 class DialogueExportError(ValueError):
@@ -104,7 +110,8 @@ def dialogue_manifest(
     validation = {
         "batch_sizes": list(VALIDATION_BATCH_SIZES),
         "seq_lens": list(VALIDATION_SEQ_LENS),
-        "eos_rows": "about half the rows of every case end with <eos>, the others do not",
+        "eos_rows": "step, last: no <eos>; turn, turn_last: about half the rows of every case end with "
+        "<eos>, the others do not",
         "max_abs_diff": diffs,
     }
     return Manifest(
@@ -159,16 +166,40 @@ def dialogue_bundle_writer(
     _check_tokenizer(model, specials, tok.get_vocab_size())
 
     def write(tmp: Path, version: str) -> None:
-        diffs = export_and_validate(model, tmp, {**STEP_FILES, **PART_FILES})
+        diffs = export_and_validate(model, tmp, {**SERVED_FILES, **PART_FILES})
         shutil.copyfile(checkpoint.parent / TRAIN_TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         manifest = dialogue_manifest(name, version, model, ckpt, specials, diffs, tmp)
         finish_graphs(tmp, manifest, precision, {"last": LAST_FILE})  # optimised, at `precision`
+        finish_turn_graphs(tmp, manifest, precision)
         manifest.graphs.update(PART_FILES)  # fp32 as exported and validated (not served)
         digests = manifest.export["variants"]["graphs_sha256"]
         digests.update({file: sha256_file(tmp / file) for file in PART_FILES.values()})
         write_manifest(manifest, tmp)
 
     return write
+
+
+def finish_turn_graphs(bundle: Path, manifest: Manifest, precision: str) -> None:
+    """`variants.finish_graphs` for the turn graphs (after it ran for step and last): each optimised, at
+    `precision`, checked against the validated fp32 turn graph (not the step graph: they compute another
+    function for a row ending in <eos>); adds them to `manifest.graphs` and their figures and digests to
+    `export.variants`. Raises ExportValidationError when one is off."""
+    from rnnserve.export.optimize import optimize_offline
+    from rnnserve.export.quantize import convert_precision
+    from rnnserve.export.variants import check_graphs
+
+    with tempfile.TemporaryDirectory() as ref_dir:
+        reference = Path(ref_dir) / "turn_reference.onnx"
+        shutil.copyfile(bundle / TURN_FILES["turn"], reference)
+        for file in TURN_FILES.values():
+            optimize_offline(bundle / file, bundle / file)
+            convert_precision(bundle / file, bundle / file, precision)
+        diffs, rel = check_graphs(bundle, TURN_FILES, reference, manifest, precision)
+    manifest.graphs.update(TURN_FILES)
+    variants = manifest.export["variants"]
+    variants["graphs_sha256"].update({file: sha256_file(bundle / file) for file in TURN_FILES.values()})
+    variants["validation"]["max_abs_diff"].update(diffs)
+    variants["validation"]["relative_rms_error"].update(rel)
 
 
 def export_dialogue_checkpoint(

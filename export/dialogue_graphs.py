@@ -1,16 +1,21 @@
 """The ONNX graphs of a dialogue model (docs/dialogue.md) and their validation against PyTorch.
 
-Five graphs, all written by the TorchScript exporter (opset 17) with dynamic batch and seq axes, each
+Seven graphs, all written by the TorchScript exporter (opset 17) with dynamic batch and seq axes, each
 recurrent stack as the native ONNX RNN/LSTM/GRU op:
 - "step" (`model.onnx`): tokens [batch, seq] + state_in.<name> -> logits [batch, seq, vocab] +
-  state_out.<name>; `<eos>` may only be a row's last token (`DialogueModel.stream_chunk`);
+  state_out.<name> for rows without `<eos>` (`DialogueModel.stream_within_turn`: the encoder and the
+  decoder only; ctx and z pass through);
 - "last" (`model_last.onnx`): the same with `logits_last` [batch, vocab] only;
+- "turn" (`model_turn.onnx`) and "turn_last" (`model_turn_last.onnx`): the same inputs and outputs for
+  rows whose last token is `<eos>` (`DialogueModel.stream_chunk`: the fused step, which also runs the turn
+  step: context, decoder re-init, the `<eos>` re-read; `<eos>` never before a row's last token);
 - "encoder": tokens + lengths [batch] + state_in.enc.* -> turn_vector + state_out.enc.*;
 - "context": turn_vector + state_in.ctx.* -> state_out.ctx.* (+ VHRED's prior z_mean, z_logvar);
 - "decoder": tokens + cond + state_in.dec.* -> logits + state_out.dec.* + dec_init.h (the re-init).
 Validation runs ONNX Runtime (CPU) against PyTorch at several batch sizes and sequence lengths, on random
-states, with rows ending in `<eos>` mixed with rows that don't; the step graph is checked against the
-token-by-token reference `DialogueModel.stream`, and fed one token at a time against itself.
+states: the step graphs on rows without `<eos>`, the turn graphs on rows ending in `<eos>` mixed with rows
+that don't; the four are checked against the token-by-token reference `DialogueModel.stream`, and "step"
+and "turn" fed one token at a time against themselves.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from rnnserve.training.dialogue_model import STACKS, DialogueArgs, DialogueModel
 
 Arrays = dict[str, np.ndarray]
 PART_FILES: dict[str, str] = {"encoder": "encoder.onnx", "context": "context.onnx", "decoder": "decoder.onnx"}
+TURN_FILES: dict[str, str] = {"turn": "model_turn.onnx", "turn_last": "model_turn_last.onnx"}
+STREAM_ROLES: tuple[str, ...] = ("step", "last", "turn", "turn_last")  # the LM step interface, all four
+LAST_ROLES: tuple[str, ...] = ("last", "turn_last")  # `logits_last` only
+ENDS_TURN_ROLES: tuple[str, ...] = ("turn", "turn_last")  # rows whose last token is <eos>
 Specs = tuple[list[TensorSpec], list[TensorSpec]]
 
 
@@ -100,17 +109,9 @@ def part_specs(a: DialogueArgs) -> dict[str, Specs]:
 Fn = Callable[..., tuple[Tensor, ...]]
 
 
-def _step_fn(m: DialogueModel) -> Fn:
+def _stream_fn(step: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]) -> Fn:
     def run(tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        logits, new = m.stream_chunk(tokens, tuple(state))
-        return (logits, *new)
-
-    return run
-
-
-def _last_fn(m: DialogueModel) -> Fn:
-    def run(tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        logits, new = m.stream_chunk_last(tokens, tuple(state))
+        logits, new = step(tokens, tuple(state))
         return (logits, *new)
 
     return run
@@ -141,8 +142,11 @@ def _decoder_fn(m: DialogueModel) -> Fn:
 
 
 GRAPH_FUNCTIONS: dict[str, Callable[[DialogueModel], Fn]] = {
-    "step": _step_fn, "last": _last_fn, "encoder": _encoder_fn, "context": _context_fn,
-    "decoder": _decoder_fn,
+    "step": lambda m: _stream_fn(m.stream_within_turn),
+    "last": lambda m: _stream_fn(m.stream_within_turn_last),
+    "turn": lambda m: _stream_fn(m.stream_chunk),
+    "turn_last": lambda m: _stream_fn(m.stream_chunk_last),
+    "encoder": _encoder_fn, "context": _context_fn, "decoder": _decoder_fn,
 }  # fmt: skip
 
 
@@ -160,24 +164,26 @@ class _Graph(nn.Module):
 
 def graph_specs(a: DialogueArgs, role: str) -> Specs:
     """(inputs, outputs) of the graph playing `role`."""
-    if role in ("step", "last"):
-        return step_specs(a, last=role == "last")
+    if role in STREAM_ROLES:
+        return step_specs(a, last=role in LAST_ROLES)
     return part_specs(a)[role]
 
 
 def example_feeds(
     a: DialogueArgs, role: str, batch: int, seq: int, rng: np.random.Generator, case: int = 0
 ) -> Arrays:
-    """Random inputs of the graph playing `role`: tokens without `<eos>` except as the last token of
-    half the rows (the step contract; rows 0, 2, 4, ... when `case` is even, 1, 3, ... when odd: a single
-    row ends a turn in every other case), lengths in [1, seq] (the first row full), random states."""
+    """Random inputs of the graph playing `role`: tokens without `<eos>` (the step graphs' contract);
+    for the turn graphs, `<eos>` as the last token of half the rows (rows 0, 2, 4, ... when `case` is even,
+    1, 3, ... when odd: a single row ends a turn in every other case); lengths in [1, seq] (the first row
+    full); random states."""
     ins, _ = graph_specs(a, role)
     feeds: Arrays = {}
     for spec in ins:
         if spec.name == "tokens":
             tokens = rng.integers(0, a.vocab_size - 1, size=(batch, seq), dtype=np.int64)
             tokens[tokens >= a.eos_id] += 1  # every id but <eos>
-            tokens[case % 2 :: 2, -1] = a.eos_id
+            if role in ENDS_TURN_ROLES:
+                tokens[case % 2 :: 2, -1] = a.eos_id
             feeds["tokens"] = tokens
         elif spec.name == "lengths":
             lengths = rng.integers(1, seq + 1, size=batch, dtype=np.int64)
@@ -190,8 +196,8 @@ def example_feeds(
 
 
 def export_dialogue_graph(model: DialogueModel, role: str, path: Path) -> Path:
-    """Write the graph playing `role` ("step", "last", "encoder", "context", "decoder") at `path`."""
-    if role in ("step", "last"):
+    """Write the graph playing `role` (STREAM_ROLES or PART_FILES' roles) at `path`."""
+    if role in STREAM_ROLES:
         model._check_streamable()
     model.eval()
     ins, outs = graph_specs(model.args, role)
@@ -202,19 +208,21 @@ def export_dialogue_graph(model: DialogueModel, role: str, path: Path) -> Path:
 
 @torch.no_grad()
 def _reference(model: DialogueModel, role: str, feeds: Arrays) -> Arrays:
-    """PyTorch's outputs for `feeds`; the step graphs against `stream`, the token-by-token reference."""
+    """PyTorch's outputs for `feeds`; the step and turn graphs against `stream`, the token-by-token
+    reference."""
     ins, outs = graph_specs(model.args, role)
     args = [torch.from_numpy(feeds[s.name]) for s in ins]
-    if role in ("step", "last"):
+    if role in STREAM_ROLES:
         logits, new = model.stream(args[0], tuple(args[1:]))
-        values: tuple[Tensor, ...] = (logits[:, -1] if role == "last" else logits, *new)
+        values: tuple[Tensor, ...] = (logits[:, -1] if role in LAST_ROLES else logits, *new)
     else:
         values = GRAPH_FUNCTIONS[role](model)(*args)
     return {s.name: v.numpy() for s, v in zip(outs, values, strict=True)}
 
 
 def _ort_stepped(sess: ort.InferenceSession, a: DialogueArgs, feeds: Arrays) -> Arrays:
-    """The step graph fed one token at a time, carrying the state; outputs shaped like one chunk call."""
+    """A step or turn graph fed one token at a time, carrying the state; outputs shaped like one chunk
+    call."""
     ins, outs = step_specs(a)
     carried = {s.name: feeds[s.name] for s in ins[1:]}
     logits, result = [], {}
@@ -235,8 +243,9 @@ def validate_dialogue_graph(
     atol: float,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Max abs difference per output (`<role>.<output>`; the step graph also `step_vs_chunk.<output>`)
-    over every (batch, seq) case; raises ExportValidationError listing them when any is over `atol`."""
+    """Max abs difference per output (`<role>.<output>`; the step and turn graphs also
+    `<role>_vs_chunk.<output>`: fed token by token against one chunk) over every (batch, seq) case;
+    raises ExportValidationError listing them when any is over `atol`."""
     model.eval()
     sess = ort_session(onnx_path)
     _, outs = graph_specs(model.args, role)
@@ -249,9 +258,10 @@ def validate_dialogue_graph(
         got = dict(zip([s.name for s in outs], sess.run([s.name for s in outs], feeds), strict=True))
         want = _reference(model, role, feeds)
         found = {f"{role}.{n}": max_abs_diff(got[n], want[n], f"{role}.{n} at {at}") for n in want}
-        if role == "step":
+        if role in ("step", "turn"):
+            prefix = STEP_PREFIX if role == "step" else f"{role}_vs_chunk."
             stepped = _ort_stepped(sess, model.args, feeds)
-            found.update({STEP_PREFIX + n: max_abs_diff(stepped[n], got[n], STEP_PREFIX + n) for n in got})
+            found.update({prefix + n: max_abs_diff(stepped[n], got[n], prefix + n) for n in got})
         merge_case(diffs, where, found, at)
     raise_if_over(diffs, where, atol)
     return diffs

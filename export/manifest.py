@@ -14,7 +14,8 @@ plus `Manifest.validate`'s consistency rules. It is checked when a manifest is w
      top_k_max 0) and the "generate" graph role. A version-1 or -2 manifest reads with no generation
      graph: the server keeps its host sampling path.
   4  adds task "dialogue" (HRED/VHRED, docs/dialogue.md): the LM step interface with the state enc.*,
-     ctx.*, dec.* (and z), a "last" graph, and the "encoder", "context", "decoder" part graphs.
+     ctx.*, dec.* (and z), a "last" graph, the "turn" and "turn_last" graphs (rows ending a turn), and
+     the "encoder", "context", "decoder" part graphs.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 # models) = logits for the last position only, as output `logits_last` [batch, vocab] (it may be the same
 # file as "step" when that graph carries the extra output); "generate" (language models) = the default
 # K-step generation graph, one of the files in `Manifest.generate`; "encoder", "context", "decoder"
-# (dialogue models) = the three parts alone, every state explicit (docs/dialogue.md; not served).
-GRAPH_ROLES: tuple[str, ...] = ("step", "last", "generate", "encoder", "context", "decoder")
+# (dialogue models) = the three parts alone, every state explicit (docs/dialogue.md; not served);
+# "turn", "turn_last" (dialogue models, required) = the step and last graphs' inputs and outputs, for the
+# rows whose last token is the end-of-turn token "eos" (the step graphs take rows without it).
+GRAPH_ROLES: tuple[str, ...] = (
+    "step", "last", "generate", "encoder", "context", "decoder", "turn", "turn_last",
+)  # fmt: skip
 DIALOGUE_PART_ROLES: tuple[str, ...] = ("encoder", "context", "decoder")
+TURN_ROLES: tuple[str, ...] = ("turn", "turn_last")
 LOGITS_TASKS: tuple[str, ...] = ("lm", "dialogue")  # next-token models: first output "logits", a "last" graph
 
 
@@ -308,9 +314,15 @@ class Manifest:
             raise ManifestError(f"graphs['step'] must be the model file {self.model_file!r}")
         if "last" in self.graphs and self.task not in LOGITS_TASKS:
             raise ManifestError("only a language or dialogue model has a 'last' (last-position logits) graph")
-        parts = sorted(set(self.graphs) & set(DIALOGUE_PART_ROLES))
+        parts = sorted(set(self.graphs) & {*DIALOGUE_PART_ROLES, *TURN_ROLES})
         if parts and self.task != "dialogue":
             raise ManifestError(f"only a dialogue model has the {parts} graphs")
+        missing = [role for role in TURN_ROLES if role not in self.graphs]
+        if self.task == "dialogue" and missing:
+            raise ManifestError(
+                f"a dialogue model needs the {missing} graphs (rows ending a turn; its step graph takes "
+                "rows without <eos>): re-export it"
+            )
         self._validate_generate()
 
     def _validate_generate(self) -> None:

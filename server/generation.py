@@ -1,8 +1,9 @@
 """A Generate call in the model's running batch: sampling state, stop rules, the flush policy that
 decides when tokens go to the reader, and the matcher that finds stop strings in the generated text.
 
-The engine (engine.py) validates a request, applies its prompt and puts a `Generation` into the
-scheduler's running batch; the scheduler feeds it tokens and calls `stepped` after every run.
+The engine's Generate path (generate_call.py) validates a request, applies its prompt and puts a
+`Generation` into the scheduler's running batch; the scheduler feeds it tokens and calls `stepped`
+after every run.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class Replay:
         last_sampled = last - 1 if applied.appended_eos else last
         for i, (token, logprob) in enumerate(zip(applied.token_ids, applied.logprobs, strict=True)):
             position, finish = applied.first_position + 1 + i, applied.finish_reason if i == last else None
-            if i > last_sampled:  # the <eos> appended by end_turn: no text (see Engine._close_turn)
+            if i > last_sampled:  # the <eos> appended by end_turn: no text (see GenerateCalls._close_turn)
                 self.tokens.append(GeneratedToken(token, "", logprob, position, finish))
                 continue
             text, _ = self.stops.push(self.decoder.push(token))  # as Generation._sampled_next does

@@ -2,7 +2,9 @@
 
 One plan (`RunPlan`) is up to four kinds of rows, the first three stacked along the state's batch axis:
 - steps: tokens [seq] of one input (streamed text, a prompt, a rollback replay), from a slot (or a given
-  start state) to a slot; rows of equal length and kind run together, so nothing is padded;
+  start state) to a slot; rows of equal length and kind run together, so nothing is padded, and rows
+  that end a turn (a bundle with a turn graph: their last token is its end-of-turn token) apart from
+  those that don't, each kind through its own graph;
 - sampled generations: one token each through the step graph's last position, the next token sampled
   on the host for all of them at once (vectorised, each row from its session's own random stream);
 - a block of generations: K tokens each through a K-step generation graph, sampled inside the graph from
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LAST_LOGPROBS = "logprobs_last"  # log-softmax of the last position, [vocab] per row (language models)
 Sampled = tuple[np.ndarray, int]  # a generation's logprobs [vocab] after its token, and the next token
+GroupKey = tuple[int, bool, bool]  # (seq, last, ends turn): the rows of one run
 
 
 class StepRow(Protocol):
@@ -126,48 +129,74 @@ class ModelRunner:
         output.seconds = time.perf_counter() - started
         return output
 
+    def _step_groups(self, plan: RunPlan) -> dict[GroupKey, list[int]]:
+        """Row indices by the run they share, ascending: the step rows (0..n-1) by (seq, last, ends
+        turn), then the sampled generations (n + k) as one-token last-position rows. A row ends a turn
+        when the model has a turn graph and the row's last token (a generation's: the token it feeds,
+        sampled, e.g. an <eos> under ignore_eos) is its end-of-turn token (OnnxModel.ends_turn)."""
+        ends_turn = self.model.ends_turn
+        groups: dict[GroupKey, list[int]] = defaultdict(list)
+        for i, r in enumerate(plan.steps):
+            groups[(len(r.tokens), r.last, len(r.tokens) > 0 and ends_turn(int(r.tokens[-1])))].append(i)
+        n = len(plan.steps)
+        for k, token in enumerate(plan.sampled_tokens):
+            groups[(1, True, ends_turn(int(token)))].append(n + k)
+        return groups
+
     def _run_steps(self, plan: RunPlan, output: RunOutput) -> None:
-        steps, n = plan.steps, len(plan.steps)
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)  # (seq, last) -> row indices
-        for i, r in enumerate(steps):
-            groups[(len(r.tokens), r.last)].append(i)
+        sampled: dict[int, Sampled | Exception] = {}  # per sampled generation, filled group by group
+        for key, indices in self._step_groups(plan).items():
+            self._run_group(plan, key, indices, output, sampled)
         if plan.sampled:
-            groups[(1, True)].extend(range(n, n + len(plan.sampled)))
-        src = [r.src for r in steps] + [g.slot for g in plan.sampled]
-        dst = [r.dst for r in steps] + [g.slot for g in plan.sampled]
-        sampled_tokens = np.asarray(plan.sampled_tokens, dtype=np.int64).reshape(-1, 1)  # [gens, 1]
-        for (_, last), indices in groups.items():
-            first_sampled = bisect.bisect_left(indices, n)  # rows before it are steps
-            parts = [sampled_tokens] if first_sampled < len(indices) else []
-            if first_sampled:
-                parts.insert(0, np.stack([steps[i].tokens for i in indices[:first_sampled]]))
-            tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # [group, seq]
-            given: dict[int, State] = {}
-            for row, i in enumerate(indices[:first_sampled]):
-                start = steps[i].start_state
-                if start is not None:
-                    given[row] = start
-            run_started = time.perf_counter()
-            try:
-                out = self.slots.run(
-                    tokens, [src[i] for i in indices], [dst[i] for i in indices], last, given
-                )
-            except Exception as exc:
-                log.exception("model %s failed on a run of %d rows", self.model.key, len(indices))
-                for i in indices[:first_sampled]:
-                    output.step_outputs[i] = exc
-                if first_sampled < len(indices):
-                    output.sampled = [exc] * (len(indices) - first_sampled)
-                continue
-            self._count(len(indices), time.perf_counter() - run_started, output)
-            if LAST_LOGITS in out:
-                logprobs, weights = log_softmax_and_weights(out[LAST_LOGITS])  # [group, vocab] each
-                out = {LAST_LOGPROBS: logprobs}
-            for j, i in enumerate(indices[:first_sampled]):
-                output.step_outputs[i] = {name: value[j] for name, value in out.items()}
-            if first_sampled < len(indices):
-                rows = slice(first_sampled, None)
-                output.sampled = self._sample(plan.sampled, out[LAST_LOGPROBS][rows], weights[rows])
+            output.sampled = [sampled[k] for k in range(len(plan.sampled))]
+
+    def _run_group(
+        self,
+        plan: RunPlan,
+        key: GroupKey,
+        indices: list[int],
+        output: RunOutput,
+        sampled: dict[int, Sampled | Exception],
+    ) -> None:
+        """One run over the rows `indices` (steps first, then generations: see _step_groups)."""
+        steps, n = plan.steps, len(plan.steps)
+        _, last, turn = key
+        first_sampled = bisect.bisect_left(indices, n)  # rows before it are steps
+        gens = [i - n for i in indices[first_sampled:]]  # the group's sampled generations
+        src = [steps[i].src for i in indices[:first_sampled]] + [plan.sampled[k].slot for k in gens]
+        dst = [steps[i].dst for i in indices[:first_sampled]] + [plan.sampled[k].slot for k in gens]
+        parts = (
+            [np.asarray([plan.sampled_tokens[k] for k in gens], dtype=np.int64).reshape(-1, 1)]
+            if gens
+            else []
+        )
+        if first_sampled:
+            parts.insert(0, np.stack([steps[i].tokens for i in indices[:first_sampled]]))
+        tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # [group, seq]
+        given: dict[int, State] = {}
+        for row, i in enumerate(indices[:first_sampled]):
+            start = steps[i].start_state
+            if start is not None:
+                given[row] = start
+        run_started = time.perf_counter()
+        try:
+            out = self.slots.run(tokens, src, dst, last, given, turn)
+        except Exception as exc:
+            log.exception("model %s failed on a run of %d rows", self.model.key, len(indices))
+            for i in indices[:first_sampled]:
+                output.step_outputs[i] = exc
+            sampled.update({k: exc for k in gens})
+            return
+        self._count(len(indices), time.perf_counter() - run_started, output)
+        if LAST_LOGITS in out:
+            logprobs, weights = log_softmax_and_weights(out[LAST_LOGITS])  # [group, vocab] each
+            out = {LAST_LOGPROBS: logprobs}
+        for j, i in enumerate(indices[:first_sampled]):
+            output.step_outputs[i] = {name: value[j] for name, value in out.items()}
+        if gens:
+            rows = slice(first_sampled, None)
+            made = self._sample([plan.sampled[k] for k in gens], out[LAST_LOGPROBS][rows], weights[rows])
+            sampled.update(zip(gens, made, strict=True))
 
     def _run_block(self, plan: RunPlan) -> BlockOutput | Exception:
         graph = plan.block_graph

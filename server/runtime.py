@@ -29,6 +29,7 @@ CPU = "CPUExecutionProvider"
 
 Outputs = dict[str, np.ndarray]  # the graph's other outputs, batch first: logits [batch, seq, vocab] or probs
 LAST_LOGITS = "logits_last"  # the "last" graph's output: logits of the last position, [batch, vocab]
+LastGraph = tuple[ort.InferenceSession, list[str]]  # a last-position graph and the outputs it fetches
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,15 @@ def _loads_generate_graph(options: RuntimeOptions, provider: str, plain: bool) -
     return options.generate_graphs == "on"
 
 
+@dataclass(frozen=True)
+class StepGraph:
+    """A step graph (tokens [batch, seq] + state -> outputs + state) and its last-position twin."""
+
+    session: ort.InferenceSession
+    output_names: list[str]
+    last: LastGraph | None  # None: slice the step graph's logits
+
+
 class OnnxModel:
     """One exported model version: its manifest, its ORT session(s), and batch helpers for its state.
 
@@ -135,6 +145,11 @@ class OnnxModel:
     exporter writes it as its own file (`model_last.onnx`): ONNX Runtime runs every node of a graph
     whatever outputs are fetched, so an extra output on the step graph would not save the projection
     (measured: docs/results.md, "Export speed and size").
+
+    A bundle may also carry a turn graph (roles "turn", "turn_last": the step graph's inputs and
+    outputs) for the rows whose last token is its end-of-turn token (the manifest's "eos"): a dialogue
+    model's context advances there, so its step graph stays the cheap within-turn step. `ends_turn`
+    says which graph a row needs; `run` and `run_last` take that choice (`turn`) for a whole batch.
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, options: RuntimeOptions | None = None) -> None:
@@ -144,27 +159,19 @@ class OnnxModel:
         if not options.intra_op_threads:
             options = dataclasses.replace(options, intra_op_threads=default_intra_op_threads(manifest))
         self.intra_op_threads = options.intra_op_threads
-        step_file = manifest.graph_file("step") or manifest.model_file
-        self.session = create_inference_session(bundle_dir / step_file, options, manifest.precision)
-        self.provider = self.session.get_providers()[0]
-        self.output_names = [o.name for o in self.session.get_outputs()]
         self.state_outputs = {s.output_name for s in manifest.state}
         self.state_output_names = [s.output_name for s in manifest.state]
-        # The "last" graph: (session, output names to fetch), or None to slice the step graph's logits.
-        self.last: tuple[ort.InferenceSession, list[str]] | None = None
-        last_file = manifest.graph_file("last") if manifest.task in LOGITS_TASKS else None
-        if last_file:
-            last_session = (
-                self.session
-                if last_file == step_file
-                else create_inference_session(bundle_dir / last_file, options, manifest.precision)
-            )
-            if LAST_LOGITS in {o.name for o in last_session.get_outputs()}:
-                self.last = (last_session, [LAST_LOGITS, *self.state_output_names])
-            else:
-                log.warning(
-                    "%s: graph %s has no %s output; using the step graph", self.key, last_file, LAST_LOGITS
-                )
+        step = self._load_step_graph(options, "step", "last")
+        self.session, self.output_names = step.session, step.output_names
+        self.provider = self.session.get_providers()[0]
+        self.last = step.last  # the "last" graph (session, output names to fetch), or None
+        # The turn graph, and the token whose rows need it (None: every row runs the step graph).
+        self.turn: StepGraph | None = None
+        self.end_of_turn: int | None = None
+        if manifest.graph_file("turn"):
+            self.turn = self._load_step_graph(options, "turn", "turn_last")
+            self.end_of_turn = manifest.special_tokens["eos"]  # a dialogue manifest has it (validated)
+        self._graphs = {False: step, True: self.turn}
         # (K, plain) -> the K-step generation graph (language models whose bundle has them, as chosen
         # by RuntimeOptions.generate_graphs).
         self.generate: dict[tuple[int, bool], GenerateGraphRuntime] = {}
@@ -181,7 +188,7 @@ class OnnxModel:
                 f"(the bundle has K in {sorted(self.generate_steps)})"
             )
         log.info(
-            "loaded %s v%s (%s %s, %d layers x %d%s%s) on %s, %d ORT thread(s)",
+            "loaded %s v%s (%s %s, %d layers x %d%s%s%s) on %s, %d ORT thread(s)",
             manifest.name,
             manifest.version,
             manifest.cell,
@@ -189,14 +196,46 @@ class OnnxModel:
             manifest.num_layers,
             manifest.hidden_size,
             ", last-position graph" if self.last else "",
+            ", turn graph" if self.turn else "",
             f", generation graphs {sorted(g.file for g in manifest.generate)}" if self.generate else "",
             self.provider,
             self.intra_op_threads,
         )
 
+    def _load_step_graph(self, options: RuntimeOptions, role: str, last_role: str) -> StepGraph:
+        """The graph playing `role` ("step" or "turn") and, for a next-token model, its last-position
+        twin `last_role` when the bundle has it (sharing the session when it is the same file)."""
+        manifest = self.manifest
+        file = manifest.graph_file(role) or manifest.model_file
+        session = create_inference_session(self.bundle_dir / file, options, manifest.precision)
+        last: LastGraph | None = None
+        last_file = manifest.graph_file(last_role) if manifest.task in LOGITS_TASKS else None
+        if last_file:
+            last_session = (
+                session
+                if last_file == file
+                else create_inference_session(self.bundle_dir / last_file, options, manifest.precision)
+            )
+            if LAST_LOGITS in {o.name for o in last_session.get_outputs()}:
+                last = (last_session, [LAST_LOGITS, *self.state_output_names])
+            else:
+                log.warning("%s: graph %s has no %s output; using %s", self.key, last_file, LAST_LOGITS, file)
+        return StepGraph(session, [o.name for o in session.get_outputs()], last)
+
     @property
     def key(self) -> str:
         return f"{self.manifest.name}@{self.manifest.version}"
+
+    def ends_turn(self, last_token: int) -> bool:
+        """Whether a row whose last token is `last_token` runs the turn graph (else the step graph)."""
+        return self.end_of_turn is not None and last_token == self.end_of_turn
+
+    def step_graph(self, turn: bool = False) -> StepGraph:
+        """The step graph, or with `turn` the turn graph (raises ValueError if the bundle has none)."""
+        graph = self._graphs[turn]
+        if graph is None:
+            raise ValueError(f"{self.key} has no turn graph (its rows all run the step graph)")
+        return graph
 
     @property
     def generate_steps(self) -> set[int]:
@@ -247,26 +286,29 @@ class OnnxModel:
         return feeds
 
     def run(
-        self, tokens: np.ndarray, state: State, lengths: np.ndarray | None = None
+        self, tokens: np.ndarray, state: State, lengths: np.ndarray | None = None, *, turn: bool = False
     ) -> tuple[Outputs, State]:
         """One forward pass over tokens int64 [batch, seq] from `state`.
 
         Returns the non-state outputs by name (logits [batch, seq, vocab] for a language model, probs
         [batch, classes] for a classifier) and the new state. `lengths` int64 [batch] is for
-        whole-sequence classifiers, whose padded batches are exact.
+        whole-sequence classifiers, whose padded batches are exact. `turn`: every row ends a turn
+        (`ends_turn` of its last token): run the turn graph.
         """
+        graph = self.step_graph(turn)
         feeds = self.feeds(tokens, state, lengths)
-        by_name = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        by_name = dict(zip(graph.output_names, graph.session.run(graph.output_names, feeds), strict=True))
         new_state = {s.name: by_name[s.output_name] for s in self.manifest.state}
         outputs = {k: v for k, v in by_name.items() if k not in self.state_outputs}
         return outputs, new_state
 
-    def run_last(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+    def run_last(self, tokens: np.ndarray, state: State, *, turn: bool = False) -> tuple[np.ndarray, State]:
         """Like `run` for a language model, but only the last position's logits [batch, vocab]."""
-        if self.last is None:
-            outputs, new_state = self.run(tokens, state)
+        last = self.step_graph(turn).last
+        if last is None:
+            outputs, new_state = self.run(tokens, state, turn=turn)
             return outputs["logits"][:, -1], new_state  # [batch, vocab]
-        session, names = self.last
+        session, names = last
         logits, *states = session.run(names, self.feeds(tokens, state))
         return logits, {s.name: v for s, v in zip(self.manifest.state, states, strict=True)}
 

@@ -1,7 +1,8 @@
 """Where the model runner's states live between runs: rows of the slab, or (I/O binding) the device.
 
 `SlotRunner` runs one ORT graph over a batch whose states are rows ("slots") of a `StateSlab`: gather the
-rows → one run → scatter the new rows. It runs the step graphs (tokens [batch, seq] → logits or probs) and
+rows → one run → scatter the new rows. It runs the step graphs (tokens [batch, seq] → logits or probs; a
+bundle's turn graph for a batch whose rows all end a turn, `OnnxModel.ends_turn`) and
 the K-step generation graphs (x0 [batch, 1] → ids [batch, K]), and keeps what a generation needs to be
 rolled back: the states the block started from (`BlockOutput.before`).
 """
@@ -92,9 +93,10 @@ class SlotRunner:
         dst: Sequence[int],
         last: bool,
         given: Mapping[int, State] | None = None,
+        turn: bool = False,
     ) -> Outputs:
         """tokens int64 [batch, seq] from the states in slots `src` (or `given` for some rows); new
-        states go to slots `dst`.
+        states go to slots `dst`. `turn`: every row ends a turn, run the turn graph (see OnnxModel).
 
         Returns {"logits_last": [batch, vocab]} when `last` (asked only for a language model: see
         tasks.LanguageModelTask.last_position), else the graph's non-state outputs (logits [batch,
@@ -102,13 +104,13 @@ class SlotRunner:
         """
         if self.io_binding:
             with self._lock:
-                return self._run_bound_step(tokens, src, dst, last, given)
+                return self._run_bound_step(tokens, src, dst, last, given, turn)
         state = self._start_states(src, given)  # graph layout, e.g. [layers, batch, hidden]
         if last:
-            logits, new_state = self.model.run_last(tokens, state)
+            logits, new_state = self.model.run_last(tokens, state, turn=turn)
             outputs = {LAST_LOGITS: logits}
         else:
-            outputs, new_state = self.model.run(tokens, state)
+            outputs, new_state = self.model.run(tokens, state, turn=turn)
         self.slab.scatter(dst, new_state)
         return outputs
 
@@ -145,12 +147,14 @@ class SlotRunner:
         dst: Sequence[int],
         last: bool,
         given: Mapping[int, State] | None,
+        turn: bool,
     ) -> Outputs:
         model = self.model
-        use_last = last and model.last is not None
-        session = model.last[0] if use_last and model.last else model.session
+        graph = model.step_graph(turn)
+        use_last = last and graph.last is not None
+        session = graph.last[0] if use_last and graph.last else graph.session
         wanted = (
-            [LAST_LOGITS] if use_last else [n for n in model.output_names if n not in model.state_outputs]
+            [LAST_LOGITS] if use_last else [n for n in graph.output_names if n not in model.state_outputs]
         )
         values, _ = self._run_bound(session, {"tokens": tokens}, src, dst, given, wanted)
         outputs = dict(zip(wanted, values, strict=True))

@@ -3,9 +3,10 @@
     from dialogue_bundle import make_dialogue_bundle
     bundle = make_dialogue_bundle(tmp_path / "repo", name="chat", cell="lstm", seed=0)
 
-The bundle is what `rnnserve export` writes for a dialogue checkpoint (validated step, last, encoder,
-context and decoder graphs, manifest, tokenizer.json), so a server can load it like any other model. The
-weights are random (seeded): the replies are gibberish, but every computation is the real one.
+The bundle is what `rnnserve export` writes for a dialogue checkpoint (validated step, last, turn,
+turn_last, encoder, context and decoder graphs, manifest, tokenizer.json), so a server can load it like
+any other model. The weights are random (seeded): the replies are gibberish, but every computation is the
+real one.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ SMALL_FLAGS = {
     "rnnserve train lm": "--max-steps 20 --max-chars 200000 --max-eval-tokens 4000 --sample 20 --no-progress "
     "--no-plot",
     "rnnserve train classifier": "--max-steps 10 --max-train-examples 1000 --threads 2 --no-progress",
+    "rnnserve train dialogue": "--steps 3 --batch-size 4 --hidden 32 --emb 16 --no-progress",
 }
 
 COMPOSE_TEST = "tests/deploy/test_compose.py"
@@ -69,7 +70,10 @@ RULES = [
          "trains an LM and an SST-2 classifier for minutes; the classifier commands of 'Sentiment "
          "classifiers' are run here instead"),
     Rule("Using it", r"\. \.venv/bin/activate$", "venv"),
-    Rule("Using it", r"rnnserve train (lm|classifier)\b", "small"),
+    Rule("Using it", r"rnnserve train (lm|classifier|dialogue)\b", "small"),
+    Rule("Using it", r"rnnserve chat\b", "skip",
+         "interactive (reads the terminal); tests/integration/test_dialogue_serving.py drives "
+         "`rnnserve chat` through piped stdin against a real server"),
     Rule("Using it", r"rnnserve export \S+/checkpoint\.pt --repo model_repo --name \w+$", "run"),
     Rule("Using it", r"rnnserve serve --repo model_repo --port 50051$", "serve"),
     Rule("Using it", r"rnnserve (models|generate|classify)\b", "run"),
@@ -218,10 +222,15 @@ def walkthrough(tmp_path: Path) -> Iterator[Walkthrough]:
     data.parent.mkdir()
     if SHARED_DATA.is_dir():
         data.symlink_to(SHARED_DATA, target_is_directory=True)
-    else:  # a data set of SST-2's layout, so the sentiment commands run in a clone without ../shared
+    else:  # data sets of the same layout, so the sentiment and dialogue commands run without ../shared
         (data / "sst-2").mkdir(parents=True)
         synthetic_sentiment_tsv(data / "sst-2" / "train.tsv", 600, seed=1)
         synthetic_sentiment_tsv(data / "sst-2" / "dev.tsv", 100, seed=2)
+        (data / "tiny-shakespeare").mkdir()  # and of Tiny Shakespeare's, for the dialogue commands
+        speeches = [
+            f"{('FIRST', 'SECOND')[i % 2]} CITIZEN:\nSpeech number {i}, my lord.\n" for i in range(200)
+        ]
+        (data / "tiny-shakespeare" / "input.txt").write_text("\n".join(speeches), encoding="utf-8")
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # the venv this suite runs in, as if activated
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}

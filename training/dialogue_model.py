@@ -9,8 +9,11 @@ position the logits predict the next token of the stream, exactly like a flat la
 compute it, equal to float tolerance (tests/training/test_dialogue_model.py):
 - training, turn-batched: `forward(turns, turn_lengths)` / `loss(batch, kl_weight)` over a
   `TurnBatch` (every turn of many dialogues at once);
-- serving, streamed: `stream(tokens, state)` (the reference fused stream step, `<eos>` anywhere) and
-  `stream_chunk(tokens, state)` (the exportable one, `<eos>` only as the last token of a row).
+- serving, streamed: `stream(tokens, state)` (the reference fused stream step, `<eos>` anywhere), and
+  the two exportable chunk steps the server chooses between per row: `stream_within_turn(tokens, state)`
+  (no `<eos>` in the chunk: the encoder and the decoder only, the "step" graph) and
+  `stream_chunk(tokens, state)` (`<eos>` only as the last token of a row: the fused step with the turn
+  step, the "turn" graph).
 
 The stream state is a flat tuple in the manifest's order (`DialogueArgs.state_names`): `enc.h`, [`enc.c`],
 `ctx.h`, [`ctx.c`], `dec.h`, [`dec.c`] (each (layers, batch, hidden of that stack)), [`z` (batch, latent)].
@@ -292,20 +295,43 @@ class DialogueModel(nn.Module):
             logits.append(step)
         return torch.cat(logits, dim=1), state
 
+    def stream_within_turn(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """The stream step over a chunk without `<eos>` (the "step" graph): the encoder and the decoder
+        advance, the context (and z) pass through unchanged. tokens (batch, seq >= 1) -> (logits (batch,
+        seq, vocab), new state)."""
+        return self._within_turn(tokens, state, every_position=True)
+
+    def stream_within_turn_last(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """`stream_within_turn` with the last position's logits only, (batch, vocab) (the "last" graph)."""
+        return self._within_turn(tokens, state, every_position=False)
+
     def stream_chunk(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """The fused stream step over a chunk whose `<eos>` may only be each row's last token (the "step"
-        graph): tokens (batch, seq >= 1) -> (logits (batch, seq, vocab), new state)."""
+        """The fused stream step over a chunk whose `<eos>` may only be each row's last token (the "turn"
+        graph, for rows that end a turn; exact for rows that don't too): tokens (batch, seq >= 1) ->
+        (logits (batch, seq, vocab), new state)."""
         return self._chunk(tokens, state, every_position=True)
 
     def stream_chunk_last(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """`stream_chunk` with the last position's logits only, (batch, vocab) (the "last" graph)."""
+        """`stream_chunk` with the last position's logits only, (batch, vocab) (the "turn_last" graph)."""
         return self._chunk(tokens, state, every_position=False)
+
+    def _within_turn(self, tokens: Tensor, state: State | None, every_position: bool) -> tuple[Tensor, State]:
+        if state is None:
+            state = self.init_state(tokens.shape[0], tokens.device)
+        if not torch.jit.is_tracing():
+            self._check_chunk(tokens, eos_last=False)
+        enc, ctx, dec, z = self.split_state(state)
+        _, enc_next = self._run(self.encoder, self.drop(self.embedding(tokens)), enc)
+        y_dec, dec_next = self._decode_hidden(tokens, self._cond(ctx, z), dec)  # (batch, seq, hidden_dec)
+        new = (*enc_next, *ctx, *dec_next, *(() if z is None else (z,)))
+        y = y_dec if every_position else y_dec[:, -1]  # (batch, seq, hidden_dec) or (batch, hidden_dec)
+        return self.out(self.drop(y)), new
 
     def _chunk(self, tokens: Tensor, state: State | None, every_position: bool) -> tuple[Tensor, State]:
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         if not torch.jit.is_tracing():
-            self._check_chunk(tokens)
+            self._check_chunk(tokens, eos_last=True)
         enc, ctx, dec, z = self.split_state(state)
         y_enc, enc_next = self._run(self.encoder, self.drop(self.embedding(tokens)), enc)  # (batch, seq, H)
         y_dec, dec_next = self._decode_hidden(tokens, self._cond(ctx, z), dec)  # (batch, seq, hidden_dec)
@@ -335,13 +361,18 @@ class DialogueModel(nn.Module):
                 "one by one (train with a unidirectional encoder to serve it)"
             )
 
-    def _check_chunk(self, tokens: Tensor) -> None:
+    def _check_chunk(self, tokens: Tensor, eos_last: bool) -> None:
+        """A (batch, seq >= 1) chunk with no `<eos>` (`eos_last`: but as a row's last token)."""
         if tokens.dim() != 2 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be (batch, seq >= 1), got shape {tuple(tokens.shape)}")
-        if bool((tokens[:, :-1] == self.args.eos_id).any()):
+        inside = tokens[:, :-1] if eos_last else tokens
+        if bool((inside == self.args.eos_id).any()):
             raise ValueError(
                 "stream_chunk: <eos> may only be the last token of a row (cut the input after each <eos>, "
                 "or use stream())"
+                if eos_last
+                else "stream_within_turn: the chunk holds <eos> (a row that ends a turn needs "
+                "stream_chunk, the turn step)"
             )
 
     # ---- training: all turns of many dialogues at once ----

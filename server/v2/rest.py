@@ -26,22 +26,23 @@ from google.protobuf import json_format
 from rnnserve.server.caller import current_caller
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import InvalidArgument, ServingError
-from rnnserve.server.v2.mapping import (
+from rnnserve.server.v2.mapping import V2Engine, v2_for
+from rnnserve.server.v2.metadata import (
     EXTENSIONS,
     PLATFORM,
     SERVER_NAME,
     SERVER_VERSION,
+    model_config_pb,
+    tensor_specs,
+)
+from rnnserve.server.v2.tensors import (
     InferRequest,
     InferResponse,
     ParamValue,
     Tensor,
-    V2Engine,
-    model_config_pb,
     tensor_from_raw,
     tensor_from_values,
     tensor_raw,
-    tensor_specs,
-    v2_for,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

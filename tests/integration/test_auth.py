@@ -394,7 +394,7 @@ def test_concurrent_generates_per_token_are_limited(
         )
     )
     assert sum(len(r.token_ids) for r in again) == 5
-    assert served.engine._generating == {}
+    assert served.engine.generates.in_flight == {}
     for s in (a, b):
         stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id), metadata=md("limited"), timeout=30)
 

@@ -26,7 +26,7 @@ from rnnserve.client import (
 )
 from rnnserve.client.retry import Attempts
 from rnnserve.client.session_log import LoggedInput, SessionLog
-from rnnserve.server import engine
+from rnnserve.server import generate_call
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 TEXT = "def add(a, b):\n    return a"
@@ -41,7 +41,7 @@ def proxy(server_url: str) -> Iterator[FaultProxy]:
 
 
 def needs_generate_retries() -> None:
-    if "request_id" not in inspect.getsource(engine):
+    if "request_id" not in inspect.getsource(generate_call):
         pytest.skip("server side of GenerateRequest.request_id not in this tree yet")
 
 

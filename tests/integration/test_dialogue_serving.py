@@ -77,11 +77,13 @@ def reference(dialogue_repo: Path) -> OnnxModel:
 
 def reference_positions(model: OnnxModel, ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The fused stream step token by token from a fresh state: (logprobs [seq, vocab] after each token,
-    the state) — what `DialogueModel.stream` computes, through the bundle's own step graph."""
+    the state) — what `DialogueModel.stream` computes, through the bundle's own step graph (its turn
+    graph for <eos>)."""
     state = model.initial_state(1)
     logits = []
     for token in ids:
-        outputs, state = model.run(np.array([[token]], dtype=np.int64), state)
+        tokens = np.array([[token]], dtype=np.int64)  # [1, 1]
+        outputs, state = model.run(tokens, state, turn=model.ends_turn(token))
         logits.append(outputs["logits"][0, -1])  # [vocab]
     shifted = np.stack(logits) - np.max(logits, axis=-1, keepdims=True)  # [seq, vocab]
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)), state

@@ -153,7 +153,7 @@ def test_concurrent_generates_per_token(lm_repo: Path) -> None:
         async for _ in engine.generate(sessions[2].id, request()):
             pass
         await second.aclose()
-        assert engine._generating == {}
+        assert engine.generates.in_flight == {}
 
     run_engine(lm_repo, work, max_generates_per_token=1)
 
@@ -166,7 +166,7 @@ def test_without_authentication_generates_are_not_counted(lm_repo: Path) -> None
         async for _ in engine.generate(sessions[1].id, request()):
             pass
         await first.aclose()
-        assert engine._generating == {}
+        assert engine.generates.in_flight == {}
 
     run_engine(lm_repo, work, max_generates_per_token=1)
 

@@ -9,12 +9,12 @@ import pytest
 from rnnserve.inference import grpc_service_pb2 as pb
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.v2.grpc_service import request_of, response_pb
-from rnnserve.server.v2.mapping import (
+from rnnserve.server.v2.parsing import sequence_key
+from rnnserve.server.v2.tensors import (
     InferResponse,
     Tensor,
     decode_bytes,
     encode_bytes,
-    sequence_key,
     tensor_from_raw,
     tensor_from_values,
     tensor_raw,

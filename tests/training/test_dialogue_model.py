@@ -1,5 +1,6 @@
 """HRED/VHRED (training/dialogue_model.py): the turn-batched training computation, the reference stream
-and the exportable chunk step compute the same thing (docs/dialogue.md), for every cell."""
+and the exportable chunk steps (within a turn, and the turn step) compute the same thing
+(docs/dialogue.md), for every cell."""
 
 from __future__ import annotations
 
@@ -109,7 +110,45 @@ def test_stream_chunk_refuses_eos_before_the_last_token() -> None:
     model = _model("gru")
     with pytest.raises(ValueError, match="<eos> may only be the last token"):
         model.stream_chunk(torch.tensor([[3, EOS, 4]]))
+    with pytest.raises(ValueError, match=r"stream_within_turn: the chunk holds <eos>.*needs stream_chunk"):
+        model.stream_within_turn(torch.tensor([[3, 4, EOS]]))
     model.stream(torch.tensor([[3, EOS, 4]]))  # the reference takes it anywhere
+
+
+@pytest.mark.parametrize("latent_dim", [0, 2], ids=["hred", "vhred"])
+@pytest.mark.parametrize("cell", CELLS)
+@torch.no_grad()
+def test_the_served_path_within_turn_then_turn_step_equals_stream(cell: str, latent_dim: int) -> None:
+    """Each row as the server runs it: cut after every <eos> and at most 3 tokens a chunk; a chunk
+    without <eos> through `stream_within_turn` (context and z untouched), one ending in <eos> through
+    `stream_chunk`: the same logits and state as the reference `stream`."""
+    model = _model(cell, latent_dim)
+    gen = torch.Generator().manual_seed(7)
+    for row in range(3):
+        tokens = torch.randint(2, VOCAB, (1, 17), generator=gen)  # (1, seq)
+        tokens[torch.rand(1, 17, generator=gen) < 0.25] = EOS
+        tokens[0, 5] = tokens[0, 6] = EOS  # an empty turn
+        state = tuple(torch.rand_like(s) - 0.5 for s in model.init_state(1))
+        want, want_state = model.stream(tokens, state)
+        cuts = sorted({i + 1 for i in range(17) if tokens[0, i] == EOS} | set(range(0, 18, 3)) | {17})
+        logits = []
+        for start, stop in itertools.pairwise(cuts):
+            chunk = tokens[:, start:stop]
+            if chunk[0, -1] == EOS:
+                out, state = model.stream_chunk(chunk, state)
+            else:
+                out, new = model.stream_within_turn(chunk, state)
+                _, ctx, _, z = model.split_state(state)
+                _, new_ctx, _, new_z = model.split_state(new)
+                assert all(torch.equal(a, b) for a, b in zip(ctx, new_ctx, strict=True)) and new_z is z
+                last, last_state = model.stream_within_turn_last(chunk, state)
+                torch.testing.assert_close(last, out[:, -1])
+                assert all(torch.equal(a, b) for a, b in zip(last_state, new, strict=True))
+                state = new
+            logits.append(out)
+        torch.testing.assert_close(torch.cat(logits, dim=1), want, atol=1e-5, rtol=1e-5, msg=f"row {row}")
+        for got, expected in zip(state, want_state, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("latent_dim", [0, 3], ids=["hred", "vhred"])
