@@ -34,7 +34,7 @@ from rnnserve.export.manifest import Manifest, sha256_file
 from rnnserve.export.quantize import session_options
 from rnnserve.training.model import RNNLanguageModel
 
-# The K exported, and the default (graphs["generate"]): why, in the GenerateGraph docstring (manifest.py).
+# The K exported, and the default (graphs["generate"]): why, in GenerateGraph's docstring (manifest_specs.py).
 GENERATE_STEPS: tuple[int, ...] = (1, 8)
 DEFAULT_STEPS = 8
 # The plain graphs' K: the cut graphs' K, so a run of any length finds a plain graph of the K it would

@@ -1,9 +1,15 @@
 """The bundle manifest: everything the server needs to know about an exported model.
 
-The server trusts only this file and the ONNX graph, never Python objects from training. This module is
-torch-free so the server can import it.
+The server trusts only this file and the ONNX graph, never Python objects from training. Torch-free so the
+server can import it.
 
-The schema is the dataclasses below (field names, annotations, defaults; checked by `rnnserve.export.schema`)
+This module owns the document: the `Manifest` dataclass, its schema version, reading it (`from_dict`:
+older versions upgraded, newer ones refused) and writing it, and the bundle files it names. Its parts and
+vocabulary (TensorSpec, StateSpec, GenerateGraph, TASKS, ..., ManifestError) live in
+`rnnserve.export.manifest_specs`, its consistency rules in `rnnserve.export.manifest_rules`; every public
+name of manifest_specs is re-exported here, so callers import them all from this module.
+
+The schema is the dataclasses (field names, annotations, defaults; checked by `rnnserve.export.schema`)
 plus `Manifest.validate`'s consistency rules. It is checked when a manifest is written and when it is read.
 `schema_version` history:
   1  the first release.
@@ -25,126 +31,61 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from rnnserve.cells import CELLS, cell_spec
+from rnnserve.export.manifest_rules import validate_manifest
+from rnnserve.export.manifest_specs import (
+    CLASSIFIER_MODES,
+    DIALOGUE_PART_ROLES,
+    GRAPH_ROLES,
+    LOGITS_TASKS,
+    POOLINGS,
+    PRECISIONS,
+    TASKS,
+    TURN_ROLES,
+    GenerateGraph,
+    ManifestError,
+    NewerSchemaError,
+    StateSpec,
+    Task,
+    TensorSpec,
+    generate_specs,
+    lm_state_specs,
+)
+
+__all__ = [
+    "CLASSIFIER_MODES",
+    "DIALOGUE_PART_ROLES",
+    "GRAPH_ROLES",
+    "LOGITS_TASKS",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "POOLINGS",
+    "PRECISIONS",
+    "SCHEMA_VERSION",
+    "TASKS",
+    "TOKENIZER_FILE",
+    "TURN_ROLES",
+    "GenerateGraph",
+    "Manifest",
+    "ManifestError",
+    "NewerSchemaError",
+    "StateSpec",
+    "Task",
+    "TensorSpec",
+    "file_problems",
+    "generate_specs",
+    "lm_state_specs",
+    "load_manifest_json",
+    "read_manifest",
+    "sha256_file",
+    "write_manifest",
+]
 
 SCHEMA_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-
-Task = Literal["lm", "classifier", "dialogue"]
-TASKS: tuple[str, ...] = ("lm", "classifier", "dialogue")
-POOLINGS: tuple[str, ...] = ("max", "mean", "last")
-# How a classifier graph is run:
-#   "streaming": tokens[batch, seq] + state -> probs[batch, classes] *so far* + new state; the state holds
-#                h (and c) and the pooling accumulator, so a text can arrive in any number of chunks.
-#   "whole":     tokens[batch, seq] + lengths[batch] -> probs[batch, classes]; needs the whole text
-#                (bidirectional models), exact under padding.
-CLASSIFIER_MODES: tuple[str, ...] = ("streaming", "whole")
-# The weights' precision. Graph inputs and outputs stay float32 whatever it is, so the server feeds the
-# same tensors to every variant.
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-# Graph roles in `Manifest.graphs`: "step" = logits for every position (the model file); "last" (language
-# models) = logits for the last position only, as output `logits_last` [batch, vocab] (it may be the same
-# file as "step" when that graph carries the extra output); "generate" (language models) = the default
-# K-step generation graph, one of the files in `Manifest.generate`; "encoder", "context", "decoder"
-# (dialogue models) = the three parts alone, every state explicit (docs/dialogue.md; not served);
-# "turn", "turn_last" (dialogue models, required) = the step and last graphs' inputs and outputs, for the
-# rows whose last token is the end-of-turn token "eos" (the step graphs take rows without it).
-GRAPH_ROLES: tuple[str, ...] = (
-    "step", "last", "generate", "encoder", "context", "decoder", "turn", "turn_last",
-)  # fmt: skip
-DIALOGUE_PART_ROLES: tuple[str, ...] = ("encoder", "context", "decoder")
-TURN_ROLES: tuple[str, ...] = ("turn", "turn_last")
-LOGITS_TASKS: tuple[str, ...] = ("lm", "dialogue")  # next-token models: first output "logits", a "last" graph
-
-
-class ManifestError(ValueError):
-    """A manifest is missing, malformed, or does not describe its bundle.
-
-    `problems` lists each thing wrong in plain words (the message joins them).
-    """
-
-    def __init__(self, message: str | list[str]) -> None:
-        self.problems = [message] if isinstance(message, str) else list(message)
-        super().__init__("; ".join(self.problems))
-
-
-class NewerSchemaError(ManifestError):
-    """The manifest was written by a newer rnnserve (schema_version above SCHEMA_VERSION)."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output. `shape` uses names for dynamic axes, e.g. ["batch", "seq"]."""
-
-    name: str
-    shape: list[int | str]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One state tensor carried between calls: h, c (LSTM), or a classifier's pooling accumulator.
-
-    `shape` is the full shape with -1 on the batch axis, e.g. [layers * directions, -1, hidden].
-    `initial` is "zeros" or a number as a string (e.g. "-inf" for a running max), the value every
-    element takes in a fresh session.
-    """
-
-    name: str
-    input_name: str
-    output_name: str
-    shape: list[int]
-    batch_axis: int
-    dtype: str = "float32"
-    initial: str = "zeros"
-
-    def shape_for_batch(self, batch: int) -> tuple[int, ...]:
-        """The concrete shape of this state for `batch` sessions."""
-        return tuple(batch if i == self.batch_axis else d for i, d in enumerate(self.shape))
-
-    @property
-    def initial_value(self) -> float:
-        return 0.0 if self.initial == "zeros" else float(self.initial)
-
-
-@dataclass(frozen=True)
-class GenerateGraph:
-    """One K-step generation graph of a language model (export/generate_graph.py has the contracts).
-
-    K steps unrolled with sampling inside: tokens [batch, 1] (x0, not yet applied) + state + uniforms
-    [batch, K] + temperature [batch] (+ top_k/top_p [batch]) -> ids [batch, K], logprobs [batch, K] +
-    the state after x0..x_{K-1}. Two kinds, told apart by `top_k_max`:
-      top_k_max >= 1, a "cut" graph: inputs top_k and top_p too; it honours top_k up to top_k_max (one
-        TopK of that width per step); a row asking for more, or for top_p < 1 with top_k 0 when
-        vocab_size > top_k_max, keeps the host path.
-      top_k_max == 0, a "plain" graph (`model_gen_plain_k<K>.onnx`): no top_k/top_p inputs; it serves
-        only rows without a cut (top_k 0, top_p 1: greedy or any temperature), with no TopK and about
-        half the sampler's nodes, so a run whose rows are all plain should take it.
-    One graph per (K, kind); `graphs["generate"]` names the default (a cut graph). Why K in (1, 8) for
-    the cut graphs, default 8: bench/generate_graph.py (docs/bench/generate_graph.json, a loaded 2-core
-    CPU) found no K worth it on the CPU at batch >= 8 (the host's vectorised numpy sampler beats ~70
-    small sampler nodes per step, which also pay a TopK and a second exp for every row), ~1.0-1.2x at
-    batch 1: a CPU server should keep its host path there. The graph is for the GPU, where the logits
-    never leave the device and unrolling pays (DESIGN.md's ceiling: 16 steps vs 1, 1.3x at 64 sessions,
-    1.7x at 1); 8 takes most of that while halving the rollback replay of a generation that stops inside
-    a block; 1 serves short tails. The plain graphs' K and where they beat the host path on the CPU:
-    export/generate_bundle.py (PLAIN_STEPS).
-    """
-
-    file: str
-    steps: int  # K
-    top_k_max: int  # 0: a plain graph (no top_k/top_p inputs, rows without a cut only)
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-    @property
-    def plain(self) -> bool:
-        """Whether this is a plain graph (rows without a top-k/top-p cut only, no top_k/top_p inputs)."""
-        return self.top_k_max == 0
 
 
 @dataclass
@@ -240,143 +181,8 @@ class Manifest:
         return manifest
 
     def validate(self) -> None:
-        """Check internal consistency; raises ManifestError."""
-        if self.task not in TASKS:
-            raise ManifestError(f"task {self.task!r} is not one of {TASKS}")
-        if self.cell not in CELLS:
-            raise ManifestError(f"cell {self.cell!r} is not one of {CELLS}")
-        if self.vocab_size < 1 or self.num_layers < 1 or self.hidden_size < 1:
-            raise ManifestError("vocab_size, num_layers and hidden_size must be positive")
-        for token, idx in self.special_tokens.items():
-            if not 0 <= idx < self.vocab_size:
-                raise ManifestError(f"special token {token!r} id {idx} is outside the vocabulary")
-        for spec in self.state:
-            try:
-                spec.initial_value  # noqa: B018 - parses
-            except ValueError as exc:
-                raise ManifestError(
-                    f"state {spec.name!r} has initial {spec.initial!r}: not a number"
-                ) from exc
-        self._validate_variants()
-        self._validate_io()
-        recurrent = list(cell_spec(self.cell).state_names)
-        names = [s.name for s in self.state]
-        if self.task == "lm" and names != recurrent:
-            raise ManifestError(f"a {self.cell} language model must carry state {recurrent}")
-        if self.task == "classifier":
-            self._validate_classifier(names[: len(recurrent)] == recurrent)
-        if self.task == "dialogue":
-            self._validate_dialogue(names, recurrent)
-
-    def _validate_io(self) -> None:
-        """The file digest, and the graph inputs/outputs the manifest lists against its state specs."""
-        digest = self.model_sha256
-        if len(digest) != 64 or set(digest) - set("0123456789abcdef"):
-            raise ManifestError(
-                f"model_sha256: must be the model file's sha256 (64 hex digits), got {digest!r}"
-            )
-        if self.num_directions not in (1, 2):
-            raise ManifestError(f"num_directions: must be 1 or 2, got {self.num_directions}")
-        first_output = "logits" if self.task in LOGITS_TASKS else "probs"
-        if not self.inputs or self.inputs[0].name != "tokens":
-            raise ManifestError("inputs: the first graph input must be 'tokens'")
-        if not self.outputs or self.outputs[0].name != first_output:
-            raise ManifestError(f"outputs: the first graph output of a {self.task} must be {first_output!r}")
-        for i, spec in enumerate(self.state):
-            self._validate_state_io(f"state[{i}] ({spec.name!r})", spec)
-        extra = {t.name for t in self.inputs[1:]} - {s.input_name for s in self.state} - {"lengths"}
-        if extra:
-            raise ManifestError(f"inputs: {sorted(extra)} are neither state nor 'lengths'")
-
-    def _validate_state_io(self, where: str, spec: StateSpec) -> None:
-        """One state spec: a -1 batch axis, and a graph input and output of the same shape."""
-        if not 0 <= spec.batch_axis < len(spec.shape) or spec.shape[spec.batch_axis] != -1:
-            raise ManifestError(f"{where}: batch_axis {spec.batch_axis} must index the -1 in {spec.shape}")
-        for name, tensors, kind in (
-            (spec.input_name, self.inputs, "inputs"),
-            (spec.output_name, self.outputs, "outputs"),
-        ):
-            tensor = next((t for t in tensors if t.name == name), None)
-            if tensor is None:
-                raise ManifestError(f"{where}: {name!r} is not among the graph's {kind}")
-            if not _state_fits(spec, tensor):
-                raise ManifestError(
-                    f"{where}: shape {spec.shape} does not match {kind} {name!r} {tensor.shape}"
-                )
-
-    def _validate_variants(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ManifestError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        unknown = sorted(set(self.graphs) - set(GRAPH_ROLES))
-        if unknown:
-            raise ManifestError(f"graphs has unknown roles {unknown} (known: {GRAPH_ROLES})")
-        if self.graphs.get("step", self.model_file) != self.model_file:
-            raise ManifestError(f"graphs['step'] must be the model file {self.model_file!r}")
-        if "last" in self.graphs and self.task not in LOGITS_TASKS:
-            raise ManifestError("only a language or dialogue model has a 'last' (last-position logits) graph")
-        parts = sorted(set(self.graphs) & {*DIALOGUE_PART_ROLES, *TURN_ROLES})
-        if parts and self.task != "dialogue":
-            raise ManifestError(f"only a dialogue model has the {parts} graphs")
-        missing = [role for role in TURN_ROLES if role not in self.graphs]
-        if self.task == "dialogue" and missing:
-            raise ManifestError(
-                f"a dialogue model needs the {missing} graphs (rows ending a turn; its step graph takes "
-                "rows without <eos>): re-export it"
-            )
-        self._validate_generate()
-
-    def _validate_generate(self) -> None:
-        if not self.generate and "generate" not in self.graphs:
-            return
-        if self.task != "lm":
-            raise ManifestError("only a language model has generation graphs")
-        files = [g.file for g in self.generate]
-        if self.graphs.get("generate") not in files:
-            raise ManifestError(f"graphs['generate'] must name one of the generate[] files {files}")
-        kinds = {(g.steps, g.plain) for g in self.generate}
-        if len(set(files)) != len(files) or len(kinds) != len(files):
-            raise ManifestError(
-                "generate[]: each graph needs its own file and its own number of steps (per kind: plain, cut)"
-            )
-        state_in = [t for t in self.inputs if t.name in {s.input_name for s in self.state}]
-        for i, g in enumerate(self.generate):
-            if g.steps < 1 or not 0 <= g.top_k_max <= self.vocab_size:
-                raise ManifestError(
-                    f"generate[{i}]: steps >= 1 and 0 <= top_k_max <= vocab_size required (0: a plain graph)"
-                )
-            ins, outs = generate_specs(state_in, g.steps, plain=g.plain)
-            if (g.inputs, g.outputs) != (ins, outs):
-                raise ManifestError(
-                    f"generate[{i}] ({g.file}): inputs/outputs are not the generation contract"
-                )
-
-    def _validate_classifier(self, has_recurrent_state: bool) -> None:
-        if len(self.labels) < 2:
-            raise ManifestError("a classifier needs at least two labels")
-        if self.pooling not in POOLINGS:
-            raise ManifestError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
-        if self.classifier_mode not in CLASSIFIER_MODES:
-            raise ManifestError(f"classifier_mode {self.classifier_mode!r} is not one of {CLASSIFIER_MODES}")
-        if self.classifier_mode == "streaming" and (self.num_directions != 1 or not has_recurrent_state):
-            raise ManifestError("a streaming classifier must be unidirectional and carry its recurrent state")
-        if self.classifier_mode == "whole" and self.state:
-            raise ManifestError("a whole-sequence classifier carries no state")
-        if self.classifier_mode == "whole" and "pad" not in self.special_tokens:
-            raise ManifestError("a whole-sequence classifier needs a 'pad' special token (its padding id)")
-
-    def _validate_dialogue(self, names: list[str], recurrent: list[str]) -> None:
-        """The state in the contract's order (enc.*, ctx.*, dec.*, then z for VHRED) and an "eos" token."""
-        expected = [f"{stack}.{n}" for stack in ("enc", "ctx", "dec") for n in recurrent]
-        latent = int(self.model_args.get("latent_dim", 0) or 0)
-        expected += ["z"] if latent > 0 else []
-        if names != expected:
-            raise ManifestError(
-                f"a {self.cell} dialogue model must carry state {expected} in this order, got {names}"
-            )
-        if "eos" not in self.special_tokens:
-            raise ManifestError("a dialogue model needs an 'eos' special token (its end of turn)")
-        if self.num_directions != 1:
-            raise ManifestError("a served dialogue model streams: num_directions must be 1")
+        """Check internal consistency (the rules in manifest_rules); raises ManifestError."""
+        validate_manifest(self)
 
     @property
     def streams(self) -> bool:
@@ -388,34 +194,6 @@ class Manifest:
             if spec.name == name:
                 return spec
         raise KeyError(name)
-
-
-def _state_fits(spec: StateSpec, tensor: TensorSpec) -> bool:
-    """A state's shape (-1 on its batch axis) against a graph tensor's (a named, dynamic axis there)."""
-    if len(spec.shape) != len(tensor.shape):
-        return False
-    return all(
-        isinstance(t, str) if i == spec.batch_axis else t == d
-        for i, (d, t) in enumerate(zip(spec.shape, tensor.shape, strict=True))
-    )
-
-
-def generate_specs(
-    state_inputs: list[TensorSpec], steps: int, *, plain: bool = False
-) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """A K-step generation graph's (inputs, outputs), from the step graph's state inputs (GenerateGraph);
-    a plain graph has no top_k/top_p inputs."""
-    ins = [
-        TensorSpec("tokens", ["batch", 1], "int64"),
-        *state_inputs,
-        TensorSpec("uniforms", ["batch", steps], "float32"),
-        TensorSpec("temperature", ["batch"], "float32"),
-    ]
-    if not plain:
-        ins += [TensorSpec("top_k", ["batch"], "int64"), TensorSpec("top_p", ["batch"], "float32")]
-    outs = [TensorSpec("ids", ["batch", steps], "int64"), TensorSpec("logprobs", ["batch", steps], "float32")]
-    outs += [TensorSpec(s.name.replace("state_in.", "state_out."), s.shape, s.dtype) for s in state_inputs]
-    return ins, outs
 
 
 def sha256_file(path: Path) -> str:
@@ -488,18 +266,3 @@ def read_manifest(bundle_dir: Path, *, verify_sha256: bool = True) -> Manifest:
     if problems:
         raise ManifestError(problems)
     return manifest
-
-
-def lm_state_specs(cell: str, num_layers: int, hidden_size: int, num_directions: int = 1) -> list[StateSpec]:
-    """The state tensors of a recurrent stack: h (and c for LSTM), each [layers*dirs, batch, hidden]."""
-    names = cell_spec(cell).state_names
-    return [
-        StateSpec(
-            name=n,
-            input_name=f"state_in.{n}",
-            output_name=f"state_out.{n}",
-            shape=[num_layers * num_directions, -1, hidden_size],
-            batch_axis=1,
-        )
-        for n in names
-    ]

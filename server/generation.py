@@ -1,167 +1,60 @@
-"""A Generate call in the model's running batch: sampling state, stop rules, the flush policy that
-decides when tokens go to the reader, and the matcher that finds stop strings in the generated text.
+"""A Generate call in the model's running batch: its sampling state, the stop rules decided as each token
+is sampled, K-step blocks and their rollback, and handing tokens to the reader when the flush policy
+says they are due.
 
 The engine's Generate path (generate_call.py) validates a request, applies its prompt and puts a
 `Generation` into the scheduler's running batch; the scheduler feeds it tokens and calls `stepped`
 after every run.
+
+The request, the tokens handed over, finish reasons and the flush policy are in
+`rnnserve.server.generate_request`; the stop-string matcher and the replay of a retried generation in
+`rnnserve.server.generated_text`. Every public name of both is re-exported here, so callers import them
+all from this module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from rnnserve.server import output
 from rnnserve.server.errors import NotFound, Unavailable
+from rnnserve.server.generate_request import (
+    Clock,
+    FinishReason,
+    FlushPolicy,
+    GeneratedToken,
+    GenerateRequest,
+    request_digest,
+)
+from rnnserve.server.generated_text import Replay, StopMatcher
 from rnnserve.server.runtime import Outputs
-from rnnserve.server.sampling import Sampler, SamplingParams
+from rnnserve.server.sampling import Sampler
 from rnnserve.server.scheduler import Scheduler
 from rnnserve.server.sessions import AppliedGeneration, Session
 from rnnserve.server.slab import State
 from rnnserve.server.slots import BlockOutput
-from rnnserve.server.text import IncrementalDecoder, TextCodec
+from rnnserve.server.text import IncrementalDecoder
+
+__all__ = [
+    "MAX_AHEAD",
+    "Clock",
+    "FinishReason",
+    "FlushPolicy",
+    "GenerateRequest",
+    "GeneratedToken",
+    "Generation",
+    "Replay",
+    "StopMatcher",
+    "request_digest",
+]
 
 # A generation runs ahead of its reader by at most this many tokens, then sits out runs until the
 # reader catches up (the tokens it makes are applied to the session whether or not anyone reads them).
 MAX_AHEAD = 64
 _GOLDEN_RATIO = 0.6180339887498949  # k * it mod 1 spreads any run of integers k evenly over [0, 1)
-Clock = Callable[[], float]  # seconds, monotonic (time.monotonic; tests drive their own)
-
-
-class FinishReason:
-    LENGTH = "length"
-    EOS = "eos"
-    STOP = "stop"
-
-
-@dataclass(slots=True)
-class GeneratedToken:
-    token_id: int
-    text: str  # text made visible by this token (stop strings held back / never sent)
-    logprob: float
-    position: int
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    sampling: SamplingParams
-    max_tokens: int
-    stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    prompt: str | list[int] | None = None
-    expected_position: int | None = None
-    max_tokens_per_message: int = 1  # tokens one hand-over to the reader may carry
-    flush_interval_ms: float | None = None  # how long a token may wait for company; None: the default
-    request_id: str = ""  # a retry with the same id gets the tokens already made (see AppliedGeneration)
-    end_turn: bool = False  # close the turn when it finishes: its last token is <eos> (see Engine.generate)
-
-
-def request_digest(request: GenerateRequest) -> bytes:
-    """What a retry under the same request_id must repeat: everything that decides the tokens (the
-    packaging, max_tokens_per_message and flush_interval_ms, may differ)."""
-    s = request.sampling
-    prompt = request.prompt if isinstance(request.prompt, str | None) else tuple(request.prompt)
-    fields: tuple[object, ...] = (
-        (s.temperature, s.top_k, s.top_p, s.seed),
-        request.max_tokens,
-        tuple(request.stop),
-        tuple(request.stop_token_ids),
-        request.ignore_eos,
-        prompt,
-        request.expected_position,
-    )
-    if request.end_turn:  # (only when set: the digests of requests without it stay as they were)
-        fields += (("end_turn",),)
-    return hashlib.sha256(repr(fields).encode()).digest()
-
-
-class StopMatcher:
-    """Finds stop strings in generated text and holds back text that may be the start of one.
-
-    Only text not sent yet is kept: a stop string can begin only there (text that could begin one is
-    held back), so each push costs O(stops x longest stop), however long the generation (the stop
-    strings' length is bounded by EngineLimits.max_stop_chars).
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = list(stops)
-        self.pending = ""  # text held back: a suffix shorter than the longest stop (between pushes)
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Add delta; returns (text safe to send now, whether a stop string was found)."""
-        if not self.stops:
-            return delta, False  # nothing to find or hold back (the common case, once per token)
-        text = self.pending + delta
-        hit = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if hit >= 0:
-            self.pending = ""  # the stop string and what follows are never sent
-            return text[:hit], True
-        cut = len(text) - max(self._partial_len(text, s) for s in self.stops)
-        self.pending = text[cut:]
-        return text[:cut], False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-    @staticmethod
-    def _partial_len(text: str, stop: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of `stop` (0 if none)."""
-        first = stop[0]
-        # Candidates start where stop's first character occurs within the last len(stop) - 1 characters;
-        # the earliest that matches is the longest.
-        i = text.find(first, max(0, len(text) - len(stop) + 1))
-        while i >= 0:
-            if stop.startswith(text[i:]):
-                return len(text) - i
-            i = text.find(first, i + 1)
-        return 0
-
-
-class Replay:
-    """The tokens a Generate already made (its AppliedGeneration), as its reader saw them, for a retry
-    under its request_id; and the text state after them, from which the generation goes on."""
-
-    def __init__(self, codec: TextCodec, applied: AppliedGeneration, stops: Sequence[str]) -> None:
-        self.decoder = IncrementalDecoder(codec, list(applied.recent_before))
-        self.stops = StopMatcher(stops)
-        self.tokens: list[GeneratedToken] = []
-        last = len(applied.token_ids) - 1
-        last_sampled = last - 1 if applied.appended_eos else last
-        for i, (token, logprob) in enumerate(zip(applied.token_ids, applied.logprobs, strict=True)):
-            position, finish = applied.first_position + 1 + i, applied.finish_reason if i == last else None
-            if i > last_sampled:  # the <eos> appended by end_turn: no text (see GenerateCalls._close_turn)
-                self.tokens.append(GeneratedToken(token, "", logprob, position, finish))
-                continue
-            text, _ = self.stops.push(self.decoder.push(token))  # as Generation._sampled_next does
-            if i == last_sampled and applied.finish_reason:
-                text += self.stops.flush()
-            self.tokens.append(GeneratedToken(token, text, logprob, position, finish))
-
-
-@dataclass(frozen=True)
-class FlushPolicy:
-    """When a generation hands its tokens to the reader (one message each hand-over, when allowed)."""
-
-    per_message: int  # as soon as this many are ready
-    interval_s: float  # or once the oldest has waited this long (0: at once)
-    min_sessions: int = 0  # the interval applies only while this many sessions generate on the model
-
-    def interval(self, generating: int, phase: float) -> float:
-        """The wait for a generation whose phase is in [0, 1): spread over [interval/2, interval], so
-        that the sessions of a batch, which get their tokens in the same runs, do not all become due
-        in the same run (64 messages at once would hold the event loop, and so the next run, for
-        milliseconds)."""
-        if generating < self.min_sessions:
-            return 0.0
-        return self.interval_s * (0.5 + 0.5 * phase)
 
 
 class Generation:

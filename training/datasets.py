@@ -202,7 +202,7 @@ REGISTRY: dict[str, Dataset] = {
             _HF.format("imdb"),
             verified=False,
         ),
-        Dataset(  # kept as the wheel (a zip); training/dialogue_data.py reads its YAML from it
+        Dataset(  # kept as the wheel (a zip); training/dialogue_corpora.py reads its YAML from it
             "chatterbot-corpus",
             "chatterbot-corpus 1.3.3: small YAML chat dialogues in 28 languages (BSD; the PyPI wheel)",
             (

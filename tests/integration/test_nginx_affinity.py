@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from nginx_server import Nginx, Replica, nginx_binary
-from support import scrape, value
+from support import scrape, value, wait_for
 
 from rnnserve.client import Client, RetryPolicy
 
@@ -142,8 +142,14 @@ def test_sessions_of_a_killed_replica_continue_on_the_others(cluster: tuple[Ngin
         sessions = [client.session("tiny") for _ in range(SESSIONS)]
         for s in sessions:
             s.feed("def ")
-            s.info()  # unary: logged at once, so the log says where each session lives
-        homes = {c["session"]: c["upstream"] for c in balancer.log_lines() if c["method"] == "GetSession"}
+            s.info()  # unary: logged when it ends, so the log says where each session lives
+
+        def homes_logged() -> dict[str, str]:
+            return {c["session"]: c["upstream"] for c in balancer.log_lines() if c["method"] == "GetSession"}
+
+        # nginx writes a call's line after the client has its answer: wait for the last ones.
+        wait_for(lambda: len(homes_logged()) == len(sessions), "nginx to log every GetSession")
+        homes = homes_logged()
         held = {s.id for s in sessions if homes[s.id] == victim.address}
         assert held, "the victim held no session"
         mark = len(balancer.log_lines())
@@ -158,7 +164,16 @@ def test_sessions_of_a_killed_replica_continue_on_the_others(cluster: tuple[Ngin
         for _ in range(6):
             with client.session("tiny") as s:
                 s.feed("x")
-    after = balancer.log_lines()[mark:]
+
+    def logged_after() -> list[dict[str, str]]:
+        return balancer.log_lines()[mark:]
+
+    def all_logged() -> bool:  # every session's close and the 6 new sessions' creates
+        closed = {c["session"] for c in logged_after() if c["method"] == "CloseSession"}
+        return closed >= held and sum(c["method"] == "CreateSession" for c in logged_after()) >= 6
+
+    wait_for(all_logged, "nginx to log the closes and creates")
+    after = logged_after()
     # The victim's sessions moved to live replicas (their last call, the close, went there), and new
     # sessions were made on live replicas only (nginx passes a refused connection on to the next one).
     for session_id in held:
