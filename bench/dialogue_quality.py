@@ -1,14 +1,15 @@
 """Issue 18's quality goal: HRED vs a flat LSTM LM on the held-out responses, at equal parameters.
 
-    python bench/dialogue_quality.py --minutes 18 --out docs/bench
+    python bench/dialogue_quality.py --minutes 20 --out docs/bench
+    python bench/dialogue_quality.py --from-json R.json --previous OLD.json --out docs/bench  # redraw
     python bench/dialogue_quality.py --quick --out /tmp/dq          # smoke test (seconds)
 
 Both models see the same dialogues (Tiny Shakespeare, training/dialogue_data.py: each speech a turn, 8
 consecutive speeches a dialogue, a seeded 90/5/5 split by dialogue), the same char tokenizer (learnt on the
 train split) and the same token streams: each dialogue's turns, every turn followed by `<eos>`.
-- HRED: `DialogueModel` (training/dialogue_model.py), trained turn-batched on every prediction of the stream,
-  its unidirectional encoder run padded rather than packed (`PaddedEncoderHRED`: the same function, checked
-  at start-up, without the packed LSTM's super-linear CPU backward; `--packed-encoder` trains it as is).
+- HRED: `DialogueModel` (training/dialogue_model.py), trained turn-batched on every prediction of the stream
+  (sizes: --emb, --enc-hidden, --ctx-hidden, --dec-hidden; by default decoder-heavy: 48/48/64/212, the
+  decoder being the part that predicts, the encoder and the context only summarise turns).
 - flat: `RNNLanguageModel` (training/model.py), one LSTM stack whose hidden size is picked so that its
   parameter count is the closest to HRED's; it reads each dialogue as one stream from a zero state (state
   reset per dialogue, full backpropagation through the dialogue), trained on every prediction too.
@@ -42,7 +43,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnserve.training.dialogue_data import (
-    DialogueBatch,
     DialogueData,
     EncodedDialogue,
     dialogue_batch,
@@ -52,40 +52,11 @@ from rnnserve.training.dialogue_data import (
     read_dialogues,
     response_token_count,
 )
-from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel, State
+from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel
 from rnnserve.training.dialogue_train import response_loss
 from rnnserve.training.model import ModelArgs, RNNLanguageModel
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-shakespeare" / "input.txt"
-
-
-class PaddedEncoderHRED(DialogueModel):
-    """DialogueModel whose unidirectional utterance encoder runs over the padded turns and takes the top
-    layer's output at each turn's last token: the same turn vectors as the packed run (later padding
-    cannot change earlier outputs; `check_same_loss` asserts it), without the packed LSTM's CPU backward,
-    which allocates a full-size gradient per time step (super-linear in the longest turn: 52 s vs 3.4 s
-    for 64 turns of 480 tokens here). Only the training speed differs; the returned state is the one
-    after the padding, which `forward` does not use."""
-
-    def encode(self, tokens: Tensor, lengths: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        if self.args.encoder_bidirectional:
-            return super().encode(tokens, lengths, state)
-        if state is None:
-            state = self.stack_state("enc", tokens.shape[0], tokens.device)
-        y, new = self._run(self.encoder, self.drop(self.embedding(tokens)), state)  # (batch, seq, hidden)
-        return y[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1], new
-
-
-def check_same_loss(fast: DialogueModel, batch: DialogueBatch) -> float:
-    """The padded encoder's response loss equals the packed one's (eval mode); returns the difference."""
-    reference = DialogueModel(fast.args)
-    reference.load_state_dict(fast.state_dict())
-    with torch.no_grad():
-        a, b = (m.eval().loss(batch, from_turn=1).nll_sum.item() for m in (fast, reference))
-    fast.train()
-    if not math.isclose(a, b, rel_tol=1e-5):
-        raise AssertionError(f"padded encoder loss {a} != packed encoder loss {b}")
-    return abs(a - b)
 
 
 def parameters(model: nn.Module) -> int:
@@ -181,15 +152,15 @@ class Contender:
 def build_contenders(data: DialogueData, a: argparse.Namespace) -> tuple[Contender, Contender]:
     tok = data.tokenizer
     vocab, eos = tok.get_vocab_size(), tok.token_to_id("<eos>")
+    if eos is None:
+        raise ValueError("the dialogue tokenizer has no <eos> (the end of turn)")
     torch.manual_seed(a.seed)
     hred_args = DialogueArgs(
         cell="lstm", vocab_size=vocab, embedding_size=a.emb, encoder_hidden=a.enc_hidden,
         context_hidden=a.ctx_hidden, decoder_hidden=a.dec_hidden, num_layers=a.layers, dropout=a.dropout,
         eos_id=eos,
     )  # fmt: skip
-    hred = DialogueModel(hred_args) if a.packed_encoder else PaddedEncoderHRED(hred_args)
-    if not a.packed_encoder:
-        check_same_loss(hred, dialogue_batch(data.valid[:4]))
+    hred = DialogueModel(hred_args)
     torch.manual_seed(a.seed)
     flat = RNNLanguageModel(flat_args_matching(parameters(hred), vocab, a.emb, a.layers, a.dropout))
     train = data.train
@@ -275,7 +246,6 @@ def report(
         "budget": {
             "kind": "equal training wall-clock per model, evaluations excluded, interleaved slices",
             "minutes_per_model": a.minutes,
-            "hred_encoder": "packed (as is)" if a.packed_encoder else "padded (PaddedEncoderHRED)",
             "slice_seconds": a.slice_seconds,
             "threads": a.threads,
             "batch_size_dialogues": a.batch_size,
@@ -314,19 +284,61 @@ def equal_steps_line(result: dict[str, Any]) -> str:
     )
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
-    m, b, d = result["models"], result["budget"], result["data"]
+def results_table(result: dict[str, Any]) -> list[str]:
     rows = [
         "| model | parameters | steps | tokens seen | tokens/s | valid response ppl | test response ppl |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in m.items():
+    for name, r in result["models"].items():
         ppl = f"{r['val_response_ppl']:.3f} | {r['test_response_ppl']:.3f}"
         rows.append(f"| {name} | {r['parameters']:,} | {r['steps']:,} | {r['tokens_seen']:,} | "
                     f"{r['tokens_per_second']:.0f} | {ppl} |")  # fmt: skip
+    return rows
+
+
+def sizes_line(result: dict[str, Any]) -> str:
+    """The two models' sizes, and where HRED's parameters sit (by part)."""
+    h, f = result["models"]["HRED"]["args"], result["models"]["flat LSTM"]["args"]
+    model = DialogueModel(DialogueArgs(**h))
+    parts = ", ".join(f"{name} {parameters(m):,}" for name, m in model.named_children() if parameters(m))
+    return (
+        f"Sizes ({h['cell']}, {h['num_layers']} layer(s) per stack): HRED embedding {h['embedding_size']}, "
+        f"encoder {h['encoder_hidden']}, context {h['context_hidden']}, decoder {h['decoder_hidden']} "
+        f"(parameters: {parts}); flat LSTM embedding {f['embedding_size']}, hidden {f['hidden_size']}."
+    )
+
+
+def comparison_lines(result: dict[str, Any]) -> list[str]:
     ratio = result["hred_over_flat_val_ppl"]
     verdict = (f"HRED's validation response perplexity is {abs(1 - ratio):.1%} "
                f"{'lower' if ratio < 1 else 'higher'} than the flat LSTM's")  # fmt: skip
+    return [f"**{verdict}** (ratio {ratio:.3f}), at equal training time.", "", equal_steps_line(result)]
+
+
+def previous_section(result: dict[str, Any]) -> list[str]:
+    """The configuration this run replaced (`--previous`), kept so the record stays whole."""
+    prev = result.get("previous")
+    if prev is None:
+        return []
+    encoder = prev["budget"].get("hred_encoder")
+    return [
+        "## Previous configuration",
+        "",
+        f"Command: `{prev['command']}` ({prev['budget']['minutes_per_model']} min per model"
+        + (f"; HRED's encoder: {encoder}, a bench option then, the model's own way now" if encoder else "")
+        + ").",
+        "",
+        sizes_line(prev),
+        "",
+        *results_table(prev),
+        "",
+        *comparison_lines(prev),
+        "",
+    ]
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    b, d = result["budget"], result["data"]
     text = [
         "# Dialogue quality: HRED vs a flat LSTM LM at equal parameters",
         "",
@@ -341,16 +353,17 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"{b['batch_size_dialogues']} dialogues per step, Adam lr {b['lr']}, seed {b['seed']}. "
         f"Parameter ratio HRED/flat: {result['parameter_ratio']:.3f}.",
         "",
-        *rows,
+        sizes_line(result),
         "",
-        f"**{verdict}** (ratio {ratio:.3f}), at equal training time.",
+        *results_table(result),
         "",
-        equal_steps_line(result),
+        *comparison_lines(result),
         "",
-        f"HRED's encoder: {b.get('hred_encoder', 'padded')}. Per token HRED runs two recurrent passes (the "
+        "Per token HRED runs two recurrent passes (the "
         "utterance encoder and the decoder, whose input also carries the context) and the turn-batched "
         "decoder computes every padded position of a batch's turns, so it sees fewer tokens per second.",
         "",
+        *previous_section(result),
     ]
     path.write_text("\n".join(text), encoding="utf-8")
 
@@ -368,12 +381,21 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         label = f"{name} ({r['parameters']:,} params)"
         axes[0].plot([p["seconds"] / 60 for p in curve], ppl, marker="o", label=label)
         axes[1].plot([p["steps"] for p in curve], ppl, marker="o", label=label)
+    prev = result.get("previous", {}).get("models", {}).get("HRED")
+    if prev is not None:
+        a = prev["args"]
+        label = f"HRED, previous {a['encoder_hidden']}/{a['context_hidden']}/{a['decoder_hidden']}"
+        curve = prev["curve"][1:]
+        ppl = [p["val_response_ppl"] for p in curve]
+        axes[0].plot([p["seconds"] / 60 for p in curve], ppl, ls="--", color="grey", label=label)
+        axes[1].plot([p["steps"] for p in curve], ppl, ls="--", color="grey", label=label)
     axes[0].set_xlabel("training time per model (min, evaluations excluded)")
     axes[1].set_xlabel("optimiser steps (batches of dialogues)")
     axes[0].set_ylabel("validation response perplexity (per char)")
     fig.suptitle("Tiny Shakespeare dialogues: held-out response perplexity, equal parameters")
     for ax in axes:
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")  # the first minutes' perplexities would flatten the rest
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -390,19 +412,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--emb", type=int, default=48)
-    p.add_argument("--enc-hidden", type=int, default=96)
-    p.add_argument("--ctx-hidden", type=int, default=96)
-    p.add_argument("--dec-hidden", type=int, default=160)
+    p.add_argument("--enc-hidden", type=int, default=48)
+    p.add_argument("--ctx-hidden", type=int, default=64)
+    p.add_argument("--dec-hidden", type=int, default=212)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--turns-per-dialogue", type=int, default=8)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--packed-encoder", action="store_true",
-                   help="HRED with DialogueModel's packed encoder as is (slow CPU backward)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke test: 80 dialogues, tiny budget")
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     p.add_argument("--from-json", type=Path, help="only rewrite the .md and .png of this result")
+    p.add_argument("--previous", type=Path, help="an earlier result JSON, kept in this one and its table")
     return p.parse_args(argv)
 
 
@@ -415,10 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         a.minutes, a.slice_seconds, a.eval_seconds = 0.1, 2.0, 3.0
         a.enc_hidden = a.ctx_hidden = a.dec_hidden = 32
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.from_json is not None:  # redraw the table and the plot of a finished run
-        result = json.loads(a.from_json.read_text(encoding="utf-8"))
-    else:
-        result = run(a)
+    # --from-json: redraw the table and the plot of a finished run
+    result = run(a) if a.from_json is None else json.loads(a.from_json.read_text(encoding="utf-8"))
+    if a.previous is not None:
+        result["previous"] = {k: v for k, v in json.loads(a.previous.read_text(encoding="utf-8")).items()
+                              if k != "previous"}  # fmt: skip
+    if a.from_json is None or a.previous is not None:
         (a.out / "dialogue_quality.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     write_markdown(result, a.out / "dialogue_quality.md")
     write_plot(result, a.out / "dialogue_quality.png")

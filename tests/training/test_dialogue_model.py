@@ -192,6 +192,29 @@ def test_vhred_trains_on_posterior_samples_with_kl() -> None:
     torch.testing.assert_close(served, model(batch.turns, batch.lengths).logits)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_turn_vectors_equal_the_packed_encoder(cell: str, bidirectional: bool) -> None:
+    """`turn_vectors` (training's encoder: padded run + gather at the last real token when
+    unidirectional) gives `encode`'s packed turn vectors and the same gradients, padding whatever it is."""
+    model = _model(cell, bidirectional=bidirectional)
+    lengths = torch.tensor([6, 1, 3, 6, 2])
+    tokens = torch.randint(2, VOCAB, (5, 6), generator=torch.Generator().manual_seed(0))  # (batch, seq)
+    tokens[torch.arange(5), lengths - 1] = EOS
+    weights = torch.randn(5, model.args.turn_vector_size)
+    grads = []
+    for vectors in (model.turn_vectors(tokens, lengths), model.encode(tokens, lengths)[0]):
+        model.zero_grad()
+        (vectors * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.encoder.parameters() if p.grad is not None])
+    torch.testing.assert_close(model.turn_vectors(tokens, lengths), model.encode(tokens, lengths)[0])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for fast, packed in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, packed)
+    repadded = torch.where(torch.arange(6)[None, :] < lengths[:, None], tokens, EOS)  # (batch, seq)
+    torch.testing.assert_close(model.turn_vectors(repadded, lengths), model.turn_vectors(tokens, lengths))
+
+
 def test_bidirectional_encoder_trains_but_does_not_stream() -> None:
     model = _model("lstm", bidirectional=True)
     nll, _, tokens = model.loss(dialogue_batch(DIALOGUES))
