@@ -27,6 +27,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && pip install -r /src/requirements.txt \
  && python -c "import torch; assert torch.version.cuda is None, torch.__version__"
 COPY README.md /src/
+COPY rnnserve /src/rnnserve
 COPY protos /src/protos
 COPY server /src/server
 COPY clients /src/clients
