@@ -56,7 +56,8 @@ def build_models(sizes: Sizes, root: Path) -> Path:
 
     from rnnserve.export.onnx_export import export_checkpoint
     from rnnserve.training.config import TrainConfig
-    from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel, save_dialogue_checkpoint
+    from rnnserve.training.dialogue_checkpoint import save_dialogue_checkpoint
+    from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel
     from rnnserve.training.model import ModelArgs, RNNLanguageModel
     from rnnserve.training.tokenizer import build_word_tokenizer, special_token_ids
     from rnnserve.training.train import save_checkpoint

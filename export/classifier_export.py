@@ -39,6 +39,7 @@ from rnnserve.export.manifest import (
     Manifest,
     StateSpec,
     TensorSpec,
+    numeric_metrics,
     sha256_file,
     write_manifest,
 )
@@ -160,11 +161,6 @@ def validate_classifier_export(model: RNNClassifier, onnx_path: Path, **kwargs: 
     return validate_stream_export(model, onnx_path, **kwargs)
 
 
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of the checkpoint's metrics (the manifest's str -> float `metrics`)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
 def classifier_manifest(
     name: str,
     version: str,
@@ -199,7 +195,7 @@ def classifier_manifest(
         pooling=a.pooling,
         classifier_mode=classifier_mode(model),
         model_args=dict(ckpt["model_args"]),
-        metrics=_flat_metrics(metrics),
+        metrics=numeric_metrics(metrics),
         export=export_info(
             {
                 "batch_sizes": list(VALIDATION_BATCH_SIZES),

@@ -36,7 +36,14 @@ from rnnserve.export.dialogue_graphs import (
     step_specs,
     validate_dialogue_graph,
 )
-from rnnserve.export.manifest import MODEL_FILE, TOKENIZER_FILE, Manifest, sha256_file, write_manifest
+from rnnserve.export.manifest import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    numeric_metrics,
+    sha256_file,
+    write_manifest,
+)
 from rnnserve.export.onnx_export import (
     DEFAULT_EXPORTER,
     VALIDATION_ATOL,
@@ -47,7 +54,8 @@ from rnnserve.export.onnx_export import (
 )
 from rnnserve.export.variants import LAST_FILE
 from rnnserve.training.checkpoint import TOKENIZER_FILE as TRAIN_TOKENIZER_FILE
-from rnnserve.training.dialogue_model import DialogueModel, load_dialogue_checkpoint
+from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint
+from rnnserve.training.dialogue_model import DialogueModel
 from rnnserve.training.tokenizer import special_token_ids
 
 DIALOGUE_EXPORTER = "torchscript"  # the only one (see the module docstring)
@@ -105,8 +113,7 @@ def dialogue_manifest(
     """The manifest of an exported dialogue model (before `finish_graphs` fills precision and graphs)."""
     a = model.args
     ins, outs = step_specs(a)
-    metrics = {k: float(v) for k, v in ckpt.get("metrics", {}).items()
-               if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+    metrics = numeric_metrics(ckpt.get("metrics", {}))
     validation = {
         "batch_sizes": list(VALIDATION_BATCH_SIZES),
         "seq_lens": list(VALIDATION_SEQ_LENS),

@@ -196,6 +196,11 @@ class Manifest:
         raise KeyError(name)
 
 
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a checkpoint's metrics, as the manifest's str -> float `metrics`."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

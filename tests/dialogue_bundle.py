@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from rnnserve.export.onnx_export import export_checkpoint
-from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel, save_dialogue_checkpoint
+from rnnserve.training.dialogue_checkpoint import save_dialogue_checkpoint
+from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel
 from rnnserve.training.tokenizer import build_tokenizer, special_token_ids
 
 # The tokenizer's characters: every one a test may type (letters, digits, punctuation, space, newline).

@@ -22,19 +22,16 @@ The stream state is a flat tuple in the manifest's order (`DialogueArgs.state_na
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from rnnserve.cells import CELLS, cell_spec
 from rnnserve.training.model import recurrent_stack
-from rnnserve.training.tokenizer import special_token_ids
 
 State = tuple[Tensor, ...]  # a stack's (h,) or (h, c), or the whole stream state (see the module doc)
 STACKS: tuple[str, ...] = ("enc", "ctx", "dec")  # state name prefixes, in the manifest's order
@@ -470,46 +467,3 @@ def _check_turns(turns: Tensor, lengths: Tensor, eos_id: int) -> None:
     is_eos = turns == eos_id
     if bool((last & ~is_eos).any()) or bool((inside & is_eos).any()):
         raise ValueError(f"every present turn must end with <eos> (id {eos_id}) and hold no other <eos>")
-
-
-DIALOGUE_KIND = "dialogue"  # the checkpoint's `kind`
-
-
-def save_dialogue_checkpoint(
-    path: Path,
-    model: DialogueModel,
-    tokenizer: Tokenizer,
-    metrics: dict[str, Any],
-    *,
-    tokenizer_kind: str = "char",
-    config: dict[str, Any] | None = None,
-    history: list[dict[str, Any]] | None = None,
-) -> None:
-    """Write `path` in the shared checkpoint format (training/checkpoint.py: kind "dialogue",
-    model_args = asdict(DialogueArgs), state_dict, metrics, ... plus tokenizer_kind and special_tokens),
-    atomically, and the tokenizer as tokenizer.json beside it (where every run keeps it)."""
-    from rnnserve.training.checkpoint import TOKENIZER_FILE, model_checkpoint, save_model_checkpoint
-
-    specials = special_token_ids(tokenizer)
-    if specials["eos"] != model.args.eos_id or tokenizer.get_vocab_size() != model.args.vocab_size:
-        raise ValueError(
-            f"the tokenizer (<eos> {specials['eos']}, {tokenizer.get_vocab_size()} tokens) does not match "
-            f"the model (eos_id {model.args.eos_id}, vocab_size {model.args.vocab_size})"
-        )
-    path = Path(path)
-    ckpt = model_checkpoint(
-        DIALOGUE_KIND, asdict(model.args), dict(config or {}), model, dict(metrics), list(history or []),
-        tokenizer_kind=tokenizer_kind, special_tokens=specials,
-    )  # fmt: skip
-    save_model_checkpoint(path, ckpt)
-    tokenizer.save(str(path.parent / TOKENIZER_FILE))
-
-
-def load_dialogue_checkpoint(path: str | Path) -> tuple[DialogueModel, Tokenizer, dict[str, Any]]:
-    """(model in eval mode on CPU, tokenizer from tokenizer.json beside it, the checkpoint dict)."""
-    from rnnserve.training.checkpoint import read_checkpoint
-
-    ckpt, tokenizer = read_checkpoint(path, DIALOGUE_KIND)
-    model = DialogueModel(DialogueArgs(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), tokenizer, ckpt

@@ -3,7 +3,7 @@
     rnnserve train dialogue --data shakespeare --hidden 256 --minutes 10 --out runs/chat
 
 `DialogueTask` is a `TrainTask` (training/task.py): `Trainer(DialogueTask(config)).run()` owns the loop,
-the optimiser, the time budget, `checkpoint.pt` (kind "dialogue", the layout `dialogue_model.
+the optimiser, the time budget, `checkpoint.pt` (kind "dialogue", the layout `dialogue_checkpoint.
 load_dialogue_checkpoint` and the exporter read) and the resumable `last.pt`. The task brings:
 
 - data (training/dialogue_data.py): `config.data` is "shakespeare", "chatterbot" (fetched into the data
@@ -218,7 +218,7 @@ class DialogueTask(TrainTask):
         data = self._data()
         if not data.test:
             return
-        from rnnserve.training.dialogue_model import load_dialogue_checkpoint
+        from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint
 
         best, _, _ = load_dialogue_checkpoint(checkpoint)
         nll, _, tokens = response_loss(best.to(self.device), data.test, self.config.batch_size, self.device)

@@ -100,7 +100,7 @@ def torch_stream_logprobs(tmp_path: Path, ids: list[int]) -> np.ndarray:
     seed): log-probabilities [vocab] of the token after `ids`."""
     import torch
 
-    from rnnserve.training.dialogue_model import load_dialogue_checkpoint
+    from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint
 
     model, _, _ = load_dialogue_checkpoint(make_dialogue_checkpoint(tmp_path, "lstm", seed=0))
     with torch.no_grad():

@@ -19,7 +19,8 @@ from rnnserve.server.runtime import OnnxModel
 from rnnserve.server.sampling import Sampler, SamplingParams, log_softmax
 from rnnserve.server.slab import State, StateSlab
 from rnnserve.server.slots import SlotRunner
-from rnnserve.training.dialogue_model import DialogueModel, load_dialogue_checkpoint
+from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint
+from rnnserve.training.dialogue_model import DialogueModel
 
 EOS = 1
 SEED = 4

@@ -11,13 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint, save_dialogue_checkpoint
 from rnnserve.training.dialogue_data import dialogue_batch, flat_stream, response_targets
-from rnnserve.training.dialogue_model import (
-    DialogueArgs,
-    DialogueModel,
-    load_dialogue_checkpoint,
-    save_dialogue_checkpoint,
-)
+from rnnserve.training.dialogue_model import DialogueArgs, DialogueModel
 from rnnserve.training.model import CELLS
 from rnnserve.training.tokenizer import build_tokenizer
 

@@ -47,7 +47,7 @@ def test_kl_weight_rises_linearly_to_one() -> None:
 @pytest.mark.slow
 def test_hred_run_lowers_the_response_loss_and_exports(tmp_path: Path) -> None:
     from rnnserve.export.dialogue_export import export_dialogue_checkpoint
-    from rnnserve.training.dialogue_model import load_dialogue_checkpoint
+    from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint
 
     checkpoint = train_dialogue(tiny_config(tmp_path, steps=24))
     model, tokenizer, ckpt = load_dialogue_checkpoint(checkpoint)
@@ -66,7 +66,7 @@ def test_hred_run_lowers_the_response_loss_and_exports(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_vhred_run_anneals_the_kl_weight(tmp_path: Path) -> None:
-    from rnnserve.training.dialogue_model import load_dialogue_checkpoint
+    from rnnserve.training.dialogue_checkpoint import load_dialogue_checkpoint
 
     checkpoint = train_dialogue(tiny_config(tmp_path, latent=4, kl_anneal_steps=6, steps=9, epochs=2))
     _, _, ckpt = load_dialogue_checkpoint(checkpoint)
