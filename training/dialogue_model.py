@@ -168,6 +168,17 @@ def gaussian_kl(mean_q: Tensor, logvar_q: Tensor, mean_p: Tensor, logvar_p: Tens
     return 0.5 * (logvar_p - logvar_q + ratio - 1.0).sum(-1)
 
 
+class _Advanced(NamedTuple):
+    """The encoder and the decoder after a chunk, before any turn step (DialogueModel._advance)."""
+
+    y_enc: Tensor  # (batch, seq, hidden_enc)
+    enc_next: tuple[Tensor, ...]  # the encoder's state after the chunk
+    y_dec: Tensor  # (batch, seq, hidden_dec)
+    dec_next: tuple[Tensor, ...]  # the decoder's state after the chunk
+    ctx: tuple[Tensor, ...]  # the context's state (unchanged by the chunk)
+    z: Tensor | None  # VHRED's latent (unchanged)
+
+
 class DialogueModel(nn.Module):
     """HRED/VHRED with explicit state (see the module docstring)."""
 
@@ -327,26 +338,25 @@ class DialogueModel(nn.Module):
         """`stream_chunk` with the last position's logits only, (batch, vocab) (the "turn_last" graph)."""
         return self._chunk(tokens, state, every_position=False)
 
-    def _within_turn(self, tokens: Tensor, state: State | None, every_position: bool) -> tuple[Tensor, State]:
+    def _advance(self, tokens: Tensor, state: State | None, eos_last: bool) -> _Advanced:
+        """The encoder and the decoder over a chunk (both graphs start with this)."""
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         if not torch.jit.is_tracing():
-            self._check_chunk(tokens, eos_last=False)
+            self._check_chunk(tokens, eos_last=eos_last)
         enc, ctx, dec, z = self.split_state(state)
-        _, enc_next = self._run(self.encoder, self.drop(self.embedding(tokens)), enc)
+        y_enc, enc_next = self._run(self.encoder, self.drop(self.embedding(tokens)), enc)  # (batch, seq, H)
         y_dec, dec_next = self._decode_hidden(tokens, self._cond(ctx, z), dec)  # (batch, seq, hidden_dec)
+        return _Advanced(y_enc, enc_next, y_dec, dec_next, ctx, z)
+
+    def _within_turn(self, tokens: Tensor, state: State | None, every_position: bool) -> tuple[Tensor, State]:
+        _, enc_next, y_dec, dec_next, ctx, z = self._advance(tokens, state, eos_last=False)
         new = (*enc_next, *ctx, *dec_next, *(() if z is None else (z,)))
         y = y_dec if every_position else y_dec[:, -1]  # (batch, seq, hidden_dec) or (batch, hidden_dec)
         return self.out(self.drop(y)), new
 
     def _chunk(self, tokens: Tensor, state: State | None, every_position: bool) -> tuple[Tensor, State]:
-        if state is None:
-            state = self.init_state(tokens.shape[0], tokens.device)
-        if not torch.jit.is_tracing():
-            self._check_chunk(tokens, eos_last=True)
-        enc, ctx, dec, z = self.split_state(state)
-        y_enc, enc_next = self._run(self.encoder, self.drop(self.embedding(tokens)), enc)  # (batch, seq, H)
-        y_dec, dec_next = self._decode_hidden(tokens, self._cond(ctx, z), dec)  # (batch, seq, hidden_dec)
+        y_enc, enc_next, y_dec, dec_next, ctx, z = self._advance(tokens, state, eos_last=True)
         # The turn step, selected below for the rows whose last token is <eos>: the context advances on
         # the encoder's output there, z takes the prior's mean, the decoder restarts and re-reads <eos>.
         ctx_turn = self.context_step(y_enc[:, -1], ctx)
